@@ -1,0 +1,162 @@
+//! Reading tensors from safetensors files with every check a hostile or careless file needs, and
+//! writing outputs atomically (a temporary file renamed into place), so a failed run never leaves
+//! a partial output file behind.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use spotlight::Tensor;
+
+/// Largest input file read into memory (inputs beyond this are refused before reading).
+const MAX_FILE_BYTES: u64 = 16 << 30;
+
+/// Reads the whole file, refusing absurd sizes before allocating.
+pub fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot open {}", path.display()))?;
+    if meta.len() > MAX_FILE_BYTES {
+        bail!(
+            "{} is {} bytes, more than the {} bytes spotlight reads",
+            path.display(),
+            meta.len(),
+            MAX_FILE_BYTES
+        );
+    }
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// The tensors of one file, looked up by name with an optional prefix.
+pub struct Tensors<'a> {
+    st: SafeTensors<'a>,
+    prefix: String,
+    path: String,
+}
+
+impl<'a> Tensors<'a> {
+    pub fn parse(bytes: &'a [u8], path: &Path, prefix: &str) -> anyhow::Result<Self> {
+        let st = SafeTensors::deserialize(bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "{} is not a valid safetensors file: {e} (expected an 8-byte header length, a JSON header, then the tensor data)",
+                path.display()
+            )
+        })?;
+        Ok(Tensors {
+            st,
+            prefix: prefix.to_string(),
+            path: path.display().to_string(),
+        })
+    }
+
+    /// The tensor `prefix + name`, if present.
+    pub fn get(&self, name: &str) -> Option<(String, TensorView<'a>)> {
+        let full = format!("{}{name}", self.prefix);
+        self.st.tensor(&full).ok().map(|t| (full, t))
+    }
+
+    /// The tensor `prefix + name`, or an error naming what exists.
+    pub fn require(&self, name: &str) -> anyhow::Result<(String, TensorView<'a>)> {
+        self.get(name).ok_or_else(|| {
+            let mut names = self.st.names();
+            names.sort();
+            anyhow::anyhow!(
+                "{} has no tensor '{}{name}' (it has: {})",
+                self.path,
+                self.prefix,
+                if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(", ")
+                }
+            )
+        })
+    }
+}
+
+/// A float tensor (f32, f16 or bf16) as a [`Tensor`].
+pub fn float_tensor(name: &str, t: &TensorView<'_>) -> anyhow::Result<Tensor> {
+    let d = t.data();
+    Ok(match t.dtype() {
+        Dtype::F32 => Tensor::F32(bytemuck::pod_collect_to_vec(d)),
+        Dtype::F16 => Tensor::F16(bytemuck::pod_collect_to_vec(d)),
+        Dtype::BF16 => Tensor::Bf16(bytemuck::pod_collect_to_vec(d)),
+        other => bail!("tensor {name} has dtype {other:?}; expected F32, F16 or BF16"),
+    })
+}
+
+/// An f32 tensor.
+pub fn f32_tensor(name: &str, t: &TensorView<'_>) -> anyhow::Result<Vec<f32>> {
+    match t.dtype() {
+        Dtype::F32 => Ok(bytemuck::pod_collect_to_vec(t.data())),
+        other => bail!("tensor {name} has dtype {other:?}; expected F32"),
+    }
+}
+
+/// A boolean mask (u8 or bool; nonzero = visible).
+pub fn mask_tensor(name: &str, t: &TensorView<'_>) -> anyhow::Result<Vec<u8>> {
+    match t.dtype() {
+        Dtype::U8 | Dtype::BOOL => Ok(t.data().to_vec()),
+        other => {
+            bail!("tensor {name} has dtype {other:?}; expected U8 or BOOL (nonzero = visible)")
+        }
+    }
+}
+
+/// An i32 tensor.
+pub fn i32_tensor(name: &str, t: &TensorView<'_>) -> anyhow::Result<Vec<i32>> {
+    match t.dtype() {
+        Dtype::I32 => Ok(bytemuck::pod_collect_to_vec(t.data())),
+        other => bail!("tensor {name} has dtype {other:?}; expected I32"),
+    }
+}
+
+/// One output tensor: name, dtype, shape, little-endian bytes.
+pub struct OutTensor {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+impl OutTensor {
+    pub fn from_tensor(name: &str, shape: Vec<usize>, t: &Tensor) -> Self {
+        let (dtype, bytes) = match t {
+            Tensor::F32(x) => (Dtype::F32, bytemuck::cast_slice(x).to_vec()),
+            Tensor::F16(x) => (Dtype::F16, bytemuck::cast_slice(x).to_vec()),
+            Tensor::Bf16(x) => (Dtype::BF16, bytemuck::cast_slice(x).to_vec()),
+        };
+        OutTensor {
+            name: name.to_string(),
+            dtype,
+            shape,
+            bytes,
+        }
+    }
+}
+
+/// Writes the tensors to `path` atomically: a temporary file beside it, renamed into place.
+pub fn write_atomic(path: &Path, tensors: &[OutTensor]) -> anyhow::Result<()> {
+    let views = tensors
+        .iter()
+        .map(|t| {
+            TensorView::new(t.dtype, t.shape.clone(), &t.bytes)
+                .map(|v| (t.name.clone(), v))
+                .map_err(|e| anyhow::anyhow!("output tensor {}: {e}", t.name))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let bytes = safetensors::serialize(views, None).context("serialising the outputs")?;
+    let tmp = temp_path(path);
+    std::fs::write(&tmp, &bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow::anyhow!("cannot move the output into {}: {e}", path.display())
+    })
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    path.with_file_name(format!(".{name}.spotlight-{}.tmp", std::process::id()))
+}

@@ -1,0 +1,52 @@
+//! `spotlight`: GPU attention from the command line.
+//!
+//! - `spotlight info`: every adapter wgpu sees, the one chosen and why, its capabilities.
+//! - `spotlight demo`: a realistic problem on the GPU, checked against the CPU reference.
+//! - `spotlight run IN.safetensors -o OUT.safetensors [options]`: attention on tensors from a file.
+
+mod demo;
+mod files;
+mod info;
+mod run;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "spotlight",
+    version,
+    about = "GPU attention through wgpu and WGSL"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List adapters, the chosen one and why, and its capabilities and limits.
+    Info,
+    /// Run a realistic problem on the GPU and check it against the CPU reference.
+    Demo(demo::DemoArgs),
+    /// Run attention on tensors q, k, v (and optional ones) from a safetensors file.
+    Run(run::RunArgs),
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info => info::main(),
+        Command::Demo(args) => demo::main(&args),
+        Command::Run(args) => run::main(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("spotlight: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,72 @@
+//! Error metrics for judging a result against the f64 reference.
+
+/// How far a result is from the reference.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Error {
+    /// `‖got − want‖₂ / max(‖want‖₂, tiny)` over the finite reference entries.
+    pub rel_frobenius: f64,
+    /// Largest `|got − want|` over the finite reference entries.
+    pub max_abs: f64,
+    /// Entries where the two disagree about being finite (NaN, or ±inf where a value was expected,
+    /// or a value where ±inf was expected). Must be 0.
+    pub non_finite_mismatches: usize,
+    /// First index where `non_finite_mismatches` happened, or where the largest error is.
+    pub worst_index: usize,
+}
+
+impl Error {
+    /// True when the result is within `rel` relative Frobenius error and every non-finite value
+    /// matches.
+    pub fn within(&self, rel: f64) -> bool {
+        self.non_finite_mismatches == 0 && self.rel_frobenius <= rel
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "rel {:.3e}, max abs {:.3e}, non-finite mismatches {} (worst at index {})",
+            self.rel_frobenius, self.max_abs, self.non_finite_mismatches, self.worst_index
+        )
+    }
+}
+
+/// Compares `got` with `want`. Infinite reference values (the -inf LSE of an empty row) must be
+/// matched exactly; NaN in `got` is always a mismatch.
+pub fn compare(got: &[f32], want: &[f64]) -> Error {
+    assert_eq!(got.len(), want.len(), "compare: length mismatch");
+    let mut e = Error::default();
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    let mut worst_set = false;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let g = g as f64;
+        if w.is_finite() {
+            if !g.is_finite() {
+                e.non_finite_mismatches += 1;
+                if !worst_set {
+                    e.worst_index = i;
+                    worst_set = true;
+                }
+                continue;
+            }
+            let d = (g - w).abs();
+            num += d * d;
+            den += w * w;
+            if d > e.max_abs {
+                e.max_abs = d;
+                if !worst_set {
+                    e.worst_index = i;
+                }
+            }
+        } else if g != w {
+            e.non_finite_mismatches += 1;
+            if !worst_set {
+                e.worst_index = i;
+                worst_set = true;
+            }
+        }
+    }
+    e.rel_frobenius = num.sqrt() / den.sqrt().max(1e-30);
+    e
+}

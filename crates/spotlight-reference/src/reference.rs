@@ -1,0 +1,137 @@
+//! The executable definition of attention. Every GPU path must agree with this, row for row.
+//!
+//! For batch `b`, query head `h` (key/value head `h / (Hq/Hkv)`), query row `i`, key `j`, with
+//! `off = Lk_b - Lq_b` (valid lengths of batch entry `b`):
+//! 1. `s = scale · q_i · k_j`;
+//! 2. with softcap `c > 0`: `s = c · tanh(s / c)`;
+//! 3. `s += bias[b, h, i, j]`; with ALiBi slopes: `s -= m_h · |i + off - j|`;
+//! 4. `j` is visible iff `mask[b, h, i, j] != 0`, causal ⇒ `j <= i + off`, window ⇒
+//!    `i + off - left <= j <= i + off + right`, and `j < Lk_b`;
+//! 5. `P = softmax over visible j`, `O = P · V`, `LSE = log Σ_visible exp(s)`;
+//! 6. a row with no visible key (or whose visible logits are all -inf), and every row
+//!    `i >= Lq_b`, gives `O = 0`, `LSE = -inf` and `P = 0`.
+
+use crate::error::ProblemError;
+use crate::problem::{Inputs, Problem};
+
+/// The reference result, in f64.
+#[derive(Clone, Debug)]
+pub struct Reference {
+    /// `[B, Lq, Hq, Dv]` in the problem's layout.
+    pub out: Vec<f64>,
+    /// `[B, Hq, Lq]`, natural log of the softmax denominator (-inf for empty rows).
+    pub lse: Vec<f64>,
+    /// `[B, Hq, Lq, Lk]`, the attention probabilities.
+    pub probs: Vec<f64>,
+}
+
+/// Valid lengths `(Lq_b, Lk_b)` of batch entry `b`.
+pub(crate) fn valid_lengths(p: &Problem, inputs: &Inputs<'_>, b: usize) -> (usize, usize) {
+    let lq = inputs.q_seqlens.map_or(p.q_len, |l| l[b] as usize);
+    let lk = inputs.kv_seqlens.map_or(p.kv_len, |l| l[b] as usize);
+    (lq, lk)
+}
+
+/// Logit of (b, h, i, j), or `None` when key j is not visible to query i.
+/// `off` is `Lk_b - Lq_b` and `lk` is `Lk_b`.
+#[allow(clippy::too_many_arguments)]
+fn logit(
+    p: &Problem,
+    inputs: &Inputs<'_>,
+    b: usize,
+    h: usize,
+    i: usize,
+    j: usize,
+    off: i64,
+    lk: usize,
+) -> Option<f64> {
+    let diag = i as i64 + off; // the key aligned with query i
+    let jj = j as i64;
+    if j >= lk {
+        return None;
+    }
+    if p.causal && jj > diag {
+        return None;
+    }
+    if let Some(w) = p.window {
+        if let Some(left) = w.left
+            && jj < diag - left as i64
+        {
+            return None;
+        }
+        if let Some(right) = w.right
+            && jj > diag + right as i64
+        {
+            return None;
+        }
+    }
+    if let (Some(shape), Some(mask)) = (p.mask, inputs.mask) {
+        let (sb, sh) = shape.strides(p.q_len, p.kv_len);
+        if mask[b * sb + h * sh + i * p.kv_len + j] == 0 {
+            return None;
+        }
+    }
+    let q = p.q_strides();
+    let k = p.k_strides();
+    let kvh = p.kv_head_of(h);
+    let mut dot = 0.0f64;
+    for d in 0..p.head_dim {
+        dot +=
+            inputs.q.get(q.index(b, i, h, d)) as f64 * inputs.k.get(k.index(b, j, kvh, d)) as f64;
+    }
+    let mut s = p.effective_scale() as f64 * dot;
+    let c = p.effective_softcap() as f64;
+    if c > 0.0 {
+        s = c * (s / c).tanh();
+    }
+    if let (Some(shape), Some(bias)) = (p.bias, inputs.bias) {
+        let (sb, sh) = shape.strides(p.q_len, p.kv_len);
+        s += bias[b * sb + h * sh + i * p.kv_len + j] as f64;
+    }
+    if let Some(slopes) = inputs.alibi_slopes {
+        s -= slopes[h] as f64 * (diag - jj).abs() as f64;
+    }
+    Some(s)
+}
+
+/// Computes attention on the CPU with f64 accumulation. Inputs are validated first.
+pub fn attention(p: &Problem, inputs: &Inputs<'_>) -> Result<Reference, ProblemError> {
+    p.check_inputs(inputs)?;
+    let mut out = vec![0.0f64; p.o_elems()];
+    let mut lse = vec![f64::NEG_INFINITY; p.lse_elems()];
+    let mut probs = vec![0.0f64; p.probs_elems()];
+    let o = p.o_strides();
+    let v = p.v_strides();
+    let mut logits: Vec<Option<f64>> = vec![None; p.kv_len];
+    for b in 0..p.batch {
+        let (lq, lk) = valid_lengths(p, inputs, b);
+        let off = lk as i64 - lq as i64;
+        for h in 0..p.q_heads {
+            let kvh = p.kv_head_of(h);
+            for i in 0..lq {
+                for (j, s) in logits.iter_mut().enumerate() {
+                    *s = logit(p, inputs, b, h, i, j, off, lk);
+                }
+                let m = logits
+                    .iter()
+                    .flatten()
+                    .fold(f64::NEG_INFINITY, |m, &s| m.max(s));
+                if m == f64::NEG_INFINITY {
+                    continue; // empty row: O = 0, LSE = -inf, P = 0
+                }
+                let sum: f64 = logits.iter().flatten().map(|&s| (s - m).exp()).sum();
+                let row = (b * p.q_heads + h) * p.q_len + i;
+                lse[row] = m + sum.ln();
+                for (j, s) in logits.iter().enumerate() {
+                    let Some(s) = s else { continue };
+                    let w = (s - m).exp() / sum;
+                    probs[row * p.kv_len + j] = w;
+                    for d in 0..p.v_head_dim {
+                        out[o.index(b, i, h, d)] += w * inputs.v.get(v.index(b, j, kvh, d)) as f64;
+                    }
+                }
+            }
+        }
+    }
+    Ok(Reference { out, lse, probs })
+}

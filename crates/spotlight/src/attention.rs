@@ -1,0 +1,655 @@
+//! Running attention: algorithm choice, limit checks, buffer set-up and the passes.
+//!
+//! Two entry points share one encoder path: [`Engine::attention`] on host slices, and
+//! [`Engine::attention_on_buffers`] on GPU buffers the caller owns.
+
+use wgpu::util::DeviceExt;
+
+use spotlight_reference::{DType, Inputs, Problem, Tensor};
+
+use crate::context::Engine;
+use crate::error::{Error, Result};
+use crate::kernels::{FlashTiles, Kernel, Variant};
+use crate::params::{PackParams, Params};
+
+/// Which kernel computes the attention.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Algorithm {
+    /// Flash unless the probability map is asked for (or the problem does not fit flash).
+    #[default]
+    Auto,
+    /// Scores, softmax and P·V as three passes through an `[B, Hq, Lq, Lk]` buffer.
+    ThreePass,
+    /// One fused kernel with an online softmax; extra memory O(B·Hq·Lq).
+    Flash,
+}
+
+impl Algorithm {
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Auto => "auto",
+            Algorithm::ThreePass => "three-pass",
+            Algorithm::Flash => "flash",
+        }
+    }
+}
+
+impl std::str::FromStr for Algorithm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Algorithm::Auto),
+            "three-pass" | "threepass" => Ok(Algorithm::ThreePass),
+            "flash" => Ok(Algorithm::Flash),
+            _ => Err(format!(
+                "unknown algorithm '{s}': expected auto, three-pass or flash"
+            )),
+        }
+    }
+}
+
+/// What to compute and how.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions {
+    pub algorithm: Algorithm,
+    /// Also return the LSE `[B, Hq, Lq]`.
+    pub lse: bool,
+    /// Also return the probabilities `[B, Hq, Lq, Lk]` (three-pass only).
+    pub probs: bool,
+    /// Output dtype; `None` means the dtype of Q.
+    pub out_dtype: Option<DType>,
+}
+
+/// The result of [`Engine::attention`].
+#[derive(Clone, Debug)]
+pub struct Output {
+    /// `[B, Lq, Hq, Dv]` in the problem's layout.
+    pub out: Tensor,
+    pub lse: Option<Vec<f32>>,
+    pub probs: Option<Vec<f32>>,
+    /// The algorithm that ran.
+    pub algorithm: Algorithm,
+}
+
+/// Inputs already on the GPU. Q, K and V hold their dtype's little-endian elements (f16/bf16
+/// packed two per word), the bias f32, the mask one byte per element, slopes f32 and sequence
+/// lengths i32. Buffers need `STORAGE`; slopes and sequence lengths also `COPY_SRC`.
+#[derive(Clone, Copy, Debug)]
+pub struct GpuInputs<'a> {
+    pub q: &'a wgpu::Buffer,
+    pub k: &'a wgpu::Buffer,
+    pub v: &'a wgpu::Buffer,
+    /// Storage dtypes of Q, K and V.
+    pub dtypes: [DType; 3],
+    pub bias: Option<&'a wgpu::Buffer>,
+    pub mask: Option<&'a wgpu::Buffer>,
+    pub alibi_slopes: Option<&'a wgpu::Buffer>,
+    pub q_seqlens: Option<&'a wgpu::Buffer>,
+    pub kv_seqlens: Option<&'a wgpu::Buffer>,
+}
+
+/// Output buffers on the GPU (`STORAGE`). `out` holds `out_dtype` elements, the others f32.
+#[derive(Clone, Copy, Debug)]
+pub struct GpuOutputs<'a> {
+    pub out: &'a wgpu::Buffer,
+    pub out_dtype: DType,
+    pub lse: Option<&'a wgpu::Buffer>,
+    pub probs: Option<&'a wgpu::Buffer>,
+}
+
+/// A problem's buffers on the GPU, made by [`Engine::upload`].
+#[derive(Debug)]
+pub struct Resident {
+    pub q: wgpu::Buffer,
+    pub k: wgpu::Buffer,
+    pub v: wgpu::Buffer,
+    pub dtypes: [DType; 3],
+    pub bias: Option<wgpu::Buffer>,
+    pub mask: Option<wgpu::Buffer>,
+    pub alibi_slopes: Option<wgpu::Buffer>,
+    pub q_seqlens: Option<wgpu::Buffer>,
+    pub kv_seqlens: Option<wgpu::Buffer>,
+    pub out: wgpu::Buffer,
+    pub out_dtype: DType,
+    pub lse: Option<wgpu::Buffer>,
+    pub probs: Option<wgpu::Buffer>,
+}
+
+impl Resident {
+    pub fn inputs(&self) -> GpuInputs<'_> {
+        GpuInputs {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            dtypes: self.dtypes,
+            bias: self.bias.as_ref(),
+            mask: self.mask.as_ref(),
+            alibi_slopes: self.alibi_slopes.as_ref(),
+            q_seqlens: self.q_seqlens.as_ref(),
+            kv_seqlens: self.kv_seqlens.as_ref(),
+        }
+    }
+
+    pub fn outputs(&self) -> GpuOutputs<'_> {
+        GpuOutputs {
+            out: &self.out,
+            out_dtype: self.out_dtype,
+            lse: self.lse.as_ref(),
+            probs: self.probs.as_ref(),
+        }
+    }
+}
+
+/// A resolved algorithm and its configuration.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    algorithm: Algorithm,
+    tiles: Option<FlashTiles>,
+}
+
+fn padded(bytes: u64) -> u64 {
+    bytes.div_ceil(4).max(1) * 4
+}
+
+impl Engine {
+    /// Flash tiles for this problem on this adapter, or why there are none.
+    fn flash_tiles(&self, p: &Problem) -> std::result::Result<FlashTiles, String> {
+        let caps = self.capabilities();
+        if caps.max_storage_buffers_per_stage < 8 {
+            return Err(format!(
+                "the fused kernel binds 8 storage buffers; this adapter allows {}",
+                caps.max_storage_buffers_per_stage
+            ));
+        }
+        FlashTiles::choose(
+            p.head_dim as u32,
+            p.v_head_dim as u32,
+            caps.max_workgroup_memory,
+            caps.max_invocations,
+        )
+        .ok_or_else(|| {
+            format!(
+                "head dims D={} Dv={} need more than the {} bytes of workgroup memory (or Dv > 512)",
+                p.head_dim, p.v_head_dim, caps.max_workgroup_memory
+            )
+        })
+    }
+
+    fn plan(&self, p: &Problem, opts: &RunOptions) -> Result<Plan> {
+        p.validate()?;
+        let plan = match opts.algorithm {
+            Algorithm::ThreePass => Plan {
+                algorithm: Algorithm::ThreePass,
+                tiles: None,
+            },
+            Algorithm::Flash => {
+                if opts.probs {
+                    return Err(Error::Unsupported {
+                        algorithm: "flash",
+                        reason: "the fused kernel never materialises the probability map; use three-pass or auto".into(),
+                    });
+                }
+                let tiles = self.flash_tiles(p).map_err(|reason| Error::Unsupported {
+                    algorithm: "flash",
+                    reason,
+                })?;
+                Plan {
+                    algorithm: Algorithm::Flash,
+                    tiles: Some(tiles),
+                }
+            }
+            Algorithm::Auto => match (opts.probs, self.flash_tiles(p)) {
+                (false, Ok(tiles)) => Plan {
+                    algorithm: Algorithm::Flash,
+                    tiles: Some(tiles),
+                },
+                _ => Plan {
+                    algorithm: Algorithm::ThreePass,
+                    tiles: None,
+                },
+            },
+        };
+        self.check_limits(p, plan, opts)?;
+        Ok(plan)
+    }
+
+    /// Every buffer the plan binds must fit the binding and buffer limits, and every grid the
+    /// workgroup-count limit (after folding into two dimensions).
+    fn check_limits(&self, p: &Problem, plan: Plan, opts: &RunOptions) -> Result<()> {
+        let caps = self.capabilities();
+        let dt = |d: Option<DType>| d.unwrap_or(DType::F32).size() as u64;
+        let mut buffers: Vec<(String, u64)> = vec![
+            ("q".into(), p.q_elems() as u64 * 4),
+            ("k".into(), p.k_elems() as u64 * 4),
+            ("v".into(), p.v_elems() as u64 * 4),
+            ("out".into(), p.o_elems() as u64 * 4.max(dt(opts.out_dtype))),
+            ("lse".into(), p.lse_elems() as u64 * 4),
+        ];
+        if let Some(b) = p.bias {
+            buffers.push((
+                "bias".into(),
+                (b.batch * b.heads * p.q_len * p.kv_len) as u64 * 4,
+            ));
+        }
+        if let Some(b) = p.mask {
+            buffers.push((
+                "mask".into(),
+                (b.batch * b.heads * p.q_len * p.kv_len) as u64,
+            ));
+        }
+        if plan.algorithm == Algorithm::ThreePass {
+            buffers.push((
+                format!(
+                    "the three-pass score matrix [B={}, Hq={}, Lq={}, Lk={}]",
+                    p.batch, p.q_heads, p.q_len, p.kv_len
+                ),
+                p.probs_elems() as u64 * 4,
+            ));
+        }
+        for (what, bytes) in buffers {
+            if bytes > caps.max_storage_binding {
+                return Err(Error::LimitExceeded {
+                    what,
+                    bytes,
+                    limit_name: "max_storage_buffer_binding_size",
+                    limit: caps.max_storage_binding,
+                });
+            }
+            if bytes > caps.max_buffer_size {
+                return Err(Error::LimitExceeded {
+                    what,
+                    bytes,
+                    limit_name: "max_buffer_size",
+                    limit: caps.max_buffer_size,
+                });
+            }
+        }
+        for (what, groups) in self.grids(p, plan) {
+            self.fold(groups).ok_or_else(|| Error::LimitExceeded {
+                what: format!("{what} dispatch ({groups} workgroups)"),
+                bytes: groups,
+                limit_name: "max_compute_workgroups_per_dimension squared",
+                limit: (caps.max_workgroups_per_dim as u64).pow(2),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Workgroup counts of each pass.
+    fn grids(&self, p: &Problem, plan: Plan) -> Vec<(&'static str, u64)> {
+        let bh = (p.batch * p.q_heads) as u64;
+        let t16 = |n: usize| n.div_ceil(16) as u64;
+        match plan.algorithm {
+            Algorithm::Flash => {
+                let bq = plan.tiles.map_or(1, |t| t.bq) as usize;
+                vec![("flash", bh * p.q_len.div_ceil(bq) as u64)]
+            }
+            _ => vec![
+                ("scores", bh * t16(p.q_len) * t16(p.kv_len)),
+                ("softmax", bh * p.q_len as u64),
+                ("pv", bh * t16(p.q_len) * t16(p.v_head_dim)),
+            ],
+        }
+    }
+
+    /// Folds a 1-D workgroup count into (x, y) within the per-dimension limit.
+    fn fold(&self, groups: u64) -> Option<(u32, u32)> {
+        let max = self.capabilities().max_workgroups_per_dim as u64;
+        let x = groups.clamp(1, max);
+        let y = groups.div_ceil(x).max(1);
+        (y <= max).then_some((x as u32, y as u32))
+    }
+
+    /// Uploads a problem's inputs and creates its output buffers (filled with NaN), ready for
+    /// [`Engine::attention_on_buffers`] as many times as needed (benchmarks, repeated runs).
+    pub fn upload(&self, p: &Problem, inputs: &Inputs<'_>, opts: &RunOptions) -> Result<Resident> {
+        p.check_inputs(inputs)?;
+        self.plan(p, opts)?;
+        let dev = &self.device;
+        let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
+        let upload = |label: &str, bytes: &[u8]| {
+            let mut data = bytes.to_vec();
+            data.resize(padded(bytes.len() as u64) as usize, 0);
+            dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: &data,
+                usage: storage,
+            })
+        };
+        let poisoned = |label: &str, bytes: u64| {
+            let words = (padded(bytes) / 4) as usize;
+            dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: bytemuck::cast_slice(&vec![f32::NAN; words]),
+                usage: storage,
+            })
+        };
+        let out_dtype = opts.out_dtype.unwrap_or(inputs.q.dtype());
+        Ok(Resident {
+            q: upload("q", inputs.q.as_bytes()),
+            k: upload("k", inputs.k.as_bytes()),
+            v: upload("v", inputs.v.as_bytes()),
+            dtypes: inputs.dtypes(),
+            bias: inputs.bias.map(|b| upload("bias", bytemuck::cast_slice(b))),
+            mask: inputs.mask.map(|m| upload("mask", m)),
+            alibi_slopes: inputs
+                .alibi_slopes
+                .map(|s| upload("alibi_slopes", bytemuck::cast_slice(s))),
+            q_seqlens: inputs
+                .q_seqlens
+                .map(|s| upload("q_seqlens", bytemuck::cast_slice(s))),
+            kv_seqlens: inputs
+                .kv_seqlens
+                .map(|s| upload("kv_seqlens", bytemuck::cast_slice(s))),
+            out: poisoned("out", (p.o_elems() * out_dtype.size()) as u64),
+            out_dtype,
+            lse: opts.lse.then(|| poisoned("lse", p.lse_elems() as u64 * 4)),
+            probs: opts
+                .probs
+                .then(|| poisoned("probs", p.probs_elems() as u64 * 4)),
+        })
+    }
+
+    /// Runs attention on host data: validates, uploads, computes, downloads. Output buffers are
+    /// filled with NaN before the run, so an element a kernel failed to write cannot look valid.
+    pub fn attention(&self, p: &Problem, inputs: &Inputs<'_>, opts: &RunOptions) -> Result<Output> {
+        let r = self.upload(p, inputs, opts)?;
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        let algorithm = self.attention_on_buffers(&mut enc, p, &r.inputs(), &r.outputs(), opts)?;
+        self.queue.submit([enc.finish()]);
+        let out_bytes = self.read_bytes(&r.out, (p.o_elems() * r.out_dtype.size()) as u64)?;
+        let out = match r.out_dtype {
+            DType::F32 => Tensor::F32(bytemuck::pod_collect_to_vec(&out_bytes)),
+            DType::F16 => Tensor::F16(bytemuck::pod_collect_to_vec(&out_bytes)),
+            DType::Bf16 => Tensor::Bf16(bytemuck::pod_collect_to_vec(&out_bytes)),
+        };
+        let lse = r
+            .lse
+            .as_ref()
+            .map(|b| self.read_f32(b, p.lse_elems()))
+            .transpose()?;
+        let probs = r
+            .probs
+            .as_ref()
+            .map(|b| self.read_f32(b, p.probs_elems()))
+            .transpose()?;
+        Ok(Output {
+            out,
+            lse,
+            probs,
+            algorithm,
+        })
+    }
+
+    /// Records attention on caller-owned GPU buffers into `encoder`; the caller submits it.
+    /// Returns the algorithm chosen. Sizes and usages are checked first; the values of sequence
+    /// lengths are clamped to `[0, Lq]` / `[0, Lk]` on the GPU (they cannot be checked on the host).
+    pub fn attention_on_buffers(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        p: &Problem,
+        inputs: &GpuInputs<'_>,
+        outputs: &GpuOutputs<'_>,
+        opts: &RunOptions,
+    ) -> Result<Algorithm> {
+        let opts = RunOptions {
+            lse: outputs.lse.is_some(),
+            probs: outputs.probs.is_some(),
+            out_dtype: Some(outputs.out_dtype),
+            ..*opts
+        };
+        let plan = self.plan(p, &opts)?;
+        self.check_buffers(p, inputs, outputs)?;
+        self.check_health()?;
+        self.encode(encoder, p, plan, inputs, outputs)?;
+        Ok(plan.algorithm)
+    }
+
+    fn check_buffers(&self, p: &Problem, i: &GpuInputs<'_>, o: &GpuOutputs<'_>) -> Result<()> {
+        use wgpu::BufferUsages as U;
+        let presence = [
+            ("bias", p.bias.is_some(), i.bias.is_some()),
+            ("mask", p.mask.is_some(), i.mask.is_some()),
+            ("alibi_slopes", p.alibi, i.alibi_slopes.is_some()),
+            ("q_seqlens", p.q_seqlens, i.q_seqlens.is_some()),
+            ("kv_seqlens", p.kv_seqlens, i.kv_seqlens.is_some()),
+        ];
+        for (what, declared, given) in presence {
+            if declared != given {
+                return Err(spotlight_reference::ProblemError::Presence {
+                    what,
+                    declared,
+                    given,
+                }
+                .into());
+            }
+        }
+        let bcast = |b: Option<spotlight_reference::Broadcast>| {
+            b.map_or(0, |b| (b.batch * b.heads * p.q_len * p.kv_len) as u64)
+        };
+        let need: [(&'static str, Option<&wgpu::Buffer>, u64, U); 11] = [
+            (
+                "q",
+                Some(i.q),
+                (p.q_elems() * i.dtypes[0].size()) as u64,
+                U::STORAGE,
+            ),
+            (
+                "k",
+                Some(i.k),
+                (p.k_elems() * i.dtypes[1].size()) as u64,
+                U::STORAGE,
+            ),
+            (
+                "v",
+                Some(i.v),
+                (p.v_elems() * i.dtypes[2].size()) as u64,
+                U::STORAGE,
+            ),
+            ("bias", i.bias, bcast(p.bias) * 4, U::STORAGE),
+            ("mask", i.mask, bcast(p.mask), U::STORAGE),
+            (
+                "alibi_slopes",
+                i.alibi_slopes,
+                p.q_heads as u64 * 4,
+                U::COPY_SRC,
+            ),
+            ("q_seqlens", i.q_seqlens, p.batch as u64 * 4, U::COPY_SRC),
+            ("kv_seqlens", i.kv_seqlens, p.batch as u64 * 4, U::COPY_SRC),
+            (
+                "out",
+                Some(o.out),
+                (p.o_elems() * o.out_dtype.size()) as u64,
+                U::STORAGE,
+            ),
+            ("lse", o.lse, p.lse_elems() as u64 * 4, U::STORAGE),
+            ("probs", o.probs, p.probs_elems() as u64 * 4, U::STORAGE),
+        ];
+        for (what, buf, bytes, usage) in need {
+            let Some(buf) = buf else { continue };
+            if buf.size() < padded(bytes) {
+                return Err(Error::BadBuffer {
+                    what,
+                    detail: format!(
+                        "has {} bytes, needs at least {} (rounded up to a multiple of 4)",
+                        buf.size(),
+                        padded(bytes)
+                    ),
+                });
+            }
+            if !buf.usage().contains(usage) {
+                return Err(Error::BadBuffer {
+                    what,
+                    detail: format!("needs usage {usage:?}, has {:?}", buf.usage()),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn scratch(&self, label: &str, bytes: u64) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: padded(bytes),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    fn dispatch(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        kernel: &Kernel,
+        buffers: &[(u32, &wgpu::Buffer)],
+        groups: u64,
+    ) -> Result<()> {
+        let (x, y) = self.fold(groups).ok_or_else(|| Error::LimitExceeded {
+            what: format!("{} dispatch ({groups} workgroups)", kernel.name),
+            bytes: groups,
+            limit_name: "max_compute_workgroups_per_dimension squared",
+            limit: (self.capabilities().max_workgroups_per_dim as u64).pow(2),
+        })?;
+        let entries: Vec<wgpu::BindGroupEntry> = buffers
+            .iter()
+            .map(|&(binding, b)| wgpu::BindGroupEntry {
+                binding,
+                resource: b.as_entire_binding(),
+            })
+            .collect();
+        let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(&kernel.name),
+            layout: &kernel.layout,
+            entries: &entries,
+        });
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some(&kernel.name),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&kernel.pipeline);
+        pass.set_bind_group(0, &group, &[]);
+        pass.dispatch_workgroups(x, y, 1);
+        Ok(())
+    }
+
+    fn encode(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        p: &Problem,
+        plan: Plan,
+        i: &GpuInputs<'_>,
+        o: &GpuOutputs<'_>,
+    ) -> Result<()> {
+        let dev = &self.device;
+        let params = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("params"),
+            contents: bytemuck::bytes_of(&Params::new(p)),
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+        // aux = [q_seqlens: B][kv_seqlens: B][alibi slopes: Hq], gathered on the GPU.
+        let b4 = p.batch as u64 * 4;
+        let aux = self.scratch("aux", 2 * b4 + p.q_heads as u64 * 4);
+        for (src, offset, size) in [
+            (i.q_seqlens, 0, b4),
+            (i.kv_seqlens, b4, b4),
+            (i.alibi_slopes, 2 * b4, p.q_heads as u64 * 4),
+        ] {
+            if let Some(src) = src {
+                enc.copy_buffer_to_buffer(src, 0, &aux, offset, size);
+            }
+        }
+        let dummy = self.scratch("unused", 4);
+        let bias = i.bias.unwrap_or(&dummy);
+        let mask = i.mask.unwrap_or(&dummy);
+        let out_scratch =
+            (o.out_dtype != DType::F32).then(|| self.scratch("out f32", p.o_elems() as u64 * 4));
+        let out32 = out_scratch.as_ref().unwrap_or(o.out);
+        let lse_scratch = o
+            .lse
+            .is_none()
+            .then(|| self.scratch("lse", p.lse_elems() as u64 * 4));
+        let lse = o.lse.or(lse_scratch.as_ref()).expect("lse buffer");
+        let grids = self.grids(p, plan);
+        match plan.algorithm {
+            Algorithm::Flash => {
+                let tiles = plan.tiles.expect("flash plan has tiles");
+                let kernel = self.cache.get(
+                    dev,
+                    &Variant::flash(i.dtypes, p.head_dim as u32, p.v_head_dim as u32, tiles),
+                )?;
+                let binds = [
+                    (0, &params),
+                    (1, &aux),
+                    (2, bias),
+                    (3, mask),
+                    (4, i.q),
+                    (5, i.k),
+                    (6, i.v),
+                    (7, out32),
+                    (8, lse),
+                ];
+                self.dispatch(enc, &kernel, &binds, grids[0].1)?;
+            }
+            _ => {
+                let probs_scratch = o
+                    .probs
+                    .is_none()
+                    .then(|| self.scratch("scores", p.probs_elems() as u64 * 4));
+                let probs = o.probs.or(probs_scratch.as_ref()).expect("probs buffer");
+                let scores = self
+                    .cache
+                    .get(dev, &Variant::scores(i.dtypes[0], i.dtypes[1]))?;
+                let softmax = self.cache.get(dev, &Variant::softmax())?;
+                let pv = self.cache.get(dev, &Variant::pv(i.dtypes[2]))?;
+                let binds = [
+                    (0, &params),
+                    (1, &aux),
+                    (2, bias),
+                    (3, mask),
+                    (4, i.q),
+                    (5, i.k),
+                    (6, probs),
+                ];
+                self.dispatch(enc, &scores, &binds, grids[0].1)?;
+                self.dispatch(
+                    enc,
+                    &softmax,
+                    &[(0, &params), (4, probs), (5, lse)],
+                    grids[1].1,
+                )?;
+                let binds = [(0, &params), (1, &aux), (4, probs), (5, i.v), (6, out32)];
+                self.dispatch(enc, &pv, &binds, grids[2].1)?;
+            }
+        }
+        if let Some(src) = &out_scratch {
+            self.pack(enc, src, o.out, o.out_dtype, p.o_elems())?;
+        }
+        Ok(())
+    }
+
+    /// Converts `count` f32 values in `src` to packed `dtype` in `dst`.
+    fn pack(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        src: &wgpu::Buffer,
+        dst: &wgpu::Buffer,
+        dtype: DType,
+        count: usize,
+    ) -> Result<()> {
+        let words = count.div_ceil(2) as u32;
+        let pp = PackParams {
+            count: count as u32,
+            words,
+            pad: [0; 2],
+        };
+        let params = self
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("pack params"),
+                contents: bytemuck::bytes_of(&pp),
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+        let kernel = self.cache.get(&self.device, &Variant::pack(dtype))?;
+        let groups = (words as u64).div_ceil(256);
+        self.dispatch(enc, &kernel, &[(0, &params), (1, src), (2, dst)], groups)
+    }
+}

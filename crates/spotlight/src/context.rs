@@ -1,0 +1,316 @@
+//! The engine: adapter, device, queue, capabilities and the pipeline cache, built once.
+//!
+//! This module owns the wgpu calls that change between wgpu releases (instance, adapter, device,
+//! poll, map); the rest of the crate speaks in its own types.
+
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::kernels::PipelineCache;
+
+/// How long a readback may take before it is reported as an error rather than a hang.
+const MAP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// What the adapter offers that Spotlight cares about.
+#[derive(Clone, Debug)]
+pub struct Capabilities {
+    pub shader_f16: bool,
+    pub subgroups: bool,
+    pub subgroup_min_size: u32,
+    pub subgroup_max_size: u32,
+    pub cooperative_matrix: bool,
+    pub timestamp_query: bool,
+    pub max_storage_binding: u64,
+    pub max_buffer_size: u64,
+    pub max_workgroup_memory: u32,
+    pub max_invocations: u32,
+    pub max_workgroups_per_dim: u32,
+    pub max_storage_buffers_per_stage: u32,
+}
+
+impl Capabilities {
+    fn new(features: wgpu::Features, limits: &wgpu::Limits, info: &wgpu::AdapterInfo) -> Self {
+        Capabilities {
+            shader_f16: features.contains(wgpu::Features::SHADER_F16),
+            subgroups: features.contains(wgpu::Features::SUBGROUP),
+            subgroup_min_size: info.subgroup_min_size,
+            subgroup_max_size: info.subgroup_max_size,
+            cooperative_matrix: features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
+            timestamp_query: features.contains(wgpu::Features::TIMESTAMP_QUERY),
+            max_storage_binding: limits.max_storage_buffer_binding_size,
+            max_buffer_size: limits.max_buffer_size,
+            max_workgroup_memory: limits.max_compute_workgroup_storage_size,
+            max_invocations: limits.max_compute_invocations_per_workgroup,
+            max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
+            max_storage_buffers_per_stage: limits.max_storage_buffers_per_shader_stage,
+        }
+    }
+}
+
+/// How to choose the adapter. The defaults read `WGPU_BACKEND` and `WGPU_ADAPTER_NAME`.
+#[derive(Clone, Debug, Default)]
+pub struct EngineOptions {
+    /// Backends to consider (default: `WGPU_BACKEND`, else all).
+    pub backends: Option<wgpu::Backends>,
+    /// Case-insensitive substring of the adapter name (default: `WGPU_ADAPTER_NAME`).
+    pub adapter_name: Option<String>,
+}
+
+/// The Spotlight context: one per device, shared freely between threads.
+pub struct Engine {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    caps: Capabilities,
+    pub(crate) cache: PipelineCache,
+    gpu_error: Arc<Mutex<Option<String>>>,
+    lost: Arc<Mutex<Option<String>>>,
+    why: String,
+}
+
+fn instance(backends: wgpu::Backends) -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = backends;
+    wgpu::Instance::new(desc)
+}
+
+fn env_backends(opts: &EngineOptions) -> wgpu::Backends {
+    opts.backends
+        .or_else(wgpu::Backends::from_env)
+        .unwrap_or(wgpu::Backends::all())
+}
+
+fn env_adapter_name(opts: &EngineOptions) -> Option<String> {
+    opts.adapter_name
+        .clone()
+        .or_else(|| std::env::var("WGPU_ADAPTER_NAME").ok())
+        .filter(|s| !s.is_empty())
+}
+
+/// Every adapter wgpu sees under `opts`, with the one [`Engine::with_options`] would choose
+/// marked, and why. For `spotlight info`.
+pub fn adapter_report(opts: &EngineOptions) -> (Vec<wgpu::AdapterInfo>, Option<usize>, String) {
+    let backends = env_backends(opts);
+    let inst = instance(backends);
+    let adapters = pollster::block_on(inst.enumerate_adapters(backends));
+    let infos: Vec<wgpu::AdapterInfo> = adapters.iter().map(|a| a.get_info()).collect();
+    let (chosen, why) = choose(&infos, opts);
+    (infos, chosen, why)
+}
+
+fn rank(t: wgpu::DeviceType) -> u32 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    }
+}
+
+fn choose(infos: &[wgpu::AdapterInfo], opts: &EngineOptions) -> (Option<usize>, String) {
+    if let Some(name) = env_adapter_name(opts) {
+        let needle = name.to_lowercase();
+        let hit = infos
+            .iter()
+            .position(|i| i.name.to_lowercase().contains(&needle));
+        let why = match hit {
+            Some(_) => format!("its name matches WGPU_ADAPTER_NAME='{name}'"),
+            None => format!("no adapter name contains WGPU_ADAPTER_NAME='{name}'"),
+        };
+        return (hit, why);
+    }
+    let best = (0..infos.len()).min_by_key(|&i| rank(infos[i].device_type));
+    let why = "high-performance preference: discrete, then integrated, virtual, other, CPU".into();
+    (best, why)
+}
+
+impl Engine {
+    /// Creates an engine on the adapter chosen from `WGPU_BACKEND`, `WGPU_ADAPTER_NAME` and a
+    /// high-performance preference.
+    pub fn new() -> Result<Self> {
+        Self::with_options(&EngineOptions::default())
+    }
+
+    /// Creates an engine with explicit adapter choices.
+    pub fn with_options(opts: &EngineOptions) -> Result<Self> {
+        let backends = env_backends(opts);
+        let inst = instance(backends);
+        let adapters = pollster::block_on(inst.enumerate_adapters(backends));
+        let infos: Vec<wgpu::AdapterInfo> = adapters.iter().map(|a| a.get_info()).collect();
+        let (chosen, why) = choose(&infos, opts);
+        let Some(index) = chosen else {
+            let detail = if infos.is_empty() {
+                format!(" (backends {backends:?})")
+            } else {
+                format!(": {why}")
+            };
+            return Err(Error::NoAdapter { detail });
+        };
+        let adapter = &adapters[index];
+        let info = adapter.get_info();
+        let wanted =
+            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
+        let features = adapter.features() & wanted;
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("spotlight"),
+            required_features: features,
+            required_limits: limits,
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| Error::RequestDevice {
+            adapter: info.name.clone(),
+            reason: e.to_string(),
+        })?;
+        let engine = Self::build(device, queue, info, why);
+        // We own this device, so errors that escape a scope are recorded, not panicked on.
+        let slot = engine.gpu_error.clone();
+        engine
+            .device
+            .on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+                log::error!("uncaptured wgpu error: {e}");
+                *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            }));
+        Ok(engine)
+    }
+
+    /// Wraps a device and queue an application already has. Spotlight uses only the features
+    /// and limits that device was created with.
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
+        let info = device.adapter_info();
+        Self::build(device, queue, info, "provided by the application".into())
+    }
+
+    fn build(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        info: wgpu::AdapterInfo,
+        why: String,
+    ) -> Self {
+        let caps = Capabilities::new(device.features(), &device.limits(), &info);
+        let lost = Arc::new(Mutex::new(None));
+        let slot = lost.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{reason:?}: {msg}"));
+        });
+        Engine {
+            device,
+            queue,
+            info,
+            caps,
+            cache: PipelineCache::default(),
+            gpu_error: Arc::new(Mutex::new(None)),
+            lost,
+            why,
+        }
+    }
+
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+
+    /// Why this adapter was chosen.
+    pub fn chosen_because(&self) -> &str {
+        &self.why
+    }
+
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    /// How many pipelines this engine has built (each variant once).
+    pub fn pipelines_built(&self) -> usize {
+        self.cache.builds()
+    }
+
+    /// A one-line description: adapter, backend, type, driver.
+    pub fn describe(&self) -> String {
+        let i = &self.info;
+        format!(
+            "{} ({:?}, {:?}, driver {} {})",
+            i.name, i.backend, i.device_type, i.driver, i.driver_info
+        )
+    }
+
+    /// Returns an error if the device was lost or reported an uncaptured error.
+    pub(crate) fn check_health(&self) -> Result<()> {
+        if let Some(msg) = self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Err(Error::DeviceLost(msg));
+        }
+        if let Some(msg) = self
+            .gpu_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            return Err(Error::Gpu(msg));
+        }
+        Ok(())
+    }
+
+    /// Blocks until all submitted work is done.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(e.to_string()))?;
+        self.check_health()
+    }
+
+    /// Copies `size` bytes of `buffer` (which must have `COPY_SRC`) back to the host.
+    pub fn read_bytes(&self, buffer: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
+        let size4 = size.div_ceil(4) * 4;
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("spotlight readback"),
+            size: size4.max(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(buffer, 0, &staging, 0, size4);
+        self.queue.submit([enc.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        // Another thread's poll may be the one that runs our callback, after our own poll has
+        // returned; so wait on the callback itself, polling again until it arrives.
+        let deadline = std::time::Instant::now() + MAP_TIMEOUT;
+        loop {
+            self.wait()?;
+            match rx.recv_timeout(std::time::Duration::from_millis(5)) {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) => return Err(Error::Gpu(format!("mapping a readback buffer: {e}"))),
+                Err(_) if std::time::Instant::now() < deadline => continue,
+                Err(_) => {
+                    return Err(Error::Gpu(format!(
+                        "readback did not complete within {MAP_TIMEOUT:?}"
+                    )));
+                }
+            }
+        }
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| Error::Gpu(format!("mapped range: {e}")))?;
+        let bytes = view[..size as usize].to_vec();
+        drop(view);
+        staging.unmap();
+        Ok(bytes)
+    }
+
+    /// Reads `n` f32 values.
+    pub fn read_f32(&self, buffer: &wgpu::Buffer, n: usize) -> Result<Vec<f32>> {
+        let bytes = self.read_bytes(buffer, 4 * n as u64)?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+}

@@ -1,0 +1,51 @@
+//! Typed errors of the library. Anything the caller controls is checked before GPU work and
+//! reported here with what was wrong and what was expected.
+
+use spotlight_reference::ProblemError;
+
+/// Everything that can go wrong in Spotlight.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The problem or its inputs are inconsistent.
+    #[error("invalid problem: {0}")]
+    Problem(#[from] ProblemError),
+    /// No adapter matched the request.
+    #[error(
+        "no GPU adapter found{detail}. For a software adapter on Linux install Mesa's lavapipe (apt-get install mesa-vulkan-drivers libvulkan1) and set WGPU_BACKEND=vulkan"
+    )]
+    NoAdapter { detail: String },
+    /// The adapter refused to create a device.
+    #[error("could not create a device on '{adapter}': {reason}")]
+    RequestDevice { adapter: String, reason: String },
+    /// The requested algorithm cannot run this problem on this adapter.
+    #[error("algorithm {algorithm} cannot run this problem here: {reason}")]
+    Unsupported {
+        algorithm: &'static str,
+        reason: String,
+    },
+    /// A buffer would exceed one of the device's limits.
+    #[error(
+        "{what} needs {bytes} bytes, over the device limit {limit_name} = {limit} bytes (splitting large problems into pieces is not implemented yet)"
+    )]
+    LimitExceeded {
+        what: String,
+        bytes: u64,
+        limit_name: &'static str,
+        limit: u64,
+    },
+    /// A caller-owned buffer is smaller than the problem needs, or lacks a usage flag.
+    #[error("buffer {what}: {detail}")]
+    BadBuffer { what: &'static str, detail: String },
+    /// A pipeline failed to build (shader name and configuration attached).
+    #[error("pipeline {name} failed to build: {reason}")]
+    Pipeline { name: String, reason: String },
+    /// The GPU reported an error (validation, out of memory) while running.
+    #[error("GPU error: {0}")]
+    Gpu(String),
+    /// The device was lost; build a new engine.
+    #[error("the GPU device was lost ({0}); create a new Engine")]
+    DeviceLost(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

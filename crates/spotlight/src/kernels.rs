@@ -1,0 +1,363 @@
+//! The WGSL kernels: their sources (embedded at compile time from `shaders/`), the variants the
+//! engine builds (override constants), and the pipeline cache.
+//!
+//! A variant is named from its configuration, e.g. `flash_q-f32_k-f16_v-f16_d64_dv64_bq32_bk32_tpr8`;
+//! the same name keys the cache and labels the GPU objects.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use spotlight_reference::DType;
+
+/// Raw sources, one per file in `shaders/`.
+pub mod source {
+    pub const COMMON: &str = include_str!("../../../shaders/common.wgsl");
+    pub const LOGITS: &str = include_str!("../../../shaders/logits.wgsl");
+    pub const SCORES: &str = include_str!("../../../shaders/scores.wgsl");
+    pub const SOFTMAX: &str = include_str!("../../../shaders/softmax.wgsl");
+    pub const PV: &str = include_str!("../../../shaders/pv.wgsl");
+    pub const FLASH: &str = include_str!("../../../shaders/flash.wgsl");
+    pub const PACK: &str = include_str!("../../../shaders/pack.wgsl");
+
+    /// Every file, by name, for tests that check each one.
+    pub const FILES: &[(&str, &str)] = &[
+        ("common.wgsl", COMMON),
+        ("logits.wgsl", LOGITS),
+        ("scores.wgsl", SCORES),
+        ("softmax.wgsl", SOFTMAX),
+        ("pv.wgsl", PV),
+        ("flash.wgsl", FLASH),
+        ("pack.wgsl", PACK),
+    ];
+}
+
+/// One compiled kernel (a WGSL module made of one or more files).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Shader {
+    /// Three-pass, pass 1: logits.
+    Scores,
+    /// Three-pass, pass 2: softmax and LSE.
+    Softmax,
+    /// Three-pass, pass 3: P·V.
+    Pv,
+    /// The fused flash kernel.
+    Flash,
+    /// f32 → f16/bf16 packing of outputs.
+    Pack,
+}
+
+/// How a kernel binds a buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Binding {
+    Uniform,
+    Read,
+    ReadWrite,
+}
+
+impl Shader {
+    pub const ALL: [Shader; 5] = [
+        Shader::Scores,
+        Shader::Softmax,
+        Shader::Pv,
+        Shader::Flash,
+        Shader::Pack,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Shader::Scores => "scores",
+            Shader::Softmax => "softmax",
+            Shader::Pv => "pv",
+            Shader::Flash => "flash",
+            Shader::Pack => "pack",
+        }
+    }
+
+    /// The full module source: shared files first, then the kernel's own.
+    pub fn source(self) -> String {
+        use source::*;
+        match self {
+            Shader::Scores => [COMMON, LOGITS, SCORES].concat(),
+            Shader::Softmax => [COMMON, SOFTMAX].concat(),
+            Shader::Pv => [COMMON, PV].concat(),
+            Shader::Flash => [COMMON, LOGITS, FLASH].concat(),
+            Shader::Pack => PACK.to_string(),
+        }
+    }
+
+    /// The bindings of group 0, in binding order.
+    pub fn bindings(self) -> &'static [(u32, Binding)] {
+        use Binding::*;
+        match self {
+            Shader::Scores => &[
+                (0, Uniform),
+                (1, Read),
+                (2, Read),
+                (3, Read),
+                (4, Read),
+                (5, Read),
+                (6, ReadWrite),
+            ],
+            Shader::Softmax => &[(0, Uniform), (4, ReadWrite), (5, ReadWrite)],
+            Shader::Pv => &[
+                (0, Uniform),
+                (1, Read),
+                (4, Read),
+                (5, Read),
+                (6, ReadWrite),
+            ],
+            Shader::Flash => &[
+                (0, Uniform),
+                (1, Read),
+                (2, Read),
+                (3, Read),
+                (4, Read),
+                (5, Read),
+                (6, Read),
+                (7, ReadWrite),
+                (8, ReadWrite),
+            ],
+            Shader::Pack => &[(0, Uniform), (1, Read), (2, ReadWrite)],
+        }
+    }
+}
+
+/// Numeric code of a storage dtype in the shaders (`Q_DT` and friends).
+pub fn dtype_code(d: DType) -> u32 {
+    match d {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::Bf16 => 2,
+    }
+}
+
+/// Tile configuration of the flash kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlashTiles {
+    /// Query rows per workgroup.
+    pub bq: u32,
+    /// Keys per tile.
+    pub bk: u32,
+    /// Threads per query row.
+    pub tpr: u32,
+}
+
+impl FlashTiles {
+    /// Bytes of workgroup memory the flash kernel needs (f32 Q, K, V and P tiles).
+    pub fn workgroup_bytes(&self, d: u32, dv: u32) -> u64 {
+        4 * (self.bq * d + self.bk * d + self.bk * dv + self.bq * self.bk) as u64
+    }
+
+    /// Picks the largest tiles that fit the adapter, or `None` when none does.
+    ///
+    /// Reasons, measured or structural:
+    /// - `tpr = 8` threads per row: each thread keeps `ceil(Dv / 8) <= 32` accumulators in
+    ///   registers (the kernel's `MAX_COLS`), so Dv up to 256 needs 8; Dv up to 512 takes 16.
+    /// - Larger `bq` reuses each K/V tile across more rows (fewer global loads per FLOP); larger
+    ///   `bk` means fewer barriers per key. Candidates go from large to small and the first that
+    ///   fits the workgroup memory wins: on lavapipe (32 KiB) D=64 gets 32x32, D=128 16x16,
+    ///   D=256 8x8; on NVIDIA (48 KiB) D=128 gets 32x16.
+    /// - Workgroups stay within `max_invocations` (256 by default in WebGPU).
+    pub fn choose(d: u32, dv: u32, workgroup_memory: u32, max_invocations: u32) -> Option<Self> {
+        const MAX_COLS: u32 = 32; // keep in sync with shaders/flash.wgsl
+        let tpr = if dv <= 8 * MAX_COLS {
+            8
+        } else if dv <= 16 * MAX_COLS {
+            16
+        } else {
+            return None;
+        };
+        const CANDIDATES: [(u32, u32); 9] = [
+            (64, 32),
+            (32, 32),
+            (32, 16),
+            (16, 16),
+            (16, 8),
+            (8, 8),
+            (8, 4),
+            (4, 4),
+            (2, 4),
+        ];
+        CANDIDATES
+            .iter()
+            .map(|&(bq, bk)| FlashTiles { bq, bk, tpr })
+            .find(|t| {
+                t.bk % t.tpr.min(t.bk) == 0
+                    && t.bq * t.tpr <= max_invocations
+                    && t.workgroup_bytes(d, dv) <= workgroup_memory as u64
+            })
+    }
+}
+
+/// A kernel variant: the shader and its override constants.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Variant {
+    pub shader: Shader,
+    /// Override constants, in a fixed order.
+    pub constants: Vec<(&'static str, u32)>,
+}
+
+impl Variant {
+    pub fn scores(q: DType, k: DType) -> Self {
+        Variant {
+            shader: Shader::Scores,
+            constants: vec![("Q_DT", dtype_code(q)), ("K_DT", dtype_code(k))],
+        }
+    }
+
+    pub fn softmax() -> Self {
+        Variant {
+            shader: Shader::Softmax,
+            constants: vec![("WG", 128)],
+        }
+    }
+
+    pub fn pv(v: DType) -> Self {
+        Variant {
+            shader: Shader::Pv,
+            constants: vec![("V_DT", dtype_code(v))],
+        }
+    }
+
+    pub fn flash(dtypes: [DType; 3], d: u32, dv: u32, tiles: FlashTiles) -> Self {
+        Variant {
+            shader: Shader::Flash,
+            constants: vec![
+                ("Q_DT", dtype_code(dtypes[0])),
+                ("K_DT", dtype_code(dtypes[1])),
+                ("V_DT", dtype_code(dtypes[2])),
+                ("HEAD_DIM", d),
+                ("V_DIM", dv),
+                ("BQ", tiles.bq),
+                ("BK", tiles.bk),
+                ("TPR", tiles.tpr),
+            ],
+        }
+    }
+
+    pub fn pack(out: DType) -> Self {
+        Variant {
+            shader: Shader::Pack,
+            constants: vec![("OUT_DT", dtype_code(out))],
+        }
+    }
+
+    /// The variant's name, used as the cache key's label on the GPU.
+    pub fn name(&self) -> String {
+        let mut name = self.shader.name().to_string();
+        for (k, v) in &self.constants {
+            let part = match *k {
+                "Q_DT" | "K_DT" | "V_DT" | "OUT_DT" => {
+                    let dt = ["f32", "f16", "bf16"][*v as usize % 3];
+                    format!("{}-{dt}", k.trim_end_matches("_DT").to_ascii_lowercase())
+                }
+                "HEAD_DIM" => format!("d{v}"),
+                "V_DIM" => format!("dv{v}"),
+                other => format!("{}{v}", other.to_ascii_lowercase()),
+            };
+            name.push('_');
+            name.push_str(&part);
+        }
+        name
+    }
+
+    /// The constants as wgpu takes them.
+    pub fn wgpu_constants(&self) -> Vec<(&'static str, f64)> {
+        self.constants.iter().map(|&(k, v)| (k, v as f64)).collect()
+    }
+}
+
+/// A built pipeline and its bind group layout.
+pub struct Kernel {
+    pub pipeline: wgpu::ComputePipeline,
+    pub layout: wgpu::BindGroupLayout,
+    pub name: String,
+}
+
+/// Builds each variant once and hands out shared references. Building happens under the lock,
+/// so two threads asking for the same variant at once build it exactly once.
+#[derive(Default)]
+pub struct PipelineCache {
+    map: Mutex<HashMap<Variant, Arc<Kernel>>>,
+    builds: std::sync::atomic::AtomicUsize,
+}
+
+impl PipelineCache {
+    /// How many pipelines were built so far (for tests of the cache).
+    pub fn builds(&self) -> usize {
+        self.builds.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The kernel for `variant`, building it on first use.
+    pub fn get(&self, device: &wgpu::Device, variant: &Variant) -> crate::Result<Arc<Kernel>> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = map.get(variant) {
+            return Ok(k.clone());
+        }
+        let kernel = Arc::new(build(device, variant)?);
+        self.builds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        map.insert(variant.clone(), kernel.clone());
+        Ok(kernel)
+    }
+}
+
+fn build(device: &wgpu::Device, variant: &Variant) -> crate::Result<Kernel> {
+    let name = variant.name();
+    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(&name),
+        source: wgpu::ShaderSource::Wgsl(variant.shader.source().into()),
+    });
+    let entries: Vec<wgpu::BindGroupLayoutEntry> = variant
+        .shader
+        .bindings()
+        .iter()
+        .map(|&(binding, kind)| wgpu::BindGroupLayoutEntry {
+            binding,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: match kind {
+                    Binding::Uniform => wgpu::BufferBindingType::Uniform,
+                    Binding::Read => wgpu::BufferBindingType::Storage { read_only: true },
+                    Binding::ReadWrite => wgpu::BufferBindingType::Storage { read_only: false },
+                },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        })
+        .collect();
+    let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+        label: Some(&name),
+        entries: &entries,
+    });
+    let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+        label: Some(&name),
+        bind_group_layouts: &[Some(&layout)],
+        immediate_size: 0,
+    });
+    let constants = variant.wgpu_constants();
+    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(&name),
+        layout: Some(&pipeline_layout),
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: wgpu::PipelineCompilationOptions {
+            constants: &constants,
+            zero_initialize_workgroup_memory: false,
+        },
+        cache: None,
+    });
+    if let Some(err) = pollster::block_on(scope.pop()) {
+        return Err(crate::Error::Pipeline {
+            name,
+            reason: err.to_string(),
+        });
+    }
+    Ok(Kernel {
+        pipeline,
+        layout,
+        name,
+    })
+}

@@ -1,0 +1,118 @@
+//! The uniform block every attention pass reads (`Params` in `shaders/common.wgsl`), built from a
+//! [`Problem`]. Field order must match the WGSL struct.
+
+use spotlight_reference::Problem;
+
+pub const F_CAUSAL: u32 = 1;
+pub const F_BIAS: u32 = 2;
+pub const F_MASK: u32 = 4;
+pub const F_ALIBI: u32 = 8;
+pub const F_QLENS: u32 = 16;
+pub const F_KVLENS: u32 = 32;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Params {
+    batch: u32,
+    q_len: u32,
+    kv_len: u32,
+    q_heads: u32,
+    kv_heads: u32,
+    head_dim: u32,
+    v_head_dim: u32,
+    group: u32,
+    q_sb: u32,
+    q_ss: u32,
+    q_sh: u32,
+    k_sb: u32,
+    k_ss: u32,
+    k_sh: u32,
+    v_sb: u32,
+    v_ss: u32,
+    v_sh: u32,
+    o_sb: u32,
+    o_ss: u32,
+    o_sh: u32,
+    bias_sb: u32,
+    bias_sh: u32,
+    mask_sb: u32,
+    mask_sh: u32,
+    flags: u32,
+    win_left: i32,
+    win_right: i32,
+    scale: f32,
+    softcap: f32,
+    pad: [u32; 3],
+}
+
+/// Window sides beyond this are as good as unbounded and keep `i + off ± side` inside i32.
+const WINDOW_CLAMP: u32 = 1 << 30;
+
+fn window_side(side: Option<u32>) -> i32 {
+    side.map_or(-1, |s| s.min(WINDOW_CLAMP) as i32)
+}
+
+impl Params {
+    /// Sizes must already be validated (they fit in u32 by [`Problem::validate`]).
+    pub fn new(p: &Problem) -> Self {
+        let (q, k, v, o) = (p.q_strides(), p.k_strides(), p.v_strides(), p.o_strides());
+        let (bias_sb, bias_sh) = p.bias.map_or((0, 0), |b| b.strides(p.q_len, p.kv_len));
+        let (mask_sb, mask_sh) = p.mask.map_or((0, 0), |b| b.strides(p.q_len, p.kv_len));
+        let mut flags = 0;
+        for (on, f) in [
+            (p.causal, F_CAUSAL),
+            (p.bias.is_some(), F_BIAS),
+            (p.mask.is_some(), F_MASK),
+            (p.alibi, F_ALIBI),
+            (p.q_seqlens, F_QLENS),
+            (p.kv_seqlens, F_KVLENS),
+        ] {
+            if on {
+                flags |= f;
+            }
+        }
+        let window = p.window.unwrap_or_default();
+        let u = |x: usize| x as u32;
+        Params {
+            batch: u(p.batch),
+            q_len: u(p.q_len),
+            kv_len: u(p.kv_len),
+            q_heads: u(p.q_heads),
+            kv_heads: u(p.kv_heads),
+            head_dim: u(p.head_dim),
+            v_head_dim: u(p.v_head_dim),
+            group: u(p.group_size()),
+            q_sb: u(q.batch),
+            q_ss: u(q.seq),
+            q_sh: u(q.head),
+            k_sb: u(k.batch),
+            k_ss: u(k.seq),
+            k_sh: u(k.head),
+            v_sb: u(v.batch),
+            v_ss: u(v.seq),
+            v_sh: u(v.head),
+            o_sb: u(o.batch),
+            o_ss: u(o.seq),
+            o_sh: u(o.head),
+            bias_sb: u(bias_sb),
+            bias_sh: u(bias_sh),
+            mask_sb: u(mask_sb),
+            mask_sh: u(mask_sh),
+            flags,
+            win_left: window_side(window.left),
+            win_right: window_side(window.right),
+            scale: p.effective_scale(),
+            softcap: p.effective_softcap(),
+            pad: [0; 3],
+        }
+    }
+}
+
+/// Uniform block of `shaders/pack.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct PackParams {
+    pub count: u32,
+    pub words: u32,
+    pub pad: [u32; 2],
+}

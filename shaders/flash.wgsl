@@ -1,0 +1,190 @@
+// flash.wgsl — fused attention with an online softmax (FlashAttention-style).
+//
+// One workgroup owns BQ query rows of one (batch, head) and streams K/V tiles of BK keys through
+// workgroup memory; scores never leave the chip. TPR threads share a row: thread t computes the
+// logits of keys t, t+TPR, ... and accumulates output columns t, t+TPR, ... of that row in
+// registers. Row max and sum go through workgroup memory (no subgroup operations needed, so any
+// subgroup size works). Key tiles that causal masking or a window makes invisible for every row of
+// the workgroup are skipped.
+
+override Q_DT: u32 = 0u;
+override K_DT: u32 = 0u;
+override V_DT: u32 = 0u;
+override HEAD_DIM: u32 = 64u;
+override V_DIM: u32 = 64u;
+override BQ: u32 = 16u;
+override BK: u32 = 16u;
+override TPR: u32 = 8u;
+
+// Output columns per thread: ceil(V_DIM / TPR) must not exceed this (checked on the host).
+const MAX_COLS: u32 = 32u;
+
+@group(0) @binding(4) var<storage, read> q: array<u32>;
+@group(0) @binding(5) var<storage, read> k: array<u32>;
+@group(0) @binding(6) var<storage, read> v: array<u32>;
+@group(0) @binding(7) var<storage, read_write> out: array<f32>;
+@group(0) @binding(8) var<storage, read_write> lse: array<f32>;
+
+var<workgroup> q_s: array<f32, BQ * HEAD_DIM>;
+var<workgroup> k_s: array<f32, BK * HEAD_DIM>;
+var<workgroup> v_s: array<f32, BK * V_DIM>;
+var<workgroup> p_s: array<f32, BQ * BK>;
+
+@compute @workgroup_size(BQ * TPR)
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let nthreads = BQ * TPR;
+    let tiles_i = (params.q_len + BQ - 1u) / BQ;
+    let flat = folded_group(wg, nwg);
+    if flat >= tiles_i * params.batch * params.q_heads {
+        return;
+    }
+    let ti = flat % tiles_i;
+    let bh = flat / tiles_i;
+    let h = bh % params.q_heads;
+    let b = bh / params.q_heads;
+    let kvh = h / params.group;
+    let r = lid / TPR;
+    let t = lid % TPR;
+    let i0 = ti * BQ;
+    let i = i0 + r;
+    let lq = q_valid(b);
+    let lk = kv_valid(b);
+    let off = i32(lk) - i32(lq);
+    let ninf = neg_inf();
+
+    for (var x = lid; x < BQ * HEAD_DIM; x += nthreads) {
+        let ii = i0 + x / HEAD_DIM;
+        var val = 0.0;
+        if ii < lq {
+            let idx = b * params.q_sb + ii * params.q_ss + h * params.q_sh + x % HEAD_DIM;
+            val = elem_value(q[elem_word(idx, Q_DT)], idx, Q_DT);
+        }
+        q_s[x] = val;
+    }
+
+    // Keys visible to at least one row of this tile: [j_lo, j_hi).
+    var j_lo = 0;
+    var j_hi = i32(lk);
+    if i0 >= lq {
+        j_hi = 0;
+    } else {
+        let first = i32(i0) + off;
+        let last = i32(min(i0 + BQ, lq) - 1u) + off;
+        if has(F_CAUSAL) {
+            j_hi = min(j_hi, last + 1);
+        }
+        if params.win_right >= 0 {
+            j_hi = min(j_hi, last + params.win_right + 1);
+        }
+        if params.win_left >= 0 {
+            j_lo = max(j_lo, first - params.win_left);
+        }
+    }
+
+    var m = ninf;
+    var l = 0.0;
+    var acc: array<f32, MAX_COLS>;
+    for (var c = 0u; c < MAX_COLS; c++) {
+        acc[c] = 0.0;
+    }
+
+    var j0 = (j_lo / i32(BK)) * i32(BK);
+    for (; j0 < j_hi; j0 += i32(BK)) {
+        let ju = u32(j0);
+        workgroupBarrier(); // everyone is done with the previous tile
+        for (var x = lid; x < BK * HEAD_DIM; x += nthreads) {
+            let jj = ju + x / HEAD_DIM;
+            var val = 0.0;
+            if jj < lk {
+                let idx = b * params.k_sb + jj * params.k_ss + kvh * params.k_sh + x % HEAD_DIM;
+                val = elem_value(k[elem_word(idx, K_DT)], idx, K_DT);
+            }
+            k_s[x] = val;
+        }
+        for (var x = lid; x < BK * V_DIM; x += nthreads) {
+            let jj = ju + x / V_DIM;
+            var val = 0.0;
+            if jj < lk { // padding never reaches the output, whatever it holds
+                let idx = b * params.v_sb + jj * params.v_ss + kvh * params.v_sh + x % V_DIM;
+                val = elem_value(v[elem_word(idx, V_DT)], idx, V_DT);
+            }
+            v_s[x] = val;
+        }
+        workgroupBarrier();
+
+        // Logits of this thread's keys.
+        for (var kk = t; kk < BK; kk += TPR) {
+            let j = ju + kk;
+            var s = ninf;
+            if i < lq && visible(b, h, i, j, off, lk) {
+                var dot = 0.0;
+                for (var d = 0u; d < HEAD_DIM; d++) {
+                    dot += q_s[r * HEAD_DIM + d] * k_s[kk * HEAD_DIM + d];
+                }
+                s = finish_logit(b, h, i, j, off, dot);
+            }
+            p_s[r * BK + kk] = s;
+        }
+        workgroupBarrier();
+
+        var m_tile = ninf;
+        for (var kk = 0u; kk < BK; kk++) {
+            m_tile = max(m_tile, p_s[r * BK + kk]);
+        }
+        let m_new = max(m, m_tile);
+        workgroupBarrier(); // the row's logits are read before they are overwritten
+        for (var kk = t; kk < BK; kk += TPR) {
+            let s = p_s[r * BK + kk];
+            var p = 0.0;
+            if m_new != ninf && s != ninf {
+                p = exp(s - m_new);
+            }
+            p_s[r * BK + kk] = p;
+        }
+        workgroupBarrier();
+
+        var alpha = 0.0;
+        if m != ninf {
+            alpha = exp(m - m_new);
+        }
+        var row_sum = 0.0;
+        for (var kk = 0u; kk < BK; kk++) {
+            row_sum += p_s[r * BK + kk];
+        }
+        l = l * alpha + row_sum;
+        for (var c = 0u; c < MAX_COLS; c++) {
+            let d = t + c * TPR;
+            if d >= V_DIM {
+                break;
+            }
+            var a = acc[c] * alpha;
+            for (var kk = 0u; kk < BK; kk++) {
+                a += p_s[r * BK + kk] * v_s[kk * V_DIM + d];
+            }
+            acc[c] = a;
+        }
+        m = m_new;
+    }
+
+    if i < params.q_len {
+        let valid = i < lq && m != ninf && l > 0.0;
+        for (var c = 0u; c < MAX_COLS; c++) {
+            let d = t + c * TPR;
+            if d >= V_DIM {
+                break;
+            }
+            var o = 0.0;
+            if valid {
+                o = acc[c] / l;
+            }
+            out[b * params.o_sb + i * params.o_ss + h * params.o_sh + d] = o;
+        }
+        if t == 0u {
+            lse[(b * params.q_heads + h) * params.q_len + i] = select(ninf, m + log(l), valid);
+        }
+    }
+}

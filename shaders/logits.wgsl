@@ -1,0 +1,47 @@
+// logits.wgsl — the semantics of one logit, shared by the three-pass scores pass and the fused
+// kernel so that every path computes exactly the same thing (see the README's "Semantics").
+
+@group(0) @binding(2) var<storage, read> bias: array<f32>;
+@group(0) @binding(3) var<storage, read> mask: array<u32>;
+
+// Whether key j is visible to query row i of (b, h); off = Lk_b - Lq_b, lk = Lk_b.
+fn visible(b: u32, h: u32, i: u32, j: u32, off: i32, lk: u32) -> bool {
+    if j >= lk {
+        return false;
+    }
+    let diag = i32(i) + off;
+    let jj = i32(j);
+    if has(F_CAUSAL) && jj > diag {
+        return false;
+    }
+    if params.win_left >= 0 && jj < diag - params.win_left {
+        return false;
+    }
+    if params.win_right >= 0 && jj > diag + params.win_right {
+        return false;
+    }
+    if has(F_MASK) {
+        let idx = b * params.mask_sb + h * params.mask_sh + i * params.kv_len + j;
+        let byte = (mask[idx >> 2u] >> ((idx & 3u) * 8u)) & 0xffu;
+        if byte == 0u {
+            return false;
+        }
+    }
+    return true;
+}
+
+// The logit of a visible key from its raw dot product q_i · k_j.
+fn finish_logit(b: u32, h: u32, i: u32, j: u32, off: i32, dot: f32) -> f32 {
+    var s = params.scale * dot;
+    if params.softcap > 0.0 {
+        // tanh saturates to ±1 in f32 beyond |x| = 15; clamping avoids inf/inf in tanh's expansion.
+        s = params.softcap * tanh(clamp(s / params.softcap, -15.0, 15.0));
+    }
+    if has(F_BIAS) {
+        s += bias[b * params.bias_sb + h * params.bias_sh + i * params.kv_len + j];
+    }
+    if has(F_ALIBI) {
+        s -= alibi_slope(h) * f32(abs(i32(i) + off - i32(j)));
+    }
+    return s;
+}

@@ -1,0 +1,63 @@
+// pv.wgsl — three-pass attention, pass 3: O[b, i, h, :] = P[b, h, i, :] · V[b, :, h / group, :].
+// Tiled 16x16 through workgroup memory over the key dimension. Keys at or past Lk_b load as 0, so
+// whatever padding holds never reaches the output.
+
+override V_DT: u32 = 0u;
+
+@group(0) @binding(4) var<storage, read> probs: array<f32>;
+@group(0) @binding(5) var<storage, read> v: array<u32>;
+@group(0) @binding(6) var<storage, read_write> out: array<f32>;
+
+const TS: u32 = 16u;
+
+var<workgroup> p_tile: array<array<f32, 17>, 16>;
+var<workgroup> v_tile: array<array<f32, 17>, 16>;
+
+@compute @workgroup_size(16, 16)
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
+    let tiles_d = (params.v_head_dim + TS - 1u) / TS;
+    let tiles_i = (params.q_len + TS - 1u) / TS;
+    let flat = folded_group(wg, nwg);
+    if flat >= tiles_d * tiles_i * params.batch * params.q_heads {
+        return;
+    }
+    let td = flat % tiles_d;
+    let ti = (flat / tiles_d) % tiles_i;
+    let bh = flat / (tiles_d * tiles_i);
+    let h = bh % params.q_heads;
+    let b = bh / params.q_heads;
+    let kvh = h / params.group;
+    let i = ti * TS + lid.y;
+    let d = td * TS + lid.x;
+    let lk = kv_valid(b);
+    let row = (b * params.q_heads + h) * params.q_len + i;
+
+    var acc = 0.0;
+    for (var j0 = 0u; j0 < lk; j0 += TS) {
+        let jp = j0 + lid.x; // key column of P this thread loads
+        var pv = 0.0;
+        if i < params.q_len && jp < lk {
+            pv = probs[row * params.kv_len + jp];
+        }
+        let jv = j0 + lid.y; // key row of V this thread loads
+        var vv = 0.0;
+        if jv < lk && d < params.v_head_dim {
+            let idx = b * params.v_sb + jv * params.v_ss + kvh * params.v_sh + d;
+            vv = elem_value(v[elem_word(idx, V_DT)], idx, V_DT);
+        }
+        p_tile[lid.y][lid.x] = pv;
+        v_tile[lid.y][lid.x] = vv;
+        workgroupBarrier();
+        for (var jj = 0u; jj < TS; jj++) {
+            acc += p_tile[lid.y][jj] * v_tile[jj][lid.x];
+        }
+        workgroupBarrier();
+    }
+    if i < params.q_len && d < params.v_head_dim {
+        out[b * params.o_sb + i * params.o_ss + h * params.o_sh + d] = acc;
+    }
+}

@@ -1,0 +1,172 @@
+//! Shared helpers: the engine (with the CI rule), random problems, and the judgement against the
+//! f64 reference.
+
+use std::sync::OnceLock;
+
+use spotlight::reference::{self, Reference, compare, random::Rng};
+use spotlight::{Algorithm, DType, Engine, Inputs, Output, Problem, RunOptions, Tensor};
+
+/// The shared engine. With `CI=true` and no adapter the test fails; elsewhere it says loudly that
+/// it skips.
+pub fn engine() -> Option<&'static Engine> {
+    static ENGINE: OnceLock<Option<Engine>> = OnceLock::new();
+    let e = ENGINE.get_or_init(|| match Engine::new() {
+        Ok(e) => {
+            eprintln!("spotlight-tests: adapter {}", e.describe());
+            Some(e)
+        }
+        Err(err) => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("CI=true but no GPU adapter is available: {err}");
+            }
+            eprintln!("SKIPPING GPU TEST: no adapter ({err})");
+            None
+        }
+    });
+    e.as_ref()
+}
+
+/// Owned data for one problem.
+pub struct Data {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub bias: Option<Vec<f32>>,
+    pub mask: Option<Vec<u8>>,
+    pub alibi: Option<Vec<f32>>,
+    pub q_seqlens: Option<Vec<i32>>,
+    pub kv_seqlens: Option<Vec<i32>>,
+}
+
+impl Data {
+    /// Fresh random Q, K, V in `[-1, 1)` (`amp` scales Q to sharpen the softmax), rounded to their
+    /// dtypes; no optional inputs.
+    pub fn random(p: &Problem, dtypes: [DType; 3], amp: f32, rng: &mut Rng) -> Self {
+        let q: Vec<f32> = rng.vec(p.q_elems()).iter().map(|x| x * amp).collect();
+        Data {
+            q: Tensor::from_f32(&q, dtypes[0]),
+            k: Tensor::from_f32(&rng.vec(p.k_elems()), dtypes[1]),
+            v: Tensor::from_f32(&rng.vec(p.v_elems()), dtypes[2]),
+            bias: None,
+            mask: None,
+            alibi: None,
+            q_seqlens: None,
+            kv_seqlens: None,
+        }
+    }
+
+    pub fn inputs(&self) -> Inputs<'_> {
+        Inputs {
+            q: self.q.as_ref(),
+            k: self.k.as_ref(),
+            v: self.v.as_ref(),
+            bias: self.bias.as_deref(),
+            mask: self.mask.as_deref(),
+            alibi_slopes: self.alibi.as_deref(),
+            q_seqlens: self.q_seqlens.as_deref(),
+            kv_seqlens: self.kv_seqlens.as_deref(),
+        }
+    }
+}
+
+/// Error budgets (relative Frobenius) against the f64 reference on the same (rounded) inputs.
+pub struct Budget {
+    pub out: f64,
+    pub lse: f64,
+    pub probs: f64,
+}
+
+impl Budget {
+    /// The foundation's budget for f32 problems: O 1e-5, LSE 1e-6.
+    pub fn strict() -> Self {
+        Budget {
+            out: 1e-5,
+            lse: 1e-6,
+            probs: 1e-5,
+        }
+    }
+
+    /// The semantics suite's budget: 1e-5 relative for O, P and LSE in f32 (the LSE of a short
+    /// row is about the size of one logit, so its relative error is that of f32 arithmetic, not
+    /// 1e-6). Half-precision inputs are judged against the reference on the same rounded inputs,
+    /// so the budget is that of f32 arithmetic unless the output itself is rounded.
+    pub fn for_output(out: DType) -> Self {
+        match out {
+            DType::F32 => Budget {
+                out: 1e-5,
+                lse: 1e-5,
+                probs: 1e-5,
+            },
+            DType::F16 => Budget {
+                out: 1e-3,
+                lse: 1e-5,
+                probs: 1e-5,
+            },
+            DType::Bf16 => Budget {
+                out: 8e-3,
+                lse: 1e-5,
+                probs: 1e-5,
+            },
+        }
+    }
+}
+
+/// Runs `p` on the GPU with `algorithm` (LSE always, probs when asked), and checks O, LSE and P
+/// against the reference. Returns a description of the failure.
+pub fn check(
+    engine: &Engine,
+    p: &Problem,
+    data: &Data,
+    algorithm: Algorithm,
+    probs: bool,
+    out_dtype: Option<DType>,
+    budget: Option<Budget>,
+) -> Result<(), String> {
+    let inputs = data.inputs();
+    let want: Reference =
+        reference::attention(p, &inputs).map_err(|e| format!("reference: {e}"))?;
+    let opts = RunOptions {
+        algorithm,
+        lse: true,
+        probs,
+        out_dtype,
+    };
+    let got: Output = engine
+        .attention(p, &inputs, &opts)
+        .map_err(|e| format!("gpu: {e}"))?;
+    let out_dtype = out_dtype.unwrap_or(data.q.dtype());
+    if got.out.dtype() != out_dtype {
+        return Err(format!(
+            "out dtype {:?}, expected {out_dtype:?}",
+            got.out.dtype()
+        ));
+    }
+    let budget = budget.unwrap_or_else(|| Budget::for_output(out_dtype));
+    let e_out = compare::compare(&got.out.to_f32_vec(), &want.out);
+    let e_lse = compare::compare(got.lse.as_deref().unwrap_or(&[]), &want.lse);
+    let mut msg = String::new();
+    if !e_out.within(budget.out) {
+        msg += &format!("O: {e_out} (budget {:.0e}); ", budget.out);
+    }
+    if !e_lse.within(budget.lse) {
+        msg += &format!("LSE: {e_lse} (budget {:.0e}); ", budget.lse);
+    }
+    if probs {
+        let e_p = compare::compare(got.probs.as_deref().unwrap_or(&[]), &want.probs);
+        if !e_p.within(budget.probs) {
+            msg += &format!("P: {e_p} (budget {:.0e}); ", budget.probs);
+        }
+    }
+    if msg.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "[{} ran {}] {msg}",
+            algorithm.name(),
+            got.algorithm.name()
+        ))
+    }
+}
+
+/// The GPU algorithms every differential test runs.
+pub const ALGORITHMS: [Algorithm; 2] = [Algorithm::ThreePass, Algorithm::Flash];

@@ -1,0 +1,187 @@
+//! GPU against the f64 reference: a table of awkward shapes (every algorithm), and seeded random
+//! problems combining every option. A failure prints a one-line reproduction.
+
+use spotlight::reference::random::Rng;
+use spotlight::reference::{Broadcast, Layout, Window};
+use spotlight::{Algorithm, DType, Problem};
+
+use crate::common::{ALGORITHMS, Budget, Data, check, engine};
+
+/// Lq, Lk in {1, 7, 33, 100, 257} both ways; D, head ratios, causal and layout rotate so each
+/// value meets many others. Every problem runs on every algorithm.
+#[test]
+fn awkward_shapes_f32() {
+    let Some(engine) = engine() else { return };
+    let lens = [1usize, 7, 33, 100, 257];
+    let dims = [16usize, 40, 64, 80, 96, 128, 256];
+    let heads = [(1usize, 1usize), (4, 4), (8, 2), (6, 1)];
+    let mut rng = Rng::new(0x5EED_0002);
+    let mut failures = Vec::new();
+    let mut n = 0;
+    for (a, &lq) in lens.iter().enumerate() {
+        for (b, &lk) in lens.iter().enumerate() {
+            for causal in [false, true] {
+                let k = a * lens.len() + b;
+                let d = dims[(k + causal as usize * 3) % dims.len()];
+                let (hq, hkv) = heads[(k + causal as usize) % heads.len()];
+                let batch = 1 + (k % 2);
+                let layout = if k.is_multiple_of(3) {
+                    Layout::Bhsd
+                } else {
+                    Layout::Bshd
+                };
+                // Keep lavapipe's time in check: fewer heads on the largest shapes.
+                let (hq, hkv) = if lq * lk * d > 257 * 100 * 64 {
+                    (hq.min(2), hkv.min(2).min(hq.min(2)))
+                } else {
+                    (hq, hkv)
+                };
+                let p = Problem::new(batch, lq, lk, hq, hkv, d)
+                    .causal(causal)
+                    .layout(layout);
+                let data = Data::random(&p, [DType::F32; 3], 1.0, &mut rng);
+                for alg in ALGORITHMS {
+                    n += 1;
+                    if let Err(e) = check(
+                        engine,
+                        &p,
+                        &data,
+                        alg,
+                        alg == Algorithm::ThreePass,
+                        None,
+                        Some(Budget::strict()),
+                    ) {
+                        failures.push(format!("{p:?}: {e}"));
+                    }
+                }
+            }
+        }
+    }
+    assert!(n >= 100, "ran only {n} cases");
+    assert!(
+        failures.is_empty(),
+        "{} of {n} failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// A random problem with random options, described by its seed.
+pub fn random_problem(seed: u64) -> (Problem, Data, Option<DType>) {
+    let mut rng = Rng::new(seed);
+    let batch = rng.range(1, 3);
+    let lq = if rng.chance(0.2) { 1 } else { rng.range(1, 70) };
+    let lk = if rng.chance(0.1) { 1 } else { rng.range(1, 90) };
+    let kv_heads = rng.range(1, 3);
+    let q_heads = kv_heads * rng.pick(&[1, 2, 3, 4]);
+    let d = rng.pick(&[8, 16, 24, 32, 40, 64, 80, 96, 128]);
+    let dv = if rng.chance(0.3) {
+        rng.pick(&[8, 16, 48, 64, 72])
+    } else {
+        d
+    };
+    let mut p = Problem::new(batch, lq, lk, q_heads, kv_heads, d).v_head_dim(dv);
+    p.layout = if rng.chance(0.5) {
+        Layout::Bshd
+    } else {
+        Layout::Bhsd
+    };
+    p.causal = rng.chance(0.4);
+    if rng.chance(0.3) {
+        p.scale = Some(rng.uniform(0.05, 1.0));
+    }
+    if rng.chance(0.3) {
+        p.window = Some(Window {
+            left: rng.chance(0.7).then(|| rng.range(0, 40) as u32),
+            right: rng.chance(0.5).then(|| rng.range(0, 40) as u32),
+        });
+    }
+    if rng.chance(0.25) {
+        p.softcap = Some(rng.uniform(1.0, 30.0));
+    }
+    let bcast = |rng: &mut Rng| Broadcast {
+        batch: if rng.chance(0.5) { 1 } else { batch },
+        heads: if rng.chance(0.5) { 1 } else { q_heads },
+    };
+    if rng.chance(0.3) {
+        p.bias = Some(bcast(&mut rng));
+    }
+    if rng.chance(0.3) {
+        p.mask = Some(bcast(&mut rng));
+    }
+    p.alibi = rng.chance(0.2);
+    p.q_seqlens = rng.chance(0.25);
+    p.kv_seqlens = rng.chance(0.3);
+    let dtypes = [0, 1, 2].map(|_| rng.pick(&[DType::F32, DType::F32, DType::F16, DType::Bf16]));
+    let amp = rng.pick(&[0.5f32, 1.0, 4.0]);
+    let mut data = Data::random(&p, dtypes, amp, &mut rng);
+    let n_b = |b: &Broadcast| b.batch * b.heads * lq * lk;
+    if let Some(b) = p.bias {
+        data.bias = Some((0..n_b(&b)).map(|_| rng.uniform(-2.0, 2.0)).collect());
+    }
+    if let Some(b) = p.mask {
+        let keep = rng.uniform(0.3, 0.95) as f64;
+        data.mask = Some((0..n_b(&b)).map(|_| rng.chance(keep) as u8).collect());
+    }
+    if p.alibi {
+        data.alibi = Some((0..q_heads).map(|h| 0.5f32.powi(h as i32 + 1)).collect());
+    }
+    if p.q_seqlens {
+        data.q_seqlens = Some((0..batch).map(|_| rng.range(0, lq) as i32).collect());
+    }
+    if p.kv_seqlens {
+        data.kv_seqlens = Some((0..batch).map(|_| rng.range(0, lk) as i32).collect());
+    }
+    let out_dtype = rng
+        .chance(0.2)
+        .then(|| rng.pick(&[DType::F32, DType::F16, DType::Bf16]));
+    (p, data, out_dtype)
+}
+
+/// Property test: random problems with random combinations of every option, on every algorithm.
+/// `SPOTLIGHT_PROPTEST_CASES` raises the count (default 320); `SPOTLIGHT_PROPTEST_SEED` picks the
+/// base seed. A failure prints `seed=…` to rerun it alone with `SPOTLIGHT_PROPTEST_ONLY=seed`.
+#[test]
+fn random_problems_every_option() {
+    let Some(engine) = engine() else { return };
+    let cases: u64 = std::env::var("SPOTLIGHT_PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(320);
+    let base: u64 = std::env::var("SPOTLIGHT_PROPTEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0xA77E_0000);
+    let seeds: Vec<u64> = match std::env::var("SPOTLIGHT_PROPTEST_ONLY")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        Some(one) => vec![one],
+        None => (0..cases).map(|c| base + c).collect(),
+    };
+    let mut failures = Vec::new();
+    for &seed in &seeds {
+        let (p, data, out_dtype) = random_problem(seed);
+        for alg in ALGORITHMS {
+            let probs = alg == Algorithm::ThreePass && seed % 2 == 0;
+            if let Err(e) = check(engine, &p, &data, alg, probs, out_dtype, None) {
+                failures.push(format!(
+                    "seed={seed} (SPOTLIGHT_PROPTEST_ONLY={seed}) dtypes={:?} out={out_dtype:?} {p:?}: {e}",
+                    data.inputs().dtypes()
+                ));
+            }
+        }
+    }
+    assert!(
+        seeds.len() >= 300 || seeds.len() == 1,
+        "too few cases: {}",
+        seeds.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {} problems failed:\n{}",
+        failures.len(),
+        seeds.len(),
+        failures.join("\n")
+    );
+}

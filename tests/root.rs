@@ -1,0 +1,8 @@
+//! Spotlight's integration tests: one crate, one root file that pulls in every module
+//! (as wgpu's own `tests/` crate does). GPU tests share one engine per process.
+
+mod common;
+
+mod differential;
+mod edge_cases;
+mod shaders;

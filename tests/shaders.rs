@@ -1,0 +1,154 @@
+//! Every WGSL module parses and validates with naga, and every variant the engine builds
+//! translates to SPIR-V (with the bounds-check policy wgpu uses), MSL, HLSL and GLSL. No GPU needed.
+
+use spotlight::kernels::{FlashTiles, Shader, Variant, source};
+use spotlight::reference::DType;
+
+fn module(src: &str, name: &str) -> (naga::Module, naga::valid::ModuleInfo) {
+    let module = naga::front::wgsl::parse_str(src)
+        .unwrap_or_else(|e| panic!("{name}: parse error:\n{}", e.emit_to_string(src)));
+    let info = naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::all(),
+    )
+    .validate(&module)
+    .unwrap_or_else(|e| panic!("{name}: validation error: {e:?}"));
+    (module, info)
+}
+
+/// Every variant the engine can build: all dtypes, the head dims and tile shapes the tile chooser
+/// produces on 32 KiB and 48 KiB adapters.
+fn variants() -> Vec<Variant> {
+    let dts = [DType::F32, DType::F16, DType::Bf16];
+    let mut out = vec![Variant::softmax()];
+    for a in dts {
+        out.push(Variant::pv(a));
+        out.push(Variant::pack(a));
+        for b in dts {
+            out.push(Variant::scores(a, b));
+        }
+    }
+    for (d, dv) in [
+        (16, 16),
+        (40, 40),
+        (64, 64),
+        (80, 96),
+        (128, 128),
+        (256, 256),
+        (256, 512),
+    ] {
+        for mem in [32 * 1024, 48 * 1024] {
+            if let Some(t) = FlashTiles::choose(d, dv, mem, 256) {
+                for dt in dts {
+                    out.push(Variant::flash([dt, dt, dt], d, dv, t));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_shader_file_is_used_by_a_module() {
+    for (name, src) in source::FILES {
+        let used = Shader::ALL.iter().any(|s| s.source().contains(src));
+        assert!(used, "{name} is in shaders/ but no kernel includes it");
+    }
+}
+
+#[test]
+fn every_module_parses_and_validates() {
+    for shader in Shader::ALL {
+        let (module, _) = module(&shader.source(), shader.name());
+        assert!(
+            module.entry_points.iter().any(|e| e.name == "main"),
+            "{} has no main entry point",
+            shader.name()
+        );
+    }
+}
+
+#[test]
+fn every_variant_translates_to_every_backend() {
+    let vs = variants();
+    assert!(vs.len() > 30, "expected many variants, got {}", vs.len());
+    for variant in vs {
+        let name = variant.name();
+        let (module, info) = module(&variant.shader.source(), &name);
+        let constants: naga::back::PipelineConstants = variant
+            .constants
+            .iter()
+            .map(|&(k, v)| (k.to_string(), v as f64))
+            .collect();
+        let (module, info) =
+            naga::back::pipeline_constants::process_overrides(&module, &info, None, &constants)
+                .unwrap_or_else(|e| panic!("{name}: overrides: {e:?}"));
+        let pipeline = naga::back::spv::PipelineOptions {
+            shader_stage: naga::ShaderStage::Compute,
+            entry_point: "main".into(),
+        };
+        let spv_opts = naga::back::spv::Options {
+            bounds_check_policies: naga::proc::BoundsCheckPolicies {
+                index: naga::proc::BoundsCheckPolicy::Restrict,
+                buffer: naga::proc::BoundsCheckPolicy::Restrict,
+                image_load: naga::proc::BoundsCheckPolicy::Restrict,
+                binding_array: naga::proc::BoundsCheckPolicy::Restrict,
+            },
+            ..Default::default()
+        };
+        let spv = naga::back::spv::write_vec(&module, &info, &spv_opts, Some(&pipeline))
+            .unwrap_or_else(|e| panic!("{name}: SPIR-V: {e:?}"));
+        assert!(spv.len() > 100, "{name}: SPIR-V suspiciously small");
+
+        let msl_pipeline = naga::back::msl::PipelineOptions {
+            entry_point: Some((naga::ShaderStage::Compute, "main".into())),
+            ..Default::default()
+        };
+        let (msl, _) = naga::back::msl::write_string(
+            &module,
+            &info,
+            &naga::back::msl::Options::default(),
+            &msl_pipeline,
+        )
+        .unwrap_or_else(|e| panic!("{name}: MSL: {e:?}"));
+        assert!(msl.contains("kernel"), "{name}: MSL has no kernel");
+
+        let mut hlsl = String::new();
+        let hlsl_opts = naga::back::hlsl::Options::default();
+        naga::back::hlsl::Writer::new(&mut hlsl, &hlsl_opts, &Default::default())
+            .write(&module, &info, None)
+            .unwrap_or_else(|e| panic!("{name}: HLSL: {e:?}"));
+        assert!(
+            hlsl.contains("numthreads"),
+            "{name}: HLSL has no numthreads"
+        );
+
+        let mut glsl = String::new();
+        let glsl_opts = naga::back::glsl::Options {
+            version: naga::back::glsl::Version::Embedded {
+                version: 310,
+                is_webgl: false,
+            },
+            ..Default::default()
+        };
+        let glsl_pipeline = naga::back::glsl::PipelineOptions {
+            shader_stage: naga::ShaderStage::Compute,
+            entry_point: "main".into(),
+            multiview: None,
+        };
+        naga::back::glsl::Writer::new(
+            &mut glsl,
+            &module,
+            &info,
+            &glsl_opts,
+            &glsl_pipeline,
+            naga::proc::BoundsCheckPolicies::default(),
+        )
+        .and_then(|mut w| w.write().map(|_| ()))
+        .unwrap_or_else(|e| panic!("{name}: GLSL: {e:?}"));
+        assert!(
+            glsl.contains("local_size_x"),
+            "{name}: GLSL has no local_size_x"
+        );
+    }
+}
