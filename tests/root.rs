@@ -3,6 +3,9 @@
 
 mod common;
 
+mod bad_input;
+mod engine;
+
 mod differential;
 mod edge_cases;
 mod shaders;

@@ -1,0 +1,695 @@
+//! End-to-end tests of the `spotlight` binary: results against an independent NumPy
+//! implementation (`scripts/independent_attention.py`), and bad inputs that must fail cleanly
+//! (non-zero exit, a message saying what was wrong, no output file).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use safetensors::Dtype;
+use spotlight::reference::random::Rng;
+
+const BIN: &str = env!("CARGO_BIN_EXE_spotlight");
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// True when a GPU adapter exists; with CI=true its absence fails the test.
+fn have_gpu() -> bool {
+    match spotlight::Engine::new() {
+        Ok(_) => true,
+        Err(e) if in_ci() => panic!("CI=true but no GPU adapter: {e}"),
+        Err(e) => {
+            eprintln!("SKIPPING GPU TEST: {e}");
+            false
+        }
+    }
+}
+
+/// True when python3 with NumPy exists; with CI=true its absence fails the test.
+fn have_numpy() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import numpy"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok && in_ci() {
+        panic!("CI=true but python3 with numpy is missing (.ci/run installs it)");
+    }
+    if !ok {
+        eprintln!("SKIPPING: python3 with numpy is missing");
+    }
+    ok
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("spotlight-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+struct T {
+    name: String,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+fn f32s(name: &str, shape: &[usize], v: &[f32]) -> T {
+    T {
+        name: name.into(),
+        dtype: Dtype::F32,
+        shape: shape.to_vec(),
+        bytes: bytemuck::cast_slice(v).to_vec(),
+    }
+}
+
+fn typed(name: &str, shape: &[usize], v: &[f32], dtype: Dtype) -> T {
+    let bytes = match dtype {
+        Dtype::F16 => v
+            .iter()
+            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+            .collect(),
+        Dtype::BF16 => v
+            .iter()
+            .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+            .collect(),
+        Dtype::F32 => bytemuck::cast_slice(v).to_vec(),
+        Dtype::I32 => v.iter().flat_map(|&x| (x as i32).to_le_bytes()).collect(),
+        Dtype::U8 | Dtype::BOOL => v.iter().map(|&x| x as u8).collect(),
+        _ => unreachable!(),
+    };
+    T {
+        name: name.into(),
+        dtype,
+        shape: shape.to_vec(),
+        bytes,
+    }
+}
+
+fn write(path: &Path, ts: &[T]) {
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = ts
+        .iter()
+        .map(|t| {
+            (
+                t.name.clone(),
+                safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.bytes).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+fn read_f32(path: &Path, name: &str) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap();
+    match t.dtype() {
+        Dtype::F32 => bytemuck::pod_collect_to_vec(t.data()),
+        Dtype::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(t.data())
+            .iter()
+            .map(|x| x.to_f32())
+            .collect(),
+        Dtype::BF16 => bytemuck::pod_collect_to_vec::<u8, half::bf16>(t.data())
+            .iter()
+            .map(|x| x.to_f32())
+            .collect(),
+        other => panic!("unexpected dtype {other:?}"),
+    }
+}
+
+fn spotlight(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env(
+            "WGPU_BACKEND",
+            std::env::var("WGPU_BACKEND").unwrap_or("vulkan".into()),
+        )
+        .output()
+        .unwrap()
+}
+
+/// Relative Frobenius error over entries finite in `want`; -inf must match exactly; NaN never.
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        assert!(!g.is_nan(), "NaN in output");
+        if w.is_finite() {
+            num += (g as f64 - w as f64).powi(2);
+            den += (w as f64).powi(2);
+        } else {
+            assert_eq!(g, w, "non-finite value differs");
+        }
+    }
+    num.sqrt() / den.sqrt().max(1e-30)
+}
+
+/// One case: shapes (B, Lq, Lk, Hq, Hkv, D, Dv), options, dtype and which optional tensors.
+struct Case {
+    name: &'static str,
+    dims: [usize; 7],
+    flags: Vec<&'static str>,
+    dtype: Dtype,
+    layout: &'static str,
+    extras: &'static [&'static str],
+}
+
+fn run_case(c: &Case, dir: &Path, rng: &mut Rng) {
+    let [b, lq, lk, hq, hkv, d, dv] = c.dims;
+    let shape = |l: usize, h: usize, dd: usize| {
+        if c.layout == "bshd" {
+            vec![b, l, h, dd]
+        } else {
+            vec![b, h, l, dd]
+        }
+    };
+    let mut ts = vec![
+        typed("q", &shape(lq, hq, d), &rng.vec(b * lq * hq * d), c.dtype),
+        typed("k", &shape(lk, hkv, d), &rng.vec(b * lk * hkv * d), c.dtype),
+        typed(
+            "v",
+            &shape(lk, hkv, dv),
+            &rng.vec(b * lk * hkv * dv),
+            c.dtype,
+        ),
+        f32s("unrelated", &[3], &[1.0, 2.0, 3.0]),
+    ];
+    for &e in c.extras {
+        ts.push(match e {
+            "bias" => f32s("bias", &[1, hq, lq, lk], &rng.vec(hq * lq * lk)),
+            "mask" => {
+                let m: Vec<f32> = (0..b * lq * lk)
+                    .map(|_| rng.chance(0.7) as u8 as f32)
+                    .collect();
+                typed("mask", &[b, 1, lq, lk], &m, Dtype::BOOL)
+            }
+            "alibi_slopes" => f32s(
+                "alibi_slopes",
+                &[hq],
+                &(0..hq)
+                    .map(|h| 0.5f32.powi(h as i32 + 1))
+                    .collect::<Vec<_>>(),
+            ),
+            "q_seqlens" => typed(
+                "q_seqlens",
+                &[b],
+                &(0..b)
+                    .map(|x| (lq - x.min(lq - 1)) as f32)
+                    .collect::<Vec<_>>(),
+                Dtype::I32,
+            ),
+            "kv_seqlens" => typed(
+                "kv_seqlens",
+                &[b],
+                &(0..b)
+                    .map(|x| {
+                        if x == 1 {
+                            0.0
+                        } else {
+                            (lk - x.min(lk - 1)) as f32
+                        }
+                    })
+                    .collect::<Vec<_>>(),
+                Dtype::I32,
+            ),
+            other => panic!("unknown extra {other}"),
+        });
+    }
+    let input = dir.join(format!("{}.in.safetensors", c.name));
+    let ours = dir.join(format!("{}.ours.safetensors", c.name));
+    let theirs = dir.join(format!("{}.numpy.safetensors", c.name));
+    write(&input, &ts);
+    let mut args = vec![
+        "run",
+        input.to_str().unwrap(),
+        "-o",
+        ours.to_str().unwrap(),
+        "--lse",
+        "--layout",
+        c.layout,
+    ];
+    args.extend(&c.flags);
+    let out = spotlight(&args);
+    assert!(
+        out.status.success(),
+        "{}: spotlight failed: {}",
+        c.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut py = Command::new("python3");
+    py.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../scripts/independent_attention.py"
+    ))
+    .args([
+        input.to_str().unwrap(),
+        theirs.to_str().unwrap(),
+        "--layout",
+        c.layout,
+    ])
+    .args(&c.flags);
+    let py = py.output().unwrap();
+    assert!(
+        py.status.success(),
+        "{}: numpy failed: {}",
+        c.name,
+        String::from_utf8_lossy(&py.stderr)
+    );
+    let budget = if c.dtype == Dtype::F32 { 1e-4 } else { 2e-2 };
+    for t in ["out", "lse"] {
+        let e = rel_err(&read_f32(&ours, t), &read_f32(&theirs, t));
+        assert!(
+            e <= budget,
+            "{}: {t} relative error {e:.3e} > {budget:.0e}",
+            c.name
+        );
+    }
+}
+
+#[test]
+fn run_reproduces_an_independent_implementation() {
+    if !have_gpu() || !have_numpy() {
+        return;
+    }
+    let dir = tmpdir("independent");
+    let mut rng = Rng::new(77);
+    let f = Dtype::F32;
+    let cases = [
+        Case {
+            name: "plain",
+            dims: [2, 33, 33, 4, 4, 64, 64],
+            flags: vec![],
+            dtype: f,
+            layout: "bshd",
+            extras: &[],
+        },
+        Case {
+            name: "cross",
+            dims: [1, 7, 100, 2, 2, 40, 40],
+            flags: vec![],
+            dtype: f,
+            layout: "bhsd",
+            extras: &[],
+        },
+        Case {
+            name: "gqa",
+            dims: [2, 20, 57, 8, 2, 32, 32],
+            flags: vec![],
+            dtype: f,
+            layout: "bshd",
+            extras: &[],
+        },
+        Case {
+            name: "mqa",
+            dims: [1, 17, 17, 6, 1, 80, 80],
+            flags: vec!["--causal"],
+            dtype: f,
+            layout: "bshd",
+            extras: &[],
+        },
+        Case {
+            name: "causal_lq_lt_lk",
+            dims: [2, 7, 33, 2, 1, 16, 16],
+            flags: vec!["--causal"],
+            dtype: f,
+            layout: "bshd",
+            extras: &[],
+        },
+        Case {
+            name: "causal_lq_gt_lk",
+            dims: [1, 33, 7, 2, 1, 16, 16],
+            flags: vec!["--causal"],
+            dtype: f,
+            layout: "bshd",
+            extras: &[],
+        },
+        Case {
+            name: "lq1",
+            dims: [3, 1, 257, 4, 2, 96, 96],
+            flags: vec!["--causal"],
+            dtype: f,
+            layout: "bshd",
+            extras: &[],
+        },
+        Case {
+            name: "odd_dims",
+            dims: [1, 13, 29, 3, 3, 40, 24],
+            flags: vec!["--scale", "0.3"],
+            dtype: f,
+            layout: "bhsd",
+            extras: &[],
+        },
+        Case {
+            name: "everything",
+            dims: [3, 19, 31, 4, 2, 32, 48],
+            flags: vec!["--causal", "--window=8,-1", "--softcap", "5"],
+            dtype: f,
+            layout: "bshd",
+            extras: &["bias", "mask", "alibi_slopes", "q_seqlens", "kv_seqlens"],
+        },
+        Case {
+            name: "window_both",
+            dims: [2, 40, 40, 2, 2, 16, 16],
+            flags: vec!["--window", "3,2"],
+            dtype: f,
+            layout: "bhsd",
+            extras: &["mask"],
+        },
+        Case {
+            name: "three_pass",
+            dims: [2, 19, 31, 4, 2, 32, 32],
+            flags: vec!["--algorithm", "three-pass", "--softcap", "2"],
+            dtype: f,
+            layout: "bshd",
+            extras: &["bias", "alibi_slopes", "kv_seqlens"],
+        },
+        Case {
+            name: "f16",
+            dims: [2, 24, 40, 4, 2, 64, 64],
+            flags: vec!["--causal"],
+            dtype: Dtype::F16,
+            layout: "bshd",
+            extras: &["mask", "kv_seqlens"],
+        },
+        Case {
+            name: "bf16",
+            dims: [1, 24, 40, 4, 4, 64, 64],
+            flags: vec!["--window=-1,4"],
+            dtype: Dtype::BF16,
+            layout: "bhsd",
+            extras: &["bias"],
+        },
+    ];
+    for c in &cases {
+        run_case(c, &dir, &mut rng);
+    }
+}
+
+#[test]
+fn prefix_selects_tensors_and_outputs_have_documented_shapes() {
+    if !have_gpu() {
+        return;
+    }
+    let dir = tmpdir("prefix");
+    let mut rng = Rng::new(3);
+    let input = dir.join("in.safetensors");
+    let output = dir.join("out.safetensors");
+    write(
+        &input,
+        &[
+            f32s("layer1.q", &[1, 5, 2, 8], &rng.vec(80)),
+            f32s("layer1.k", &[1, 6, 1, 8], &rng.vec(48)),
+            f32s("layer1.v", &[1, 6, 1, 8], &rng.vec(48)),
+        ],
+    );
+    let out = spotlight(&[
+        "run",
+        input.to_str().unwrap(),
+        "-o",
+        output.to_str().unwrap(),
+        "--prefix",
+        "layer1.",
+        "--lse",
+        "--probs",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = std::fs::read(&output).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("out").unwrap().shape(), [1, 5, 2, 8]);
+    assert_eq!(st.tensor("lse").unwrap().shape(), [1, 2, 5]);
+    assert_eq!(st.tensor("probs").unwrap().shape(), [1, 2, 5, 6]);
+    let probs = read_f32(&output, "probs");
+    for row in probs.chunks(6) {
+        let s: f32 = row.iter().sum();
+        assert!((s - 1.0).abs() < 1e-5, "probability row sums to {s}");
+    }
+}
+
+/// Each bad input: (what, tensors or raw bytes, extra flags, a phrase the error must contain).
+#[test]
+fn bad_inputs_fail_cleanly_without_output() {
+    let dir = tmpdir("bad");
+    let mut rng = Rng::new(5);
+    let q =
+        |l: usize, h: usize, d: usize, rng: &mut Rng| f32s("q", &[1, l, h, d], &rng.vec(l * h * d));
+    let kv = |n: &str, l: usize, h: usize, d: usize, rng: &mut Rng| {
+        f32s(n, &[1, l, h, d], &rng.vec(l * h * d))
+    };
+    let good = |rng: &mut Rng| {
+        vec![
+            q(4, 2, 8, rng),
+            kv("k", 6, 1, 8, rng),
+            kv("v", 6, 1, 8, rng),
+        ]
+    };
+    let mut cases: Vec<(&str, Vec<T>, Vec<&str>, &str)> = vec![
+        (
+            "missing v",
+            vec![q(4, 2, 8, &mut rng), kv("k", 6, 1, 8, &mut rng)],
+            vec![],
+            "no tensor 'v'",
+        ),
+        (
+            "k head dim differs",
+            vec![
+                q(4, 2, 8, &mut rng),
+                kv("k", 6, 1, 4, &mut rng),
+                kv("v", 6, 1, 8, &mut rng),
+            ],
+            vec![],
+            "head dims differ",
+        ),
+        (
+            "v seq differs",
+            vec![
+                q(4, 2, 8, &mut rng),
+                kv("k", 6, 1, 8, &mut rng),
+                kv("v", 5, 1, 8, &mut rng),
+            ],
+            vec![],
+            "must agree",
+        ),
+        (
+            "heads not divisible",
+            vec![
+                q(4, 3, 8, &mut rng),
+                kv("k", 6, 2, 8, &mut rng),
+                kv("v", 6, 2, 8, &mut rng),
+            ],
+            vec![],
+            "not a multiple",
+        ),
+        (
+            "zero length",
+            vec![
+                f32s("q", &[1, 0, 2, 8], &[]),
+                kv("k", 6, 1, 8, &mut rng),
+                kv("v", 6, 1, 8, &mut rng),
+            ],
+            vec![],
+            "is 0",
+        ),
+        (
+            "integer q",
+            vec![
+                typed("q", &[1, 4, 2, 8], &rng.vec(64), Dtype::I32),
+                kv("k", 6, 1, 8, &mut rng),
+                kv("v", 6, 1, 8, &mut rng),
+            ],
+            vec![],
+            "expected F32, F16 or BF16",
+        ),
+        (
+            "rank 3 q",
+            vec![
+                f32s("q", &[4, 2, 8], &rng.vec(64)),
+                kv("k", 6, 1, 8, &mut rng),
+                kv("v", 6, 1, 8, &mut rng),
+            ],
+            vec![],
+            "expected 4 dimensions",
+        ),
+        (
+            "negative softcap",
+            good(&mut rng),
+            vec!["--softcap", "-1"],
+            "softcap",
+        ),
+        (
+            "bad window",
+            good(&mut rng),
+            vec!["--window", "3"],
+            "LEFT,RIGHT",
+        ),
+        (
+            "flash with probs",
+            good(&mut rng),
+            vec!["--algorithm", "flash", "--probs"],
+            "probability map",
+        ),
+    ];
+    let mut with = |extra: T, phrase: &'static str, name: &'static str, rng: &mut Rng| {
+        let mut ts = good(rng);
+        ts.push(extra);
+        cases.push((name, ts, vec![], phrase));
+    };
+    with(
+        f32s("bias", &[1, 2, 4, 5], &rng.vec(40)),
+        "expected [B|1, Hq|1, 4, 6]",
+        "bias shape",
+        &mut rng,
+    );
+    with(
+        f32s("bias", &[3, 1, 4, 6], &rng.vec(72)),
+        "broadcast",
+        "bias batch",
+        &mut rng,
+    );
+    with(
+        typed("mask", &[1, 1, 4, 6], &rng.vec(24), Dtype::F32),
+        "expected U8 or BOOL",
+        "mask dtype",
+        &mut rng,
+    );
+    with(
+        f32s("alibi_slopes", &[3], &[0.5, 0.25, 0.125]),
+        "expected [2]",
+        "slopes length",
+        &mut rng,
+    );
+    with(
+        typed("kv_seqlens", &[1], &[7.0], Dtype::I32),
+        "out of range",
+        "kv_seqlens range",
+        &mut rng,
+    );
+    with(
+        typed("q_seqlens", &[1], &[-1.0], Dtype::I32),
+        "out of range",
+        "q_seqlens negative",
+        &mut rng,
+    );
+    with(
+        typed("q_seqlens", &[2], &[1.0, 1.0], Dtype::I32),
+        "expected [1]",
+        "q_seqlens length",
+        &mut rng,
+    );
+
+    for (what, ts, flags, phrase) in cases {
+        let input = dir.join("in.safetensors");
+        let output = dir.join("out.safetensors");
+        let _ = std::fs::remove_file(&output);
+        write(&input, &ts);
+        let mut args = vec![
+            "run",
+            input.to_str().unwrap(),
+            "-o",
+            output.to_str().unwrap(),
+        ];
+        args.extend(&flags);
+        let out = spotlight(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: succeeded");
+        assert!(
+            err.contains(phrase),
+            "{what}: message lacks '{phrase}': {err}"
+        );
+        assert!(!err.contains("panicked"), "{what}: panicked: {err}");
+        assert!(!output.exists(), "{what}: output file left behind");
+    }
+
+    // Malformed files: random bytes, a truncated file, a header that lies about offsets.
+    let input = dir.join("in.safetensors");
+    write(&input, &good(&mut rng));
+    let valid = std::fs::read(&input).unwrap();
+    let mut lying = valid.clone();
+    let n = u64::from_le_bytes(valid[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8_lossy(&valid[8..8 + n]).replace("[0,", "[99999999,");
+    lying.splice(
+        8..8 + n,
+        header
+            .bytes()
+            .chain(std::iter::repeat_n(b' ', n.saturating_sub(header.len())))
+            .take(n.max(header.len())),
+    );
+    let malformed: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "random bytes",
+            (0..200).map(|_| rng.next_u64() as u8).collect(),
+        ),
+        ("truncated", valid[..valid.len() / 2].to_vec()),
+        ("empty", vec![]),
+        (
+            "huge header length",
+            [u64::MAX.to_le_bytes().to_vec(), valid[8..].to_vec()].concat(),
+        ),
+        ("lying offsets", lying),
+    ];
+    for (what, bytes) in malformed {
+        let output = dir.join("out.safetensors");
+        std::fs::write(&input, bytes).unwrap();
+        let out = spotlight(&[
+            "run",
+            input.to_str().unwrap(),
+            "-o",
+            output.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: succeeded");
+        assert!(
+            err.contains("not a valid safetensors file"),
+            "{what}: {err}"
+        );
+        assert!(!output.exists(), "{what}: output file left behind");
+    }
+    let out = spotlight(&[
+        "run",
+        dir.join("nope.safetensors").to_str().unwrap(),
+        "-o",
+        "x",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot open"));
+}
+
+#[test]
+fn demo_runs_and_checks_itself() {
+    if !have_gpu() {
+        return;
+    }
+    let out = spotlight(&[
+        "demo",
+        "--seq-len",
+        "96",
+        "--heads",
+        "2",
+        "--head-dim",
+        "40",
+        "--repeats",
+        "1",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for phrase in [
+        "Adapter:",
+        "Algorithm: flash",
+        "TFLOP/s",
+        "Error vs reference",
+        "OK: within",
+    ] {
+        assert!(
+            text.contains(phrase),
+            "demo output lacks '{phrase}':\n{text}"
+        );
+    }
+}
