@@ -13,7 +13,7 @@ struct Params {
     v_sh: u32, o_sb: u32, o_ss: u32, o_sh: u32,
     bias_sb: u32, bias_sh: u32, mask_sb: u32, mask_sh: u32,
     flags: u32, win_left: i32, win_right: i32, scale: f32,
-    softcap: f32, pad0: u32, pad1: u32, pad2: u32,
+    softcap: f32, chunk_keys: u32, num_chunks: u32, pad0: u32,
 }
 
 const F_CAUSAL: u32 = 1u;

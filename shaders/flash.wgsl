@@ -38,12 +38,14 @@ fn main(
 ) {
     let nthreads = BQ * TPR;
     let tiles_i = (params.q_len + BQ - 1u) / BQ;
+    let bh_count = params.batch * params.q_heads;
     let flat = folded_group(wg, nwg);
-    if flat >= tiles_i * params.batch * params.q_heads {
+    if flat >= tiles_i * bh_count * params.num_chunks {
         return;
     }
     let ti = flat % tiles_i;
-    let bh = flat / tiles_i;
+    let bh = (flat / tiles_i) % bh_count;
+    let chunk = flat / (tiles_i * bh_count);
     let h = bh % params.q_heads;
     let b = bh / params.q_heads;
     let kvh = h / params.group;
@@ -83,6 +85,11 @@ fn main(
         if params.win_left >= 0 {
             j_lo = max(j_lo, first - params.win_left);
         }
+    }
+    if params.num_chunks > 1u {
+        // Split over the key range: this workgroup takes one chunk; a merge pass combines them.
+        j_lo = max(j_lo, i32(chunk * params.chunk_keys));
+        j_hi = min(j_hi, i32((chunk + 1u) * params.chunk_keys));
     }
 
     var m = ninf;
@@ -172,6 +179,13 @@ fn main(
 
     if i < params.q_len {
         let valid = i < lq && m != ninf && l > 0.0;
+        // Unsplit: O in the problem's layout. Split: partial O as [chunk][b][h][i][Dv] and partial
+        // LSE as [chunk][b][h][i], for the merge pass.
+        let row = (chunk * bh_count + b * params.q_heads + h) * params.q_len + i;
+        var o_base = b * params.o_sb + i * params.o_ss + h * params.o_sh;
+        if params.num_chunks > 1u {
+            o_base = row * V_DIM;
+        }
         for (var c = 0u; c < MAX_COLS; c++) {
             let d = t + c * TPR;
             if d >= V_DIM {
@@ -181,10 +195,10 @@ fn main(
             if valid {
                 o = acc[c] / l;
             }
-            out[b * params.o_sb + i * params.o_ss + h * params.o_sh + d] = o;
+            out[o_base + d] = o;
         }
         if t == 0u {
-            lse[(b * params.q_heads + h) * params.q_len + i] = select(ninf, m + log(l), valid);
+            lse[row] = select(ninf, m + log(l), valid);
         }
     }
 }

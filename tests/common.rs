@@ -122,19 +122,32 @@ pub fn check(
     out_dtype: Option<DType>,
     budget: Option<Budget>,
 ) -> Result<(), String> {
+    let opts = RunOptions {
+        algorithm,
+        probs,
+        out_dtype,
+        ..Default::default()
+    };
+    check_opts(engine, p, data, &opts, budget)
+}
+
+/// [`check`] with every run option (the LSE is always returned and checked).
+pub fn check_opts(
+    engine: &Engine,
+    p: &Problem,
+    data: &Data,
+    opts: &RunOptions,
+    budget: Option<Budget>,
+) -> Result<(), String> {
     let inputs = data.inputs();
     let want: Reference =
         reference::attention(p, &inputs).map_err(|e| format!("reference: {e}"))?;
-    let opts = RunOptions {
-        algorithm,
-        lse: true,
-        probs,
-        out_dtype,
-    };
+    let opts = RunOptions { lse: true, ..*opts };
+    let (algorithm, probs) = (opts.algorithm, opts.probs);
     let got: Output = engine
         .attention(p, &inputs, &opts)
         .map_err(|e| format!("gpu: {e}"))?;
-    let out_dtype = out_dtype.unwrap_or(data.q.dtype());
+    let out_dtype = opts.out_dtype.unwrap_or(data.q.dtype());
     if got.out.dtype() != out_dtype {
         return Err(format!(
             "out dtype {:?}, expected {out_dtype:?}",

@@ -3,9 +3,9 @@
 
 use spotlight::reference::random::Rng;
 use spotlight::reference::{Broadcast, Layout, Window};
-use spotlight::{Algorithm, DType, Problem};
+use spotlight::{Algorithm, DType, Problem, RunOptions};
 
-use crate::common::{ALGORITHMS, Budget, Data, check, engine};
+use crate::common::{ALGORITHMS, Budget, Data, check, check_opts, engine};
 
 /// Lq, Lk in {1, 7, 33, 100, 257} both ways; D, head ratios, causal and layout rotate so each
 /// value meets many others. Every problem runs on every algorithm.
@@ -164,7 +164,17 @@ fn random_problems_every_option() {
         let (p, data, out_dtype) = random_problem(seed);
         for alg in ALGORITHMS {
             let probs = alg == Algorithm::ThreePass && seed % 2 == 0;
-            if let Err(e) = check(engine, &p, &data, alg, probs, out_dtype, None) {
+            // Every third problem splits the fused path's key range into small chunks, so the
+            // LSE merge meets every option too.
+            let max_chunk_keys = (seed % 3 == 0).then_some(8 + (seed % 5) as u32 * 8);
+            let opts = RunOptions {
+                algorithm: alg,
+                probs,
+                out_dtype,
+                max_chunk_keys,
+                ..Default::default()
+            };
+            if let Err(e) = check_opts(engine, &p, &data, &opts, None) {
                 failures.push(format!(
                     "seed={seed} (SPOTLIGHT_PROPTEST_ONLY={seed}) dtypes={:?} out={out_dtype:?} {p:?}: {e}",
                     data.inputs().dtypes()

@@ -223,3 +223,32 @@ fn more_rows_than_one_dispatch_dimension_allows_are_folded() {
         check(engine, &p, &d, alg, false, None, None).unwrap();
     }
 }
+
+#[test]
+fn long_key_ranges_split_into_chunks_and_merge_exactly() {
+    let Some(engine) = engine() else { return };
+    // D = 256 uses 8-key tiles on lavapipe, so 2500 keys make several chunks there; the explicit
+    // chunk size forces a split on every adapter.
+    let mut p = Problem::new(2, 5, 2500, 4, 2, 256).causal(true);
+    p.window = Some(spotlight::reference::Window {
+        left: Some(1800),
+        right: None,
+    });
+    p.kv_seqlens = true;
+    let mut d = Data::random(
+        &p,
+        [DType::F32, DType::F16, DType::F32],
+        1.0,
+        &mut Rng::new(8),
+    );
+    d.kv_seqlens = Some(vec![2500, 1333]);
+    for chunk in [None, Some(300), Some(64)] {
+        let opts = RunOptions {
+            algorithm: Algorithm::Flash,
+            max_chunk_keys: chunk,
+            ..Default::default()
+        };
+        crate::common::check_opts(engine, &p, &d, &opts, None)
+            .unwrap_or_else(|e| panic!("chunk {chunk:?}: {e}"));
+    }
+}

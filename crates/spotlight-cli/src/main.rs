@@ -3,7 +3,9 @@
 //! - `spotlight info`: every adapter wgpu sees, the one chosen and why, its capabilities.
 //! - `spotlight demo`: a realistic problem on the GPU, checked against the CPU reference.
 //! - `spotlight run IN.safetensors -o OUT.safetensors [options]`: attention on tensors from a file.
+//! - `spotlight bench`: validated timings, side by side with `torch_sdpa.py`'s output format.
 
+mod bench;
 mod demo;
 mod files;
 mod info;
@@ -32,6 +34,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run attention on tensors q, k, v (and optional ones) from a safetensors file.
     Run(run::RunArgs),
+    /// Validated GPU timings of the kernels (TFLOP/s, GB/s), optionally as JSON.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +45,7 @@ fn main() -> ExitCode {
         Command::Info => info::main(),
         Command::Demo(args) => demo::main(&args),
         Command::Run(args) => run::main(&args),
+        Command::Bench(args) => bench::main(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -50,6 +50,10 @@ pub struct RunArgs {
     /// Output dtype (default: the dtype of q).
     #[arg(long)]
     out_dtype: Option<DType>,
+    /// Fused path: stream at most this many keys per workgroup (the key range is split into
+    /// chunks merged exactly by their LSE).
+    #[arg(long)]
+    max_chunk_keys: Option<u32>,
     /// Compute on the CPU reference (f64 accumulation) instead of the GPU.
     #[arg(long)]
     reference: bool,
@@ -202,6 +206,7 @@ pub fn main(a: &RunArgs) -> anyhow::Result<()> {
             lse: a.lse,
             probs: a.probs,
             out_dtype: Some(out_dtype),
+            max_chunk_keys: a.max_chunk_keys,
         };
         let o = engine
             .attention(&p, &inputs, &opts)

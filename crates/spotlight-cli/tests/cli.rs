@@ -693,3 +693,52 @@ fn demo_runs_and_checks_itself() {
         );
     }
 }
+
+#[test]
+fn bench_prints_validated_numbers_and_json() {
+    if !have_gpu() {
+        return;
+    }
+    let dir = tmpdir("bench");
+    let json = dir.join("bench.json");
+    let out = spotlight(&[
+        "bench",
+        "--config",
+        "1,96,2,32,0",
+        "--config",
+        "2,64,2,40,1",
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("spotlight flash "))
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    for l in &lines {
+        for key in ["ms=", "tflops=", "gbps=", "err=", "timer="] {
+            assert!(l.contains(key), "line lacks {key}: {l}");
+        }
+        assert!(!l.contains("INVALID"), "{l}");
+    }
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let results = doc["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    for r in results {
+        assert_eq!(r["valid"], true);
+        assert!(r["ms"].as_f64().unwrap() > 0.0);
+        assert!(r["rel_error"].as_f64().unwrap() <= 1e-5);
+    }
+    assert_eq!(results[1]["causal"], true);
+    assert_eq!(results[1]["D"], 40);
+}

@@ -94,6 +94,64 @@ fn logit(
     Some(s)
 }
 
+/// One query row of the reference: its output `[Dv]`, LSE and probabilities `[Lk]`.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub out: Vec<f64>,
+    pub lse: f64,
+    pub probs: Vec<f64>,
+}
+
+/// Computes one query row `(b, h, i)`. Inputs must already be checked.
+fn row(p: &Problem, inputs: &Inputs<'_>, b: usize, h: usize, i: usize) -> Row {
+    let mut r = Row {
+        out: vec![0.0; p.v_head_dim],
+        lse: f64::NEG_INFINITY,
+        probs: vec![0.0; p.kv_len],
+    };
+    let (lq, lk) = valid_lengths(p, inputs, b);
+    if i >= lq {
+        return r; // padding row: O = 0, LSE = -inf, P = 0
+    }
+    let off = lk as i64 - lq as i64;
+    let logits: Vec<Option<f64>> = (0..p.kv_len)
+        .map(|j| logit(p, inputs, b, h, i, j, off, lk))
+        .collect();
+    let m = logits
+        .iter()
+        .flatten()
+        .fold(f64::NEG_INFINITY, |m, &s| m.max(s));
+    if m == f64::NEG_INFINITY {
+        return r; // empty row: O = 0, LSE = -inf, P = 0
+    }
+    let sum: f64 = logits.iter().flatten().map(|&s| (s - m).exp()).sum();
+    r.lse = m + sum.ln();
+    let v = p.v_strides();
+    let kvh = p.kv_head_of(h);
+    for (j, s) in logits.iter().enumerate() {
+        let Some(s) = s else { continue };
+        let w = (s - m).exp() / sum;
+        r.probs[j] = w;
+        for (d, o) in r.out.iter_mut().enumerate() {
+            *o += w * inputs.v.get(v.index(b, j, kvh, d)) as f64;
+        }
+    }
+    r
+}
+
+/// Computes only the query rows `(b, h, i)` listed, for checking large problems on a sample.
+pub fn attention_rows(
+    p: &Problem,
+    inputs: &Inputs<'_>,
+    rows: &[(usize, usize, usize)],
+) -> Result<Vec<Row>, ProblemError> {
+    p.check_inputs(inputs)?;
+    Ok(rows
+        .iter()
+        .map(|&(b, h, i)| row(p, inputs, b, h, i))
+        .collect())
+}
+
 /// Computes attention on the CPU with f64 accumulation. Inputs are validated first.
 pub fn attention(p: &Problem, inputs: &Inputs<'_>) -> Result<Reference, ProblemError> {
     p.check_inputs(inputs)?;
@@ -101,34 +159,15 @@ pub fn attention(p: &Problem, inputs: &Inputs<'_>) -> Result<Reference, ProblemE
     let mut lse = vec![f64::NEG_INFINITY; p.lse_elems()];
     let mut probs = vec![0.0f64; p.probs_elems()];
     let o = p.o_strides();
-    let v = p.v_strides();
-    let mut logits: Vec<Option<f64>> = vec![None; p.kv_len];
     for b in 0..p.batch {
-        let (lq, lk) = valid_lengths(p, inputs, b);
-        let off = lk as i64 - lq as i64;
         for h in 0..p.q_heads {
-            let kvh = p.kv_head_of(h);
-            for i in 0..lq {
-                for (j, s) in logits.iter_mut().enumerate() {
-                    *s = logit(p, inputs, b, h, i, j, off, lk);
-                }
-                let m = logits
-                    .iter()
-                    .flatten()
-                    .fold(f64::NEG_INFINITY, |m, &s| m.max(s));
-                if m == f64::NEG_INFINITY {
-                    continue; // empty row: O = 0, LSE = -inf, P = 0
-                }
-                let sum: f64 = logits.iter().flatten().map(|&s| (s - m).exp()).sum();
-                let row = (b * p.q_heads + h) * p.q_len + i;
-                lse[row] = m + sum.ln();
-                for (j, s) in logits.iter().enumerate() {
-                    let Some(s) = s else { continue };
-                    let w = (s - m).exp() / sum;
-                    probs[row * p.kv_len + j] = w;
-                    for d in 0..p.v_head_dim {
-                        out[o.index(b, i, h, d)] += w * inputs.v.get(v.index(b, j, kvh, d)) as f64;
-                    }
+            for i in 0..p.q_len {
+                let r = row(p, inputs, b, h, i);
+                let index = (b * p.q_heads + h) * p.q_len + i;
+                lse[index] = r.lse;
+                probs[index * p.kv_len..(index + 1) * p.kv_len].copy_from_slice(&r.probs);
+                for (d, &x) in r.out.iter().enumerate() {
+                    out[o.index(b, i, h, d)] = x;
                 }
             }
         }

@@ -58,6 +58,10 @@ pub struct RunOptions {
     pub probs: bool,
     /// Output dtype; `None` means the dtype of Q.
     pub out_dtype: Option<DType>,
+    /// Fused path: stream at most this many keys per workgroup, splitting the key range into
+    /// chunks merged exactly by their LSE (rounded down to whole key tiles, at least one). Bounds
+    /// the work of one workgroup, e.g. under a desktop watchdog. `None`: the adapter decides.
+    pub max_chunk_keys: Option<u32>,
 }
 
 /// The result of [`Engine::attention`].
@@ -145,6 +149,20 @@ impl Resident {
 struct Plan {
     algorithm: Algorithm,
     tiles: Option<FlashTiles>,
+    /// Chunks the fused kernel splits the key range into (1 = not split) and keys per chunk.
+    chunks: u32,
+    chunk_keys: u32,
+}
+
+impl Plan {
+    fn three_pass() -> Self {
+        Plan {
+            algorithm: Algorithm::ThreePass,
+            tiles: None,
+            chunks: 1,
+            chunk_keys: 0,
+        }
+    }
 }
 
 fn padded(bytes: u64) -> u64 {
@@ -175,13 +193,37 @@ impl Engine {
         })
     }
 
+    /// The fused plan: one workgroup per query tile streams every key, unless the adapter limits
+    /// how many key tiles a workgroup may stream; then the keys are split into chunks that a
+    /// merge pass combines exactly by their LSE.
+    fn flash_plan(&self, p: &Problem, tiles: FlashTiles, opts: &RunOptions) -> Plan {
+        let adapter = self
+            .capabilities()
+            .max_key_tiles_per_workgroup
+            .map(|t| t * tiles.bk);
+        let caller = opts
+            .max_chunk_keys
+            .map(|k| (k / tiles.bk).max(1) * tiles.bk);
+        let limit = match (adapter, caller) {
+            (Some(a), Some(c)) => Some(a.min(c)),
+            (a, c) => a.or(c),
+        };
+        let (chunks, chunk_keys) = match limit {
+            Some(keys) if (p.kv_len as u32) > keys => ((p.kv_len as u32).div_ceil(keys), keys),
+            _ => (1, 0),
+        };
+        Plan {
+            algorithm: Algorithm::Flash,
+            tiles: Some(tiles),
+            chunks,
+            chunk_keys,
+        }
+    }
+
     fn plan(&self, p: &Problem, opts: &RunOptions) -> Result<Plan> {
         p.validate()?;
         let plan = match opts.algorithm {
-            Algorithm::ThreePass => Plan {
-                algorithm: Algorithm::ThreePass,
-                tiles: None,
-            },
+            Algorithm::ThreePass => Plan::three_pass(),
             Algorithm::Flash => {
                 if opts.probs {
                     return Err(Error::Unsupported {
@@ -193,20 +235,11 @@ impl Engine {
                     algorithm: "flash",
                     reason,
                 })?;
-                Plan {
-                    algorithm: Algorithm::Flash,
-                    tiles: Some(tiles),
-                }
+                self.flash_plan(p, tiles, opts)
             }
             Algorithm::Auto => match (opts.probs, self.flash_tiles(p)) {
-                (false, Ok(tiles)) => Plan {
-                    algorithm: Algorithm::Flash,
-                    tiles: Some(tiles),
-                },
-                _ => Plan {
-                    algorithm: Algorithm::ThreePass,
-                    tiles: None,
-                },
+                (false, Ok(tiles)) => self.flash_plan(p, tiles, opts),
+                _ => Plan::three_pass(),
             },
         };
         self.check_limits(p, plan, opts)?;
@@ -235,6 +268,17 @@ impl Engine {
             buffers.push((
                 "mask".into(),
                 (b.batch * b.heads * p.q_len * p.kv_len) as u64,
+            ));
+        }
+        if plan.chunks > 1 {
+            let c = plan.chunks as u64;
+            buffers.push((
+                "the partial outputs of the key split".into(),
+                c * p.o_elems() as u64 * 4,
+            ));
+            buffers.push((
+                "the partial LSEs of the key split".into(),
+                c * p.lse_elems() as u64 * 4,
             ));
         }
         if plan.algorithm == Algorithm::ThreePass {
@@ -282,7 +326,8 @@ impl Engine {
         match plan.algorithm {
             Algorithm::Flash => {
                 let bq = plan.tiles.map_or(1, |t| t.bq) as usize;
-                vec![("flash", bh * p.q_len.div_ceil(bq) as u64)]
+                let flash = bh * p.q_len.div_ceil(bq) as u64 * plan.chunks as u64;
+                vec![("flash", flash), ("merge", bh * p.q_len as u64)]
             }
             _ => vec![
                 ("scores", bh * t16(p.q_len) * t16(p.kv_len)),
@@ -540,9 +585,12 @@ impl Engine {
         o: &GpuOutputs<'_>,
     ) -> Result<()> {
         let dev = &self.device;
+        let mut uniform = Params::new(p);
+        uniform.num_chunks = plan.chunks;
+        uniform.chunk_keys = plan.chunk_keys;
         let params = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("params"),
-            contents: bytemuck::bytes_of(&Params::new(p)),
+            contents: bytemuck::bytes_of(&uniform),
             usage: wgpu::BufferUsages::UNIFORM,
         });
         // aux = [q_seqlens: B][kv_seqlens: B][alibi slopes: Hq], gathered on the GPU.
@@ -576,6 +624,17 @@ impl Engine {
                     dev,
                     &Variant::flash(i.dtypes, p.head_dim as u32, p.v_head_dim as u32, tiles),
                 )?;
+                let split = (plan.chunks > 1).then(|| {
+                    let c = plan.chunks as u64;
+                    (
+                        self.scratch("partial out", c * p.o_elems() as u64 * 4),
+                        self.scratch("partial lse", c * p.lse_elems() as u64 * 4),
+                    )
+                });
+                let (o_dst, lse_dst) = match &split {
+                    Some((po, pl)) => (po, pl),
+                    None => (out32, lse),
+                };
                 let binds = [
                     (0, &params),
                     (1, &aux),
@@ -584,10 +643,15 @@ impl Engine {
                     (4, i.q),
                     (5, i.k),
                     (6, i.v),
-                    (7, out32),
-                    (8, lse),
+                    (7, o_dst),
+                    (8, lse_dst),
                 ];
                 self.dispatch(enc, &kernel, &binds, grids[0].1)?;
+                if let Some((po, pl)) = &split {
+                    let merge = self.cache.get(dev, &Variant::merge())?;
+                    let binds = [(0, &params), (4, po), (5, pl), (6, out32), (7, lse)];
+                    self.dispatch(enc, &merge, &binds, grids[1].1)?;
+                }
             }
             _ => {
                 let probs_scratch = o

@@ -26,6 +26,12 @@ pub struct Capabilities {
     pub max_invocations: u32,
     pub max_workgroups_per_dim: u32,
     pub max_storage_buffers_per_stage: u32,
+    /// Key tiles one fused-kernel workgroup may stream before the key range must be split into
+    /// chunks (merged afterwards); `None` = no limit. Mesa's llvmpipe/lavapipe (22.x) ends every
+    /// loop once an invocation has run about 65 535 loop iterations in total, silently: measured
+    /// here, the fused kernel went wrong past 219 tiles of 32 keys at D=64 and past 206 tiles of
+    /// 16 keys at D=128, so on llvmpipe a workgroup streams at most 64 tiles.
+    pub max_key_tiles_per_workgroup: Option<u32>,
 }
 
 impl Capabilities {
@@ -43,6 +49,9 @@ impl Capabilities {
             max_invocations: limits.max_compute_invocations_per_workgroup,
             max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
             max_storage_buffers_per_stage: limits.max_storage_buffers_per_shader_stage,
+            max_key_tiles_per_workgroup: (info.driver.contains("llvmpipe")
+                || info.name.contains("llvmpipe"))
+            .then_some(64),
         }
     }
 }
@@ -312,5 +321,76 @@ impl Engine {
     pub fn read_f32(&self, buffer: &wgpu::Buffer, n: usize) -> Result<Vec<f32>> {
         let bytes = self.read_bytes(buffer, 4 * n as u64)?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+}
+
+/// How a [`Timing`] was measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimerSource {
+    /// GPU timestamp queries around the recorded work.
+    GpuTimestamps,
+    /// Wall clock around submit and wait (the adapter has no timestamp queries).
+    WallClock,
+}
+
+/// One timed submission.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    pub seconds: f64,
+    pub source: TimerSource,
+}
+
+impl Engine {
+    /// Records work with `record`, submits it, waits, and returns how long it took on the GPU:
+    /// from timestamp queries written by empty compute passes before and after the work where the
+    /// adapter has them, else wall clock around submit and wait.
+    pub fn time(
+        &self,
+        record: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>,
+    ) -> Result<Timing> {
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        if !self.caps.timestamp_query {
+            let t = std::time::Instant::now();
+            record(&mut enc)?;
+            self.queue.submit([enc.finish()]);
+            self.wait()?;
+            return Ok(Timing {
+                seconds: t.elapsed().as_secs_f64(),
+                source: TimerSource::WallClock,
+            });
+        }
+        let set = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("spotlight timer"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2,
+        });
+        let marker = |enc: &mut wgpu::CommandEncoder, begin: Option<u32>, end: Option<u32>| {
+            enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("spotlight timer marker"),
+                timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                    query_set: &set,
+                    beginning_of_pass_write_index: begin,
+                    end_of_pass_write_index: end,
+                }),
+            });
+        };
+        marker(&mut enc, None, Some(0));
+        record(&mut enc)?;
+        marker(&mut enc, Some(1), None);
+        let resolved = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("spotlight timer resolve"),
+            size: 16,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        enc.resolve_query_set(&set, 0..2, &resolved, 0);
+        self.queue.submit([enc.finish()]);
+        let bytes = self.read_bytes(&resolved, 16)?;
+        let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&bytes);
+        let period = self.queue.get_timestamp_period() as f64;
+        Ok(Timing {
+            seconds: ticks[1].saturating_sub(ticks[0]) as f64 * period * 1e-9,
+            source: TimerSource::GpuTimestamps,
+        })
     }
 }

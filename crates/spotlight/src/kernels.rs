@@ -18,6 +18,7 @@ pub mod source {
     pub const PV: &str = include_str!("../../../shaders/pv.wgsl");
     pub const FLASH: &str = include_str!("../../../shaders/flash.wgsl");
     pub const PACK: &str = include_str!("../../../shaders/pack.wgsl");
+    pub const MERGE: &str = include_str!("../../../shaders/merge.wgsl");
 
     /// Every file, by name, for tests that check each one.
     pub const FILES: &[(&str, &str)] = &[
@@ -28,6 +29,7 @@ pub mod source {
         ("pv.wgsl", PV),
         ("flash.wgsl", FLASH),
         ("pack.wgsl", PACK),
+        ("merge.wgsl", MERGE),
     ];
 }
 
@@ -44,6 +46,8 @@ pub enum Shader {
     Flash,
     /// f32 → f16/bf16 packing of outputs.
     Pack,
+    /// Merge of partial (O, LSE) results over disjoint key sets.
+    Merge,
 }
 
 /// How a kernel binds a buffer.
@@ -55,12 +59,13 @@ pub enum Binding {
 }
 
 impl Shader {
-    pub const ALL: [Shader; 5] = [
+    pub const ALL: [Shader; 6] = [
         Shader::Scores,
         Shader::Softmax,
         Shader::Pv,
         Shader::Flash,
         Shader::Pack,
+        Shader::Merge,
     ];
 
     pub fn name(self) -> &'static str {
@@ -70,6 +75,7 @@ impl Shader {
             Shader::Pv => "pv",
             Shader::Flash => "flash",
             Shader::Pack => "pack",
+            Shader::Merge => "merge",
         }
     }
 
@@ -82,6 +88,7 @@ impl Shader {
             Shader::Pv => [COMMON, PV].concat(),
             Shader::Flash => [COMMON, LOGITS, FLASH].concat(),
             Shader::Pack => PACK.to_string(),
+            Shader::Merge => [COMMON, MERGE].concat(),
         }
     }
 
@@ -118,6 +125,13 @@ impl Shader {
                 (8, ReadWrite),
             ],
             Shader::Pack => &[(0, Uniform), (1, Read), (2, ReadWrite)],
+            Shader::Merge => &[
+                (0, Uniform),
+                (4, Read),
+                (5, Read),
+                (6, ReadWrite),
+                (7, ReadWrite),
+            ],
         }
     }
 }
@@ -232,6 +246,13 @@ impl Variant {
                 ("BK", tiles.bk),
                 ("TPR", tiles.tpr),
             ],
+        }
+    }
+
+    pub fn merge() -> Self {
+        Variant {
+            shader: Shader::Merge,
+            constants: vec![("WG", 64)],
         }
     }
 

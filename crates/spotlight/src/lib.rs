@@ -29,7 +29,7 @@ pub mod kernels;
 mod params;
 
 pub use attention::{Algorithm, GpuInputs, GpuOutputs, Output, Resident, RunOptions};
-pub use context::{Capabilities, Engine, EngineOptions, adapter_report};
+pub use context::{Capabilities, Engine, EngineOptions, TimerSource, Timing, adapter_report};
 pub use error::{Error, Result};
 pub use spotlight_reference as reference;
 pub use spotlight_reference::{DType, Inputs, Layout, Problem, Tensor, TensorRef};

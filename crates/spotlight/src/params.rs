@@ -42,7 +42,11 @@ pub struct Params {
     win_right: i32,
     scale: f32,
     softcap: f32,
-    pad: [u32; 3],
+    /// Keys per chunk of the fused kernel's split over the key range (0 = not split).
+    pub chunk_keys: u32,
+    /// Number of key chunks (1 = not split).
+    pub num_chunks: u32,
+    pad: u32,
 }
 
 /// Window sides beyond this are as good as unbounded and keep `i + off ± side` inside i32.
@@ -103,7 +107,9 @@ impl Params {
             win_right: window_side(window.right),
             scale: p.effective_scale(),
             softcap: p.effective_softcap(),
-            pad: [0; 3],
+            chunk_keys: 0,
+            num_chunks: 1,
+            pad: 0,
         }
     }
 }

@@ -1,0 +1,314 @@
+//! `spotlight bench`: validated GPU timings of the attention kernels.
+//!
+//! For each configuration: upload rotating input sets (together larger than a GPU's L2 cache),
+//! validate one run against the reference (on sampled rows when the problem is large), warm up,
+//! then time repeats with GPU timestamp queries (wall clock where the adapter has none, and the
+//! output says so). Prints one line per configuration in the same `key=value` form as
+//! `../shared/bench/torch_sdpa.py`, and writes JSON with `--json`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use spotlight::reference::{self, compare, random::Rng};
+use spotlight::{Algorithm, DType, Engine, Inputs, Problem, RunOptions, Tensor, TimerSource};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Explicit configurations `B,L,H,D[,causal]` (repeatable); without them, the grid below.
+    #[arg(long = "config")]
+    configs: Vec<String>,
+    /// Grid: tokens per batch B·L (FlashAttention convention; default 16384, 1024 on a CPU adapter).
+    #[arg(long)]
+    tokens: Option<usize>,
+    /// Grid: Hq·D (default 2048, 128 on a CPU adapter).
+    #[arg(long)]
+    width: Option<usize>,
+    /// Grid: sequence lengths (default 512..16384, 256..1024 on a CPU adapter).
+    #[arg(long, value_delimiter = ',')]
+    lens: Option<Vec<usize>>,
+    /// Grid: head dims (default 64,128; 64 on a CPU adapter).
+    #[arg(long, value_delimiter = ',')]
+    dims: Option<Vec<usize>>,
+    /// Grid: causal off/on (default 0,1).
+    #[arg(long, value_delimiter = ',')]
+    causal: Option<Vec<u8>>,
+    /// Storage dtype of Q, K, V and O.
+    #[arg(long, default_value = "f32")]
+    dtype: DType,
+    /// auto, three-pass or flash.
+    #[arg(long, default_value = "flash")]
+    algorithm: Algorithm,
+    /// Timed repetitions (the median is reported).
+    #[arg(long)]
+    repeats: Option<usize>,
+    /// Untimed warm-up runs.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Skip validation against the reference.
+    #[arg(long)]
+    no_validate: bool,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+struct Config {
+    batch: usize,
+    len: usize,
+    heads: usize,
+    dim: usize,
+    causal: bool,
+}
+
+fn parse_config(s: &str) -> anyhow::Result<Config> {
+    let v: Vec<usize> = s
+        .split(',')
+        .map(|x| x.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("config '{s}': expected B,L,H,D[,causal] as integers"))?;
+    match v[..] {
+        [batch, len, heads, dim] | [batch, len, heads, dim, 0] => Ok(Config {
+            batch,
+            len,
+            heads,
+            dim,
+            causal: false,
+        }),
+        [batch, len, heads, dim, 1] => Ok(Config {
+            batch,
+            len,
+            heads,
+            dim,
+            causal: true,
+        }),
+        _ => bail!("config '{s}': expected B,L,H,D[,causal] with causal 0 or 1"),
+    }
+}
+
+fn grid(a: &BenchArgs, software: bool) -> anyhow::Result<Vec<Config>> {
+    if !a.configs.is_empty() {
+        return a.configs.iter().map(|s| parse_config(s)).collect();
+    }
+    let tokens = a.tokens.unwrap_or(if software { 1024 } else { 16384 });
+    let width = a.width.unwrap_or(if software { 128 } else { 2048 });
+    let lens = a.lens.clone().unwrap_or(if software {
+        vec![256, 512, 1024]
+    } else {
+        vec![512, 1024, 2048, 4096, 8192, 16384]
+    });
+    let dims = a
+        .dims
+        .clone()
+        .unwrap_or(if software { vec![64] } else { vec![64, 128] });
+    let causal = a.causal.clone().unwrap_or(vec![0, 1]);
+    let mut out = Vec::new();
+    for &dim in &dims {
+        for &len in &lens {
+            for &c in &causal {
+                if !width.is_multiple_of(dim) {
+                    bail!("width {width} is not a multiple of head dim {dim}");
+                }
+                out.push(Config {
+                    batch: (tokens / len).max(1),
+                    len,
+                    heads: width / dim,
+                    dim,
+                    causal: c != 0,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Peak resident memory of this process (Linux), for the memory claims of the fused path.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Checks one run against the reference: every row when the problem is small, else 48 rows
+/// spread over batches, heads and positions (first and last rows included).
+fn validate(
+    engine: &Engine,
+    p: &Problem,
+    inputs: &Inputs<'_>,
+    opts: &RunOptions,
+) -> anyhow::Result<f64> {
+    let got = engine.attention(p, inputs, &RunOptions { lse: true, ..*opts })?;
+    let out = got.out.to_f32_vec();
+    let lse = got.lse.unwrap_or_default();
+    let work = p.flops();
+    if work < 2e8 {
+        let want = reference::attention(p, inputs)?;
+        let e = compare::compare(&out, &want.out);
+        let el = compare::compare(&lse, &want.lse);
+        if el.non_finite_mismatches > 0 {
+            bail!("LSE mismatch: {el}");
+        }
+        return Ok(e.rel_frobenius.max(if e.non_finite_mismatches > 0 {
+            f64::INFINITY
+        } else {
+            0.0
+        }));
+    }
+    let mut rng = Rng::new(99);
+    let mut rows = vec![(0, 0, 0), (p.batch - 1, p.q_heads - 1, p.q_len - 1)];
+    while rows.len() < 48 {
+        rows.push((
+            rng.range(0, p.batch - 1),
+            rng.range(0, p.q_heads - 1),
+            rng.range(0, p.q_len - 1),
+        ));
+    }
+    let want = reference::attention_rows(p, inputs, &rows)?;
+    let o = p.o_strides();
+    let (mut got_v, mut want_v) = (Vec::new(), Vec::new());
+    for (&(b, h, i), r) in rows.iter().zip(&want) {
+        for d in 0..p.v_head_dim {
+            got_v.push(out[o.index(b, i, h, d)]);
+            want_v.push(r.out[d]);
+        }
+        got_v.push(lse[(b * p.q_heads + h) * p.q_len + i]);
+        want_v.push(r.lse);
+    }
+    let e = compare::compare(&got_v, &want_v);
+    if e.non_finite_mismatches > 0 {
+        let w = e.worst_index;
+        let row = rows[w / (p.v_head_dim + 1)];
+        eprintln!(
+            "spotlight: validation mismatch at row (b, h, i) = {row:?}: got {} want {} ({e})",
+            got_v[w], want_v[w]
+        );
+    }
+    Ok(if e.non_finite_mismatches > 0 {
+        f64::INFINITY
+    } else {
+        e.rel_frobenius
+    })
+}
+
+pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
+    let engine = Engine::new()?;
+    let info = engine.adapter_info();
+    let software = info.device_type == spotlight::wgpu::DeviceType::Cpu;
+    let configs = grid(a, software)?;
+    let repeats = a.repeats.unwrap_or(if software { 3 } else { 20 }).max(1);
+    println!(
+        "spotlight device {} backend={:?} type={:?}",
+        info.name.replace(' ', "_"),
+        info.backend,
+        info.device_type
+    );
+    if !engine.capabilities().timestamp_query {
+        println!(
+            "spotlight note: no timestamp queries on this adapter; times are wall clock around submit+wait"
+        );
+    }
+    if software {
+        println!(
+            "spotlight note: software adapter; grid shrunk (tokens 1024, width 128) unless given"
+        );
+    }
+    let budget = if a.dtype == DType::F32 { 1e-5 } else { 2e-3 };
+    let mut records = Vec::new();
+    let mut failures = 0;
+    for c in &configs {
+        let p = Problem::new(c.batch, c.len, c.len, c.heads, c.heads, c.dim).causal(c.causal);
+        let opts = RunOptions {
+            algorithm: a.algorithm,
+            lse: true,
+            ..Default::default()
+        };
+        let elem = a.dtype.size() as u64;
+        let set_bytes = (p.q_elems() + p.k_elems() + p.v_elems() + p.o_elems()) as u64 * elem;
+        // Rotate sets so that together they pass 128 MiB, more than any GPU's L2 cache.
+        let sets = (128u64 << 20).div_ceil(set_bytes.max(1)).clamp(1, 8) as usize;
+        let mut rng = Rng::new(1234 + c.len as u64);
+        let mut resident = Vec::new();
+        let mut err = f64::NAN;
+        for s in 0..sets {
+            let q = Tensor::from_f32(&rng.vec(p.q_elems()), a.dtype);
+            let k = Tensor::from_f32(&rng.vec(p.k_elems()), a.dtype);
+            let v = Tensor::from_f32(&rng.vec(p.v_elems()), a.dtype);
+            let inputs = Inputs::new(q.as_ref(), k.as_ref(), v.as_ref());
+            if s == 0 && !a.no_validate {
+                err = validate(&engine, &p, &inputs, &opts)?;
+            }
+            resident.push(engine.upload(&p, &inputs, &opts)?);
+        }
+        let mut algorithm = a.algorithm;
+        let mut run = |r: &spotlight::Resident| {
+            engine.time(|enc| {
+                algorithm =
+                    engine.attention_on_buffers(enc, &p, &r.inputs(), &r.outputs(), &opts)?;
+                Ok(())
+            })
+        };
+        for w in 0..a.warmup {
+            run(&resident[w % sets])?;
+        }
+        let mut times = Vec::new();
+        let mut source = TimerSource::WallClock;
+        for r in 0..repeats {
+            let t = run(&resident[r % sets])?;
+            times.push(t.seconds);
+            source = t.source;
+        }
+        times.sort_by(f64::total_cmp);
+        let secs = times[times.len() / 2];
+        let ms = secs * 1e3;
+        let tflops = p.flops() / secs / 1e12;
+        let gbps = set_bytes as f64 / secs / 1e9;
+        let ok = a.no_validate || err <= budget;
+        if !ok {
+            failures += 1;
+        }
+        let timer = if source == TimerSource::GpuTimestamps {
+            "gpu"
+        } else {
+            "wall"
+        };
+        println!(
+            "spotlight {} B={} Hq={} Hkv={} Lq={} Lk={} D={} causal={} dtype={} ms={ms:.4} tflops={tflops:.4} gbps={gbps:.3} err={err:.2e} sets={sets} timer={timer}{}",
+            algorithm.name(),
+            p.batch,
+            p.q_heads,
+            p.kv_heads,
+            p.q_len,
+            p.kv_len,
+            p.head_dim,
+            c.causal as u8,
+            a.dtype.name(),
+            if ok { "" } else { " INVALID" }
+        );
+        records.push(serde_json::json!({
+            "algorithm": algorithm.name(), "B": p.batch, "Hq": p.q_heads, "Hkv": p.kv_heads,
+            "Lq": p.q_len, "Lk": p.kv_len, "D": p.head_dim, "causal": c.causal,
+            "dtype": a.dtype.name(), "ms": ms, "tflops": tflops, "gbps": gbps,
+            "rel_error": if err.is_finite() { serde_json::json!(err) } else { serde_json::Value::Null },
+            "valid": ok, "timer": timer, "repeats": repeats, "sets": sets,
+        }));
+    }
+    let peak = peak_rss_bytes();
+    if let Some(b) = peak {
+        println!("spotlight peak_rss_mib={:.1}", b as f64 / (1 << 20) as f64);
+    }
+    if let Some(path) = &a.json {
+        let doc = serde_json::json!({
+            "adapter": info.name, "backend": format!("{:?}", info.backend),
+            "driver": format!("{} {}", info.driver, info.driver_info),
+            "unix_time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            "peak_rss_bytes": peak, "results": records,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if failures > 0 {
+        bail!("{failures} configuration(s) failed validation (budget {budget:.0e} relative)");
+    }
+    Ok(())
+}
