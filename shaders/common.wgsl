@@ -13,7 +13,8 @@ struct Params {
     v_sh: u32, o_sb: u32, o_ss: u32, o_sh: u32,
     bias_sb: u32, bias_sh: u32, mask_sb: u32, mask_sh: u32,
     flags: u32, win_left: i32, win_right: i32, scale: f32,
-    softcap: f32, chunk_keys: u32, num_chunks: u32, pad0: u32,
+    softcap: f32, chunk_keys: u32, num_chunks: u32, page_size: u32,
+    table_off: u32, table_stride: u32, pad0: u32, pad1: u32,
 }
 
 const F_CAUSAL: u32 = 1u;
@@ -24,7 +25,7 @@ const F_QLENS: u32 = 16u;
 const F_KVLENS: u32 = 32u;
 
 @group(0) @binding(0) var<uniform> params: Params;
-// [q_seqlens: B][kv_seqlens: B][alibi slopes (f32 bits): Hq]
+// [q_seqlens: B][kv_seqlens: B][alibi slopes (f32 bits): Hq][block table: B x table_stride]
 @group(0) @binding(1) var<storage, read> aux: array<u32>;
 
 fn has(flag: u32) -> bool {

@@ -6,6 +6,11 @@
 // registers. Row max and sum go through workgroup memory (no subgroup operations needed, so any
 // subgroup size works). Key tiles that causal masking or a window makes invisible for every row of
 // the workgroup are skipped.
+//
+// Two modes serve decoding (split-K): PACK_GQA makes a workgroup's rows the (query position,
+// query head) pairs of one key/value head, so every query head of a group shares each K/V tile;
+// PAGED reads K and V through a block table (a paged KV cache). With num_chunks > 1 the key range
+// is split across workgroups and merge.wgsl combines the partial results.
 
 override Q_DT: u32 = 0u;
 override K_DT: u32 = 0u;
@@ -15,6 +20,8 @@ override V_DIM: u32 = 64u;
 override BQ: u32 = 16u;
 override BK: u32 = 16u;
 override TPR: u32 = 8u;
+override PACK_GQA: bool = false;
+override PAGED: bool = false;
 
 // Output columns per thread: ceil(V_DIM / TPR) must not exceed this (checked on the host).
 const MAX_COLS: u32 = 32u;
@@ -37,45 +44,61 @@ fn main(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let nthreads = BQ * TPR;
-    let tiles_i = (params.q_len + BQ - 1u) / BQ;
-    let bh_count = params.batch * params.q_heads;
+    // Rows of one (batch, head) unit: query positions, or with PACK_GQA (position, head) pairs
+    // of one key/value head.
+    var unit_rows = params.q_len;
+    var units = params.batch * params.q_heads;
+    if PACK_GQA {
+        unit_rows = params.q_len * params.group;
+        units = params.batch * params.kv_heads;
+    }
+    let tiles_i = (unit_rows + BQ - 1u) / BQ;
     let flat = folded_group(wg, nwg);
-    if flat >= tiles_i * bh_count * params.num_chunks {
+    if flat >= tiles_i * units * params.num_chunks {
         return;
     }
     let ti = flat % tiles_i;
-    let bh = (flat / tiles_i) % bh_count;
-    let chunk = flat / (tiles_i * bh_count);
-    let h = bh % params.q_heads;
-    let b = bh / params.q_heads;
-    let kvh = h / params.group;
+    let unit = (flat / tiles_i) % units;
+    let chunk = flat / (tiles_i * units);
+    var b = unit / params.q_heads;
+    var kvh = (unit % params.q_heads) / params.group;
+    if PACK_GQA {
+        b = unit / params.kv_heads;
+        kvh = unit % params.kv_heads;
+    }
     let r = lid / TPR;
     let t = lid % TPR;
-    let i0 = ti * BQ;
-    let i = i0 + r;
+    let r0 = ti * BQ;
+    let row_ok = r0 + r < unit_rows;
+    let h = row_head(unit, r0 + r);
+    let i = row_pos(r0 + r);
     let lq = q_valid(b);
     let lk = kv_valid(b);
     let off = i32(lk) - i32(lq);
     let ninf = neg_inf();
 
     for (var x = lid; x < BQ * HEAD_DIM; x += nthreads) {
-        let ii = i0 + x / HEAD_DIM;
+        let rr = r0 + x / HEAD_DIM;
+        let ii = row_pos(rr);
         var val = 0.0;
-        if ii < lq {
-            let idx = b * params.q_sb + ii * params.q_ss + h * params.q_sh + x % HEAD_DIM;
+        if rr < unit_rows && ii < lq {
+            let hh = row_head(unit, rr);
+            let idx = b * params.q_sb + ii * params.q_ss + hh * params.q_sh + x % HEAD_DIM;
             val = elem_value(q[elem_word(idx, Q_DT)], idx, Q_DT);
         }
         q_s[x] = val;
     }
 
-    // Keys visible to at least one row of this tile: [j_lo, j_hi).
+    // Keys visible to at least one row of this tile: [j_lo, j_hi). Rows are ordered by position.
+    let i_first = row_pos(r0);
+    let i_last = row_pos(min(r0 + BQ, unit_rows) - 1u);
     var j_lo = 0;
     var j_hi = i32(lk);
-    if i0 >= lq {
+    if i_first >= lq {
         j_hi = 0;
     } else {
-        let first = i32(i0) + off;
-        let last = i32(min(i0 + BQ, lq) - 1u) + off;
+        let first = i32(i_first) + off;
+        let last = i32(min(i_last, lq - 1u)) + off;
         if has(F_CAUSAL) {
             j_hi = min(j_hi, last + 1);
         }
@@ -107,7 +130,7 @@ fn main(
             let jj = ju + x / HEAD_DIM;
             var val = 0.0;
             if jj < lk {
-                let idx = b * params.k_sb + jj * params.k_ss + kvh * params.k_sh + x % HEAD_DIM;
+                let idx = kv_row(b, jj, params.k_sb, params.k_ss) + kvh * params.k_sh + x % HEAD_DIM;
                 val = elem_value(k[elem_word(idx, K_DT)], idx, K_DT);
             }
             k_s[x] = val;
@@ -116,7 +139,7 @@ fn main(
             let jj = ju + x / V_DIM;
             var val = 0.0;
             if jj < lk { // padding never reaches the output, whatever it holds
-                let idx = b * params.v_sb + jj * params.v_ss + kvh * params.v_sh + x % V_DIM;
+                let idx = kv_row(b, jj, params.v_sb, params.v_ss) + kvh * params.v_sh + x % V_DIM;
                 val = elem_value(v[elem_word(idx, V_DT)], idx, V_DT);
             }
             v_s[x] = val;
@@ -127,7 +150,7 @@ fn main(
         for (var kk = t; kk < BK; kk += TPR) {
             let j = ju + kk;
             var s = ninf;
-            if i < lq && visible(b, h, i, j, off, lk) {
+            if row_ok && i < lq && visible(b, h, i, j, off, lk) {
                 var dot = 0.0;
                 for (var d = 0u; d < HEAD_DIM; d++) {
                     dot += q_s[r * HEAD_DIM + d] * k_s[kk * HEAD_DIM + d];
@@ -177,11 +200,12 @@ fn main(
         m = m_new;
     }
 
-    if i < params.q_len {
+    if row_ok {
         let valid = i < lq && m != ninf && l > 0.0;
         // Unsplit: O in the problem's layout. Split: partial O as [chunk][b][h][i][Dv] and partial
         // LSE as [chunk][b][h][i], for the merge pass.
-        let row = (chunk * bh_count + b * params.q_heads + h) * params.q_len + i;
+        let rows = params.batch * params.q_heads * params.q_len;
+        let row = chunk * rows + (b * params.q_heads + h) * params.q_len + i;
         var o_base = b * params.o_sb + i * params.o_ss + h * params.o_sh;
         if params.num_chunks > 1u {
             o_base = row * V_DIM;
@@ -201,4 +225,30 @@ fn main(
             lse[row] = select(ninf, m + log(l), valid);
         }
     }
+}
+
+// Query head of row `rr` of a unit (a (batch, head) pair, or with PACK_GQA a (batch, kv head)).
+fn row_head(unit: u32, rr: u32) -> u32 {
+    if PACK_GQA {
+        return (unit % params.kv_heads) * params.group + rr % params.group;
+    }
+    return unit % params.q_heads;
+}
+
+// Query position of row `rr` of a unit.
+fn row_pos(rr: u32) -> u32 {
+    if PACK_GQA {
+        return rr / params.group;
+    }
+    return rr;
+}
+
+// Element index of key/value row j of batch entry b (head 0, dim 0): strided, or through the
+// block table in aux when PAGED (pages of page_size rows of seq_stride elements).
+fn kv_row(b: u32, j: u32, batch_stride: u32, seq_stride: u32) -> u32 {
+    if PAGED {
+        let page = aux[params.table_off + b * params.table_stride + j / params.page_size];
+        return (page * params.page_size + j % params.page_size) * seq_stride;
+    }
+    return b * batch_stride + j * seq_stride;
 }

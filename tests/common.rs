@@ -182,4 +182,4 @@ pub fn check_opts(
 }
 
 /// The GPU algorithms every differential test runs.
-pub const ALGORITHMS: [Algorithm; 2] = [Algorithm::ThreePass, Algorithm::Flash];
+pub const ALGORITHMS: [Algorithm; 3] = [Algorithm::ThreePass, Algorithm::Flash, Algorithm::SplitK];

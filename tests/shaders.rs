@@ -38,9 +38,15 @@ fn variants() -> Vec<Variant> {
         (256, 512),
     ] {
         for mem in [32 * 1024, 48 * 1024] {
-            if let Some(t) = FlashTiles::choose(d, dv, mem, 256) {
+            for rows in [64, 4] {
+                let Some(t) = FlashTiles::choose(d, dv, mem, 256, rows) else {
+                    continue;
+                };
                 for dt in dts {
-                    out.push(Variant::flash([dt, dt, dt], d, dv, t));
+                    for (gqa, paged) in [(false, false), (true, false), (true, true), (false, true)]
+                    {
+                        out.push(Variant::flash([dt, dt, dt], d, dv, t, gqa, paged));
+                    }
                 }
             }
         }

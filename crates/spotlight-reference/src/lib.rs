@@ -24,5 +24,5 @@ mod tensor;
 
 pub use error::ProblemError;
 pub use problem::{Broadcast, Inputs, Layout, Problem, Strides, Window};
-pub use reference::{Reference, Row, attention, attention_rows};
+pub use reference::{Reference, Row, attention, attention_rows, check_parts, merge};
 pub use tensor::{DType, Tensor, TensorRef};

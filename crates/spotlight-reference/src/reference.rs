@@ -174,3 +174,74 @@ pub fn attention(p: &Problem, inputs: &Inputs<'_>) -> Result<Reference, ProblemE
     }
     Ok(Reference { out, lse, probs })
 }
+
+/// Merges partial results over disjoint key sets into the exact result of attending to their
+/// union: with `m = max LSE_c` and `w_c = exp(LSE_c − m)`, `O = Σ w_c O_c / Σ w_c` and
+/// `LSE = m + log Σ w_c`. Parts with `LSE = −inf` weigh nothing; a row empty everywhere gives
+/// `O = 0`, `LSE = −inf`. Each part is `(O, LSE)` with O `[B, Lq, Hq, Dv]` in the problem's layout
+/// and LSE `[B, Hq, Lq]`; `p.kv_len` is not used.
+pub fn merge(
+    p: &Problem,
+    parts: &[(&[f32], &[f32])],
+) -> Result<(Vec<f32>, Vec<f32>), ProblemError> {
+    check_parts(p, parts)?;
+    let o = p.o_strides();
+    let mut out = vec![0.0f32; p.o_elems()];
+    let mut lse = vec![f32::NEG_INFINITY; p.lse_elems()];
+    for b in 0..p.batch {
+        for h in 0..p.q_heads {
+            for i in 0..p.q_len {
+                let row = (b * p.q_heads + h) * p.q_len + i;
+                let m = parts
+                    .iter()
+                    .fold(f64::NEG_INFINITY, |m, (_, l)| m.max(l[row] as f64));
+                if m == f64::NEG_INFINITY {
+                    continue;
+                }
+                let w: Vec<f64> = parts
+                    .iter()
+                    .map(|(_, l)| (l[row] as f64 - m).exp())
+                    .collect();
+                let total: f64 = w.iter().sum();
+                lse[row] = (m + total.ln()) as f32;
+                for d in 0..p.v_head_dim {
+                    let idx = o.index(b, i, h, d);
+                    let acc: f64 = parts
+                        .iter()
+                        .zip(&w)
+                        .filter(|(_, w)| **w > 0.0)
+                        .map(|((po, _), w)| w * po[idx] as f64)
+                        .sum();
+                    out[idx] = (acc / total) as f32;
+                }
+            }
+        }
+    }
+    Ok((out, lse))
+}
+
+/// Checks the parts given to a merge: at least one, each of the problem's O and LSE sizes.
+pub fn check_parts(p: &Problem, parts: &[(&[f32], &[f32])]) -> Result<(), ProblemError> {
+    p.validate()?;
+    if parts.is_empty() {
+        return Err(ProblemError::BadValue {
+            what: "merge",
+            detail: "no parts to merge: expected at least one (O, LSE) pair".into(),
+        });
+    }
+    for (o, l) in parts {
+        for (what, got, expected) in [
+            ("partial out", o.len(), p.o_elems()),
+            ("partial lse", l.len(), p.lse_elems()),
+        ] {
+            if got != expected {
+                return Err(ProblemError::LengthMismatch {
+                    what,
+                    got,
+                    expected,
+                });
+            }
+        }
+    }
+    Ok(())
+}

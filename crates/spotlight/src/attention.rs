@@ -22,6 +22,9 @@ pub enum Algorithm {
     ThreePass,
     /// One fused kernel with an online softmax; extra memory O(B·Hq·Lq).
     Flash,
+    /// The fused kernel for decoding: all query heads of a key/value group share each K/V tile,
+    /// and the key range is split across workgroups (flash-decoding), merged by LSE.
+    SplitK,
 }
 
 impl Algorithm {
@@ -30,6 +33,7 @@ impl Algorithm {
             Algorithm::Auto => "auto",
             Algorithm::ThreePass => "three-pass",
             Algorithm::Flash => "flash",
+            Algorithm::SplitK => "split-k",
         }
     }
 }
@@ -41,8 +45,9 @@ impl std::str::FromStr for Algorithm {
             "auto" => Ok(Algorithm::Auto),
             "three-pass" | "threepass" => Ok(Algorithm::ThreePass),
             "flash" => Ok(Algorithm::Flash),
+            "split-k" | "splitk" => Ok(Algorithm::SplitK),
             _ => Err(format!(
-                "unknown algorithm '{s}': expected auto, three-pass or flash"
+                "unknown algorithm '{s}': expected auto, three-pass, flash or split-k"
             )),
         }
     }
@@ -144,9 +149,17 @@ impl Resident {
     }
 }
 
+/// K and V read through a block table (a paged KV cache): key `j` of batch entry `b` is row
+/// `j % page_size` of page `table[b * table_stride + j / page_size]`.
+pub(crate) struct Paging<'a> {
+    pub table: &'a wgpu::Buffer,
+    pub page_size: u32,
+    pub table_stride: u32,
+}
+
 /// A resolved algorithm and its configuration.
 #[derive(Clone, Copy, Debug)]
-struct Plan {
+pub(crate) struct Plan {
     algorithm: Algorithm,
     tiles: Option<FlashTiles>,
     /// Chunks the fused kernel splits the key range into (1 = not split) and keys per chunk.
@@ -170,8 +183,9 @@ fn padded(bytes: u64) -> u64 {
 }
 
 impl Engine {
-    /// Flash tiles for this problem on this adapter, or why there are none.
-    fn flash_tiles(&self, p: &Problem) -> std::result::Result<FlashTiles, String> {
+    /// Flash tiles for this problem on this adapter, or why there are none. `rows` is the number
+    /// of query rows one workgroup unit holds (see [`FlashTiles::choose`]).
+    fn flash_tiles(&self, p: &Problem, rows: usize) -> std::result::Result<FlashTiles, String> {
         let caps = self.capabilities();
         if caps.max_storage_buffers_per_stage < 8 {
             return Err(format!(
@@ -184,6 +198,7 @@ impl Engine {
             p.v_head_dim as u32,
             caps.max_workgroup_memory,
             caps.max_invocations,
+            rows.min(64) as u32,
         )
         .ok_or_else(|| {
             format!(
@@ -193,62 +208,103 @@ impl Engine {
         })
     }
 
-    /// The fused plan: one workgroup per query tile streams every key, unless the adapter limits
-    /// how many key tiles a workgroup may stream; then the keys are split into chunks that a
-    /// merge pass combines exactly by their LSE.
-    fn flash_plan(&self, p: &Problem, tiles: FlashTiles, opts: &RunOptions) -> Plan {
-        let adapter = self
+    /// The fused plan. Flash gives each workgroup a tile of query rows of one head and streams
+    /// every key; split-K packs the query rows of all heads of a key/value group into one unit
+    /// and splits the key range into enough chunks to fill the GPU. Either way, when the adapter
+    /// or the caller bounds the keys one workgroup may stream, the range is split into chunks
+    /// that a merge pass combines exactly by their LSE.
+    fn fused_plan(&self, p: &Problem, algorithm: Algorithm, opts: &RunOptions) -> Result<Plan> {
+        let name = algorithm.name();
+        let split_k = algorithm == Algorithm::SplitK;
+        let rows = if split_k {
+            p.q_len * p.group_size()
+        } else {
+            64
+        };
+        let tiles = self
+            .flash_tiles(p, rows)
+            .map_err(|reason| Error::Unsupported {
+                algorithm: name,
+                reason,
+            })?;
+        let lk = p.kv_len as u32;
+        let mut limit = self
             .capabilities()
             .max_key_tiles_per_workgroup
             .map(|t| t * tiles.bk);
-        let caller = opts
-            .max_chunk_keys
-            .map(|k| (k / tiles.bk).max(1) * tiles.bk);
-        let limit = match (adapter, caller) {
-            (Some(a), Some(c)) => Some(a.min(c)),
-            (a, c) => a.or(c),
-        };
+        if let Some(k) = opts.max_chunk_keys {
+            let k = (k / tiles.bk).max(1) * tiles.bk;
+            limit = Some(limit.map_or(k, |l| l.min(k)));
+        }
+        if split_k {
+            // Enough workgroups to fill the GPU: about 512 on a discrete or integrated GPU (an
+            // H100 has 132 SMs, a few workgroups each), 16 on a CPU adapter; each chunk keeps at
+            // least 4 key tiles so the merge stays cheap.
+            let target: u64 = match self.adapter_info().device_type {
+                wgpu::DeviceType::Cpu => 16,
+                _ => 512,
+            };
+            let units = (p.batch * p.kv_heads) as u64 * rows.div_ceil(tiles.bq as usize) as u64;
+            let want_chunks = target.div_ceil(units.max(1)).max(1) as u32;
+            let min_keys = 4 * tiles.bk;
+            let keys = lk.div_ceil(want_chunks).div_ceil(tiles.bk) * tiles.bk;
+            let keys = keys.max(min_keys);
+            limit = Some(limit.map_or(keys, |l| l.min(keys)));
+        }
         let (chunks, chunk_keys) = match limit {
-            Some(keys) if (p.kv_len as u32) > keys => ((p.kv_len as u32).div_ceil(keys), keys),
+            Some(keys) if lk > keys => (lk.div_ceil(keys), keys),
             _ => (1, 0),
         };
-        Plan {
-            algorithm: Algorithm::Flash,
+        Ok(Plan {
+            algorithm,
             tiles: Some(tiles),
             chunks,
             chunk_keys,
-        }
+        })
     }
 
     fn plan(&self, p: &Problem, opts: &RunOptions) -> Result<Plan> {
+        self.plan_impl(p, opts, false)
+    }
+
+    /// A plan for K and V in a paged cache (whose pools were checked against the limits when
+    /// the cache was made).
+    pub(crate) fn plan_paged(&self, p: &Problem, opts: &RunOptions) -> Result<Plan> {
+        self.plan_impl(p, opts, true)
+    }
+
+    fn plan_impl(&self, p: &Problem, opts: &RunOptions, paged: bool) -> Result<Plan> {
         p.validate()?;
+        if opts.probs && matches!(opts.algorithm, Algorithm::Flash | Algorithm::SplitK) {
+            return Err(Error::Unsupported {
+                algorithm: opts.algorithm.name(),
+                reason: "the fused kernel never materialises the probability map; use three-pass or auto".into(),
+            });
+        }
         let plan = match opts.algorithm {
             Algorithm::ThreePass => Plan::three_pass(),
-            Algorithm::Flash => {
-                if opts.probs {
-                    return Err(Error::Unsupported {
-                        algorithm: "flash",
-                        reason: "the fused kernel never materialises the probability map; use three-pass or auto".into(),
-                    });
-                }
-                let tiles = self.flash_tiles(p).map_err(|reason| Error::Unsupported {
-                    algorithm: "flash",
-                    reason,
-                })?;
-                self.flash_plan(p, tiles, opts)
+            Algorithm::Flash | Algorithm::SplitK => self.fused_plan(p, opts.algorithm, opts)?,
+            Algorithm::Auto if opts.probs => Plan::three_pass(),
+            Algorithm::Auto => {
+                // Split-K for decoding (a few query rows against a long key range), flash else;
+                // three-pass when the fused kernel cannot take the head dims.
+                let decode = p.q_len <= 16 && p.kv_len >= 1024;
+                let first = if decode {
+                    Algorithm::SplitK
+                } else {
+                    Algorithm::Flash
+                };
+                self.fused_plan(p, first, opts)
+                    .unwrap_or_else(|_| Plan::three_pass())
             }
-            Algorithm::Auto => match (opts.probs, self.flash_tiles(p)) {
-                (false, Ok(tiles)) => self.flash_plan(p, tiles, opts),
-                _ => Plan::three_pass(),
-            },
         };
-        self.check_limits(p, plan, opts)?;
+        self.check_limits(p, plan, opts, paged)?;
         Ok(plan)
     }
 
     /// Every buffer the plan binds must fit the binding and buffer limits, and every grid the
     /// workgroup-count limit (after folding into two dimensions).
-    fn check_limits(&self, p: &Problem, plan: Plan, opts: &RunOptions) -> Result<()> {
+    fn check_limits(&self, p: &Problem, plan: Plan, opts: &RunOptions, paged: bool) -> Result<()> {
         let caps = self.capabilities();
         let dt = |d: Option<DType>| d.unwrap_or(DType::F32).size() as u64;
         let mut buffers: Vec<(String, u64)> = vec![
@@ -258,6 +314,9 @@ impl Engine {
             ("out".into(), p.o_elems() as u64 * 4.max(dt(opts.out_dtype))),
             ("lse".into(), p.lse_elems() as u64 * 4),
         ];
+        if paged {
+            buffers.retain(|(what, _)| what != "k" && what != "v");
+        }
         if let Some(b) = p.bias {
             buffers.push((
                 "bias".into(),
@@ -324,9 +383,14 @@ impl Engine {
         let bh = (p.batch * p.q_heads) as u64;
         let t16 = |n: usize| n.div_ceil(16) as u64;
         match plan.algorithm {
-            Algorithm::Flash => {
+            Algorithm::Flash | Algorithm::SplitK => {
                 let bq = plan.tiles.map_or(1, |t| t.bq) as usize;
-                let flash = bh * p.q_len.div_ceil(bq) as u64 * plan.chunks as u64;
+                let (units, rows) = if plan.algorithm == Algorithm::SplitK {
+                    ((p.batch * p.kv_heads) as u64, p.q_len * p.group_size())
+                } else {
+                    (bh, p.q_len)
+                };
+                let flash = units * rows.div_ceil(bq) as u64 * plan.chunks as u64;
                 vec![("flash", flash), ("merge", bh * p.q_len as u64)]
             }
             _ => vec![
@@ -399,22 +463,56 @@ impl Engine {
     /// filled with NaN before the run, so an element a kernel failed to write cannot look valid.
     pub fn attention(&self, p: &Problem, inputs: &Inputs<'_>, opts: &RunOptions) -> Result<Output> {
         let r = self.upload(p, inputs, opts)?;
-        let mut enc = self.device.create_command_encoder(&Default::default());
-        let algorithm = self.attention_on_buffers(&mut enc, p, &r.inputs(), &r.outputs(), opts)?;
-        self.queue.submit([enc.finish()]);
-        let out_bytes = self.read_bytes(&r.out, (p.o_elems() * r.out_dtype.size()) as u64)?;
-        let out = match r.out_dtype {
-            DType::F32 => Tensor::F32(bytemuck::pod_collect_to_vec(&out_bytes)),
-            DType::F16 => Tensor::F16(bytemuck::pod_collect_to_vec(&out_bytes)),
-            DType::Bf16 => Tensor::Bf16(bytemuck::pod_collect_to_vec(&out_bytes)),
+        let plan = self.plan(p, opts)?;
+        self.run_and_read(p, plan, &r.inputs(), r.out_dtype, opts, None)
+    }
+
+    /// Creates poisoned outputs, records and submits the plan, and reads the results back.
+    pub(crate) fn run_and_read(
+        &self,
+        p: &Problem,
+        plan: Plan,
+        inputs: &GpuInputs<'_>,
+        out_dtype: DType,
+        opts: &RunOptions,
+        paging: Option<&Paging<'_>>,
+    ) -> Result<Output> {
+        self.check_health()?;
+        let poisoned = |label: &str, bytes: u64| {
+            let words = (padded(bytes) / 4) as usize;
+            self.device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some(label),
+                    contents: bytemuck::cast_slice(&vec![f32::NAN; words]),
+                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                })
         };
-        let lse = r
-            .lse
+        let out_bytes = (p.o_elems() * out_dtype.size()) as u64;
+        let out = poisoned("out", out_bytes);
+        let lse = opts.lse.then(|| poisoned("lse", p.lse_elems() as u64 * 4));
+        let probs = opts
+            .probs
+            .then(|| poisoned("probs", p.probs_elems() as u64 * 4));
+        let outputs = GpuOutputs {
+            out: &out,
+            out_dtype,
+            lse: lse.as_ref(),
+            probs: probs.as_ref(),
+        };
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        self.encode(&mut enc, p, plan, inputs, &outputs, paging)?;
+        self.queue.submit([enc.finish()]);
+        let bytes = self.read_bytes(&out, out_bytes)?;
+        let out = match out_dtype {
+            DType::F32 => Tensor::F32(bytemuck::pod_collect_to_vec(&bytes)),
+            DType::F16 => Tensor::F16(bytemuck::pod_collect_to_vec(&bytes)),
+            DType::Bf16 => Tensor::Bf16(bytemuck::pod_collect_to_vec(&bytes)),
+        };
+        let lse = lse
             .as_ref()
             .map(|b| self.read_f32(b, p.lse_elems()))
             .transpose()?;
-        let probs = r
-            .probs
+        let probs = probs
             .as_ref()
             .map(|b| self.read_f32(b, p.probs_elems()))
             .transpose()?;
@@ -422,7 +520,7 @@ impl Engine {
             out,
             lse,
             probs,
-            algorithm,
+            algorithm: plan.algorithm,
         })
     }
 
@@ -446,7 +544,7 @@ impl Engine {
         let plan = self.plan(p, &opts)?;
         self.check_buffers(p, inputs, outputs)?;
         self.check_health()?;
-        self.encode(encoder, p, plan, inputs, outputs)?;
+        self.encode(encoder, p, plan, inputs, outputs, None)?;
         Ok(plan.algorithm)
     }
 
@@ -583,11 +681,18 @@ impl Engine {
         plan: Plan,
         i: &GpuInputs<'_>,
         o: &GpuOutputs<'_>,
+        paging: Option<&Paging<'_>>,
     ) -> Result<()> {
         let dev = &self.device;
         let mut uniform = Params::new(p);
         uniform.num_chunks = plan.chunks;
         uniform.chunk_keys = plan.chunk_keys;
+        let aux_words = (2 * p.batch + p.q_heads) as u64;
+        if let Some(pg) = paging {
+            uniform.page_size = pg.page_size;
+            uniform.table_off = aux_words as u32;
+            uniform.table_stride = pg.table_stride;
+        }
         let params = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("params"),
             contents: bytemuck::bytes_of(&uniform),
@@ -595,11 +700,13 @@ impl Engine {
         });
         // aux = [q_seqlens: B][kv_seqlens: B][alibi slopes: Hq], gathered on the GPU.
         let b4 = p.batch as u64 * 4;
-        let aux = self.scratch("aux", 2 * b4 + p.q_heads as u64 * 4);
+        let table_bytes = paging.map_or(0, |pg| p.batch as u64 * pg.table_stride as u64 * 4);
+        let aux = self.scratch("aux", aux_words * 4 + table_bytes);
         for (src, offset, size) in [
             (i.q_seqlens, 0, b4),
             (i.kv_seqlens, b4, b4),
             (i.alibi_slopes, 2 * b4, p.q_heads as u64 * 4),
+            (paging.map(|pg| pg.table), aux_words * 4, table_bytes),
         ] {
             if let Some(src) = src {
                 enc.copy_buffer_to_buffer(src, 0, &aux, offset, size);
@@ -618,12 +725,17 @@ impl Engine {
         let lse = o.lse.or(lse_scratch.as_ref()).expect("lse buffer");
         let grids = self.grids(p, plan);
         match plan.algorithm {
-            Algorithm::Flash => {
-                let tiles = plan.tiles.expect("flash plan has tiles");
-                let kernel = self.cache.get(
-                    dev,
-                    &Variant::flash(i.dtypes, p.head_dim as u32, p.v_head_dim as u32, tiles),
-                )?;
+            Algorithm::Flash | Algorithm::SplitK => {
+                let tiles = plan.tiles.expect("fused plan has tiles");
+                let variant = Variant::flash(
+                    i.dtypes,
+                    p.head_dim as u32,
+                    p.v_head_dim as u32,
+                    tiles,
+                    plan.algorithm == Algorithm::SplitK,
+                    paging.is_some(),
+                );
+                let kernel = self.cache.get(dev, &variant)?;
                 let split = (plan.chunks > 1).then(|| {
                     let c = plan.chunks as u64;
                     (
@@ -715,5 +827,69 @@ impl Engine {
         let kernel = self.cache.get(&self.device, &Variant::pack(dtype))?;
         let groups = (words as u64).div_ceil(256);
         self.dispatch(enc, &kernel, &[(0, &params), (1, src), (2, dst)], groups)
+    }
+}
+
+impl Engine {
+    /// Merges partial results over disjoint key sets on the GPU (see
+    /// [`spotlight_reference::merge`] for the definition): the operation that lets attention be
+    /// split across dispatches, devices or time and still be exact. Returns `(O, LSE)`.
+    pub fn merge(&self, p: &Problem, parts: &[(&[f32], &[f32])]) -> Result<(Vec<f32>, Vec<f32>)> {
+        spotlight_reference::check_parts(p, parts)?;
+        self.check_health()?;
+        let o = p.o_strides();
+        let (rows, dv) = (p.lse_elems(), p.v_head_dim);
+        // Partial O as [part][row][Dv], row = (b * Hq + h) * Lq + i.
+        let mut part_o = Vec::with_capacity(parts.len() * rows * dv);
+        let mut part_lse = Vec::with_capacity(parts.len() * rows);
+        for (po, pl) in parts {
+            for b in 0..p.batch {
+                for h in 0..p.q_heads {
+                    for i in 0..p.q_len {
+                        part_o.extend((0..dv).map(|d| po[o.index(b, i, h, d)]));
+                    }
+                }
+            }
+            part_lse.extend_from_slice(pl);
+        }
+        let caps = self.capabilities();
+        let bytes = part_o.len() as u64 * 4;
+        if bytes > caps.max_storage_binding {
+            return Err(Error::LimitExceeded {
+                what: "the partial outputs to merge".into(),
+                bytes,
+                limit_name: "max_storage_buffer_binding_size",
+                limit: caps.max_storage_binding,
+            });
+        }
+        let dev = &self.device;
+        let init = |label: &str, data: &[f32], usage: wgpu::BufferUsages| {
+            dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: bytemuck::cast_slice(data),
+                usage,
+            })
+        };
+        let mut uniform = Params::new(p);
+        uniform.num_chunks = parts.len() as u32;
+        let params = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("merge params"),
+            contents: bytemuck::bytes_of(&uniform),
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+        let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
+        let po = init("partial out", &part_o, storage);
+        let pl = init("partial lse", &part_lse, storage);
+        let out = init("out", &vec![f32::NAN; p.o_elems()], storage);
+        let lse = init("lse", &vec![f32::NAN; rows], storage);
+        let kernel = self.cache.get(dev, &Variant::merge())?;
+        let mut enc = dev.create_command_encoder(&Default::default());
+        let binds = [(0, &params), (4, &po), (5, &pl), (6, &out), (7, &lse)];
+        self.dispatch(&mut enc, &kernel, &binds, rows as u64)?;
+        self.queue.submit([enc.finish()]);
+        Ok((
+            self.read_f32(&out, p.o_elems())?,
+            self.read_f32(&lse, rows)?,
+        ))
     }
 }

@@ -43,6 +43,9 @@ pub enum Error {
     /// The GPU reported an error (validation, out of memory) while running.
     #[error("GPU error: {0}")]
     Gpu(String),
+    /// A KV cache operation was refused (unknown sequence, out of pages, bad rows).
+    #[error("kv cache: {0}")]
+    Cache(String),
     /// The device was lost; build a new engine.
     #[error("the GPU device was lost ({0}); create a new Engine")]
     DeviceLost(String),

@@ -172,7 +172,16 @@ impl FlashTiles {
     ///   fits the workgroup memory wins: on lavapipe (32 KiB) D=64 gets 32x32, D=128 16x16,
     ///   D=256 8x8; on NVIDIA (48 KiB) D=128 gets 32x16.
     /// - Workgroups stay within `max_invocations` (256 by default in WebGPU).
-    pub fn choose(d: u32, dv: u32, workgroup_memory: u32, max_invocations: u32) -> Option<Self> {
+    /// - `max_rows` caps `bq` (rounded up to a power of two): a decode step has only
+    ///   `Lq · Hq/Hkv` rows per key/value head, and empty rows waste threads; small `bq` then
+    ///   takes the longest key tiles that fit.
+    pub fn choose(
+        d: u32,
+        dv: u32,
+        workgroup_memory: u32,
+        max_invocations: u32,
+        max_rows: u32,
+    ) -> Option<Self> {
         const MAX_COLS: u32 = 32; // keep in sync with shaders/flash.wgsl
         let tpr = if dv <= 8 * MAX_COLS {
             8
@@ -181,22 +190,32 @@ impl FlashTiles {
         } else {
             return None;
         };
-        const CANDIDATES: [(u32, u32); 9] = [
+        const CANDIDATES: [(u32, u32); 17] = [
             (64, 32),
             (32, 32),
             (32, 16),
+            (16, 32),
             (16, 16),
             (16, 8),
+            (8, 32),
+            (8, 16),
             (8, 8),
             (8, 4),
+            (4, 32),
+            (4, 16),
+            (4, 8),
             (4, 4),
+            (2, 32),
+            (2, 16),
             (2, 4),
         ];
+        let max_bq = max_rows.clamp(2, 64).next_power_of_two();
         CANDIDATES
             .iter()
             .map(|&(bq, bk)| FlashTiles { bq, bk, tpr })
             .find(|t| {
-                t.bk % t.tpr.min(t.bk) == 0
+                t.bq <= max_bq
+                    && t.bk % t.tpr.min(t.bk) == 0
                     && t.bq * t.tpr <= max_invocations
                     && t.workgroup_bytes(d, dv) <= workgroup_memory as u64
             })
@@ -233,7 +252,15 @@ impl Variant {
         }
     }
 
-    pub fn flash(dtypes: [DType; 3], d: u32, dv: u32, tiles: FlashTiles) -> Self {
+    /// The fused kernel; `pack_gqa` and `paged` select the decode modes (see `flash.wgsl`).
+    pub fn flash(
+        dtypes: [DType; 3],
+        d: u32,
+        dv: u32,
+        tiles: FlashTiles,
+        pack_gqa: bool,
+        paged: bool,
+    ) -> Self {
         Variant {
             shader: Shader::Flash,
             constants: vec![
@@ -245,6 +272,8 @@ impl Variant {
                 ("BQ", tiles.bq),
                 ("BK", tiles.bk),
                 ("TPR", tiles.tpr),
+                ("PACK_GQA", pack_gqa as u32),
+                ("PAGED", paged as u32),
             ],
         }
     }
@@ -272,6 +301,9 @@ impl Variant {
                     let dt = ["f32", "f16", "bf16"][*v as usize % 3];
                     format!("{}-{dt}", k.trim_end_matches("_DT").to_ascii_lowercase())
                 }
+                "PACK_GQA" | "PAGED" if *v == 0 => continue,
+                "PACK_GQA" => "gqa".to_string(),
+                "PAGED" => "paged".to_string(),
                 "HEAD_DIM" => format!("d{v}"),
                 "V_DIM" => format!("dv{v}"),
                 other => format!("{}{v}", other.to_ascii_lowercase()),

@@ -23,12 +23,14 @@
 //! ```
 
 mod attention;
+mod cache;
 mod context;
 mod error;
 pub mod kernels;
 mod params;
 
 pub use attention::{Algorithm, GpuInputs, GpuOutputs, Output, Resident, RunOptions};
+pub use cache::{DecodeOptions, KvCache, KvCacheConfig, SeqId};
 pub use context::{Capabilities, Engine, EngineOptions, TimerSource, Timing, adapter_report};
 pub use error::{Error, Result};
 pub use spotlight_reference as reference;

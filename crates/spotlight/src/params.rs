@@ -46,7 +46,11 @@ pub struct Params {
     pub chunk_keys: u32,
     /// Number of key chunks (1 = not split).
     pub num_chunks: u32,
-    pad: u32,
+    /// Paged K/V: rows per page, where the block table starts in aux, and pages per sequence.
+    pub page_size: u32,
+    pub table_off: u32,
+    pub table_stride: u32,
+    pad: [u32; 2],
 }
 
 /// Window sides beyond this are as good as unbounded and keep `i + off ± side` inside i32.
@@ -109,7 +113,10 @@ impl Params {
             softcap: p.effective_softcap(),
             chunk_keys: 0,
             num_chunks: 1,
-            pad: 0,
+            page_size: 0,
+            table_off: 0,
+            table_stride: 0,
+            pad: [0; 2],
         }
     }
 }

@@ -1,0 +1,321 @@
+//! Decoding: the paged KV cache (appends, mixed lengths, page reuse, refusals), split-K against
+//! the reference, and the exact merge of partial results.
+
+use spotlight::reference::random::Rng;
+use spotlight::reference::{self, Window, compare};
+use spotlight::{
+    Algorithm, DType, DecodeOptions, Error, KvCache, KvCacheConfig, Problem, RunOptions, Tensor,
+    TensorRef,
+};
+
+use crate::common::{Data, check_opts, engine};
+
+/// Host copy of what a test appended, to rebuild contiguous K/V for the reference.
+struct Shadow {
+    k: Vec<Vec<f32>>, // per sequence: [len, Hkv, D] rounded to the cache dtype
+    v: Vec<Vec<f32>>,
+}
+
+fn rounded(x: &[f32], dt: DType) -> Vec<f32> {
+    x.iter().map(|&v| dt.round(v)).collect()
+}
+
+/// Checks decode for `seqs` against the reference on the same (rounded) data.
+#[allow(clippy::too_many_arguments)]
+fn check_decode(
+    engine: &spotlight::Engine,
+    cache: &KvCache,
+    shadow: &Shadow,
+    seqs: &[usize],
+    q_len: usize,
+    q_heads: usize,
+    opts: &DecodeOptions,
+    rng: &mut Rng,
+) {
+    let c = *cache.config();
+    let b = seqs.len();
+    let lens: Vec<usize> = seqs.iter().map(|&s| cache.len(s).unwrap()).collect();
+    let max_len = lens.iter().copied().max().unwrap().max(1);
+    let mut p =
+        Problem::new(b, q_len, max_len, q_heads, c.kv_heads, c.head_dim).causal(opts.causal);
+    p.window = opts.window;
+    p.kv_seqlens = true;
+    let q = rng.vec(p.q_elems());
+    let (row_k, row_v) = (c.kv_heads * c.head_dim, c.kv_heads * c.v_head_dim);
+    let mut k = vec![0.0f32; p.k_elems()];
+    let mut v = vec![0.0f32; p.v_elems()];
+    for (bi, &s) in seqs.iter().enumerate() {
+        let n = lens[bi];
+        k[bi * max_len * row_k..][..n * row_k].copy_from_slice(&shadow.k[s][..n * row_k]);
+        v[bi * max_len * row_v..][..n * row_v].copy_from_slice(&shadow.v[s][..n * row_v]);
+    }
+    let kv_lens: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+    let mut inputs =
+        reference::Inputs::new(TensorRef::F32(&q), TensorRef::F32(&k), TensorRef::F32(&v));
+    inputs.kv_seqlens = Some(&kv_lens);
+    let want = reference::attention(&p, &inputs).unwrap();
+    let got = engine
+        .decode(
+            cache,
+            seqs,
+            TensorRef::F32(&q),
+            q_len,
+            q_heads,
+            &DecodeOptions { lse: true, ..*opts },
+        )
+        .unwrap();
+    let e = compare::compare(&got.out.to_f32_vec(), &want.out);
+    let el = compare::compare(got.lse.as_deref().unwrap(), &want.lse);
+    assert!(
+        e.within(1e-5),
+        "O {e} (lens {lens:?}, q_len {q_len}, {opts:?})"
+    );
+    assert!(
+        el.within(1e-5),
+        "LSE {el} (lens {lens:?}, q_len {q_len}, {opts:?})"
+    );
+}
+
+#[test]
+fn paged_cache_decodes_like_the_reference_after_many_appends() {
+    let Some(engine) = engine() else { return };
+    let mut rng = Rng::new(61);
+    for dtype in [DType::F32, DType::F16, DType::Bf16] {
+        // 8 query heads on 2 KV heads; pages of 16 rows that no length is a multiple of.
+        let cfg = KvCacheConfig::paged(2, 64, dtype, 16, 64);
+        let mut cache = KvCache::new(engine, cfg).unwrap();
+        let mut shadow = Shadow {
+            k: vec![],
+            v: vec![],
+        };
+        let seqs: Vec<usize> = (0..3).map(|_| cache.add_sequence()).collect();
+        for _ in &seqs {
+            shadow.k.push(vec![]);
+            shadow.v.push(vec![]);
+        }
+        // Interleaved appends of different sizes, including many single tokens.
+        for step in 0..40 {
+            let s = seqs[step % 3];
+            let n = if step < 6 { rng.range(5, 60) } else { 1 };
+            let (k, v) = (rng.vec(n * 128), rng.vec(n * 128));
+            cache
+                .append(engine, s, TensorRef::F32(&k), TensorRef::F32(&v))
+                .unwrap();
+            shadow.k[s].extend(rounded(&k, dtype));
+            shadow.v[s].extend(rounded(&v, dtype));
+        }
+        for alg in [Algorithm::SplitK, Algorithm::Flash] {
+            for (q_len, window) in [
+                (1, None),
+                (3, None),
+                (
+                    2,
+                    Some(Window {
+                        left: Some(20),
+                        right: None,
+                    }),
+                ),
+            ] {
+                let opts = DecodeOptions {
+                    algorithm: alg,
+                    window,
+                    ..Default::default()
+                };
+                check_decode(engine, &cache, &shadow, &seqs, q_len, 8, &opts, &mut rng);
+            }
+        }
+    }
+}
+
+#[test]
+fn freed_pages_are_reused_and_exhaustion_is_refused_cleanly() {
+    let Some(engine) = engine() else { return };
+    let mut rng = Rng::new(62);
+    let cfg = KvCacheConfig::paged(1, 32, DType::F32, 8, 6);
+    let mut cache = KvCache::new(engine, cfg).unwrap();
+    let mut shadow = Shadow {
+        k: vec![],
+        v: vec![],
+    };
+    let a = cache.add_sequence();
+    let b = cache.add_sequence();
+    shadow.k.extend([vec![], vec![], vec![]]);
+    shadow.v.extend([vec![], vec![], vec![]]);
+    for (s, n) in [(a, 20), (b, 20)] {
+        let (k, v) = (rng.vec(n * 32), rng.vec(n * 32));
+        cache
+            .append(engine, s, TensorRef::F32(&k), TensorRef::F32(&v))
+            .unwrap();
+        shadow.k[s].extend(k);
+        shadow.v[s].extend(v);
+    }
+    assert_eq!(cache.free_pages(), 0);
+    // 20 rows fill 3 pages of 8 with room for 4 more: 5 more rows need a page none is free for.
+    let (k, v) = (rng.vec(5 * 32), rng.vec(5 * 32));
+    let err = cache
+        .append(engine, a, TensorRef::F32(&k), TensorRef::F32(&v))
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Cache(_)) && err.to_string().contains("out of pages"),
+        "{err}"
+    );
+    assert_eq!(
+        cache.len(a).unwrap(),
+        20,
+        "a refused append changes nothing"
+    );
+    cache.free_sequence(a).unwrap();
+    assert_eq!(cache.free_pages(), 3);
+    assert!(cache.len(a).is_err(), "a freed sequence is gone");
+    let c = cache.add_sequence();
+    let (k, v) = (rng.vec(23 * 32), rng.vec(23 * 32));
+    cache
+        .append(engine, c, TensorRef::F32(&k), TensorRef::F32(&v))
+        .unwrap();
+    shadow.k[c].extend(k);
+    shadow.v[c].extend(v);
+    check_decode(
+        engine,
+        &cache,
+        &shadow,
+        &[b, c],
+        1,
+        4,
+        &DecodeOptions::default(),
+        &mut rng,
+    );
+    let bad = cache.append(
+        engine,
+        c,
+        TensorRef::F32(&rng.vec(31)),
+        TensorRef::F32(&rng.vec(32)),
+    );
+    assert!(bad.unwrap_err().to_string().contains("expected n x 32"));
+    let zero = KvCache::new(engine, KvCacheConfig::paged(1, 32, DType::F32, 0, 4));
+    assert!(zero.err().unwrap().to_string().contains("page_size is 0"));
+}
+
+#[test]
+fn contiguous_cache_is_one_page_per_sequence() {
+    let Some(engine) = engine() else { return };
+    let mut rng = Rng::new(63);
+    let mut cache =
+        KvCache::new(engine, KvCacheConfig::contiguous(4, 40, DType::F16, 2, 300)).unwrap();
+    let mut shadow = Shadow {
+        k: vec![vec![], vec![]],
+        v: vec![vec![], vec![]],
+    };
+    for (s, n) in [(cache.add_sequence(), 257), (cache.add_sequence(), 1)] {
+        let (k, v) = (rng.vec(n * 160), rng.vec(n * 160));
+        cache
+            .append(engine, s, TensorRef::F32(&k), TensorRef::F32(&v))
+            .unwrap();
+        shadow.k[s].extend(rounded(&k, DType::F16));
+        shadow.v[s].extend(rounded(&v, DType::F16));
+    }
+    check_decode(
+        engine,
+        &cache,
+        &shadow,
+        &[0, 1],
+        1,
+        16,
+        &DecodeOptions::default(),
+        &mut rng,
+    );
+}
+
+#[test]
+fn split_k_on_long_caches_matches_the_reference() {
+    let Some(engine) = engine() else { return };
+    let mut rng = Rng::new(64);
+    for (lq, lk, causal) in [
+        (1usize, 3000usize, true),
+        (4, 1500, false),
+        (16, 2100, true),
+    ] {
+        let p = Problem::new(2, lq, lk, 8, 2, 64).causal(causal);
+        let d = Data::random(&p, [DType::F32, DType::F16, DType::F16], 1.0, &mut rng);
+        for alg in [Algorithm::SplitK, Algorithm::Auto] {
+            let opts = RunOptions {
+                algorithm: alg,
+                ..Default::default()
+            };
+            check_opts(engine, &p, &d, &opts, None).unwrap_or_else(|e| panic!("{lq}x{lk}: {e}"));
+        }
+        let ran = engine
+            .attention(&p, &d.inputs(), &Default::default())
+            .unwrap()
+            .algorithm;
+        assert_eq!(
+            ran,
+            Algorithm::SplitK,
+            "auto picks split-K for Lq={lq}, Lk={lk}"
+        );
+    }
+}
+
+#[test]
+fn merging_partials_over_any_split_reproduces_the_whole() {
+    let Some(engine) = engine() else { return };
+    let mut rng = Rng::new(65);
+    for case in 0..12 {
+        let lk = rng.range(2, 300);
+        let p = Problem::new(rng.range(1, 2), rng.range(1, 40), lk, 4, 2, 32).v_head_dim(24);
+        let d = Data::random(&p, [DType::F32; 3], 2.0, &mut rng);
+        let want = reference::attention(&p, &d.inputs()).unwrap();
+        // Cut the keys at random places into 1-4 pieces, attend to each piece alone.
+        let mut cuts = vec![0, lk];
+        for _ in 0..rng.range(0, 3) {
+            cuts.push(rng.range(1, lk - 1));
+        }
+        cuts.sort();
+        cuts.dedup();
+        let (k, v) = (d.k.to_f32_vec(), d.v.to_f32_vec());
+        let mut parts = Vec::new();
+        for w in cuts.windows(2) {
+            let n = w[1] - w[0];
+            let mut pp = p.clone();
+            pp.kv_len = n;
+            let slice = |x: &[f32], dim: usize| -> Vec<f32> {
+                let mut out = Vec::new();
+                for b in 0..p.batch {
+                    out.extend_from_slice(&x[(b * lk + w[0]) * 2 * dim..(b * lk + w[1]) * 2 * dim]);
+                }
+                out
+            };
+            let (pk, pv) = (Tensor::F32(slice(&k, 32)), Tensor::F32(slice(&v, 24)));
+            let inputs = reference::Inputs::new(d.q.as_ref(), pk.as_ref(), pv.as_ref());
+            let o = engine
+                .attention(
+                    &pp,
+                    &inputs,
+                    &RunOptions {
+                        lse: true,
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+            parts.push((o.out.to_f32_vec(), o.lse.unwrap()));
+        }
+        let refs: Vec<(&[f32], &[f32])> = parts
+            .iter()
+            .map(|(o, l)| (o.as_slice(), l.as_slice()))
+            .collect();
+        let (out, lse) = engine.merge(&p, &refs).unwrap();
+        let (cpu_out, cpu_lse) = reference::merge(&p, &refs).unwrap();
+        for (what, got, want) in [
+            ("gpu O", &out, &want.out),
+            ("gpu LSE", &lse, &want.lse),
+            ("cpu O", &cpu_out, &want.out),
+            ("cpu LSE", &cpu_lse, &want.lse),
+        ] {
+            let e = compare::compare(got, want);
+            assert!(e.within(1e-5), "case {case}, cuts {cuts:?}: {what} {e}");
+        }
+    }
+    let p = Problem::new(1, 2, 4, 1, 1, 8);
+    let short = vec![0.0f32; 3];
+    let err = engine.merge(&p, &[(&short, &short)]).unwrap_err();
+    assert!(err.to_string().contains("expected 16"), "{err}");
+}
