@@ -20,7 +20,7 @@ fn module(src: &str, name: &str) -> (naga::Module, naga::valid::ModuleInfo) {
 /// produces on 32 KiB and 48 KiB adapters.
 fn variants() -> Vec<Variant> {
     let dts = [DType::F32, DType::F16, DType::Bf16];
-    let mut out = vec![Variant::softmax(), Variant::merge()];
+    let mut out = vec![Variant::softmax(), Variant::merge(), Variant::stream()];
     for a in dts {
         out.push(Variant::pv(a));
         out.push(Variant::pack(a));

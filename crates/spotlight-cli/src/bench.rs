@@ -33,12 +33,25 @@ pub struct BenchArgs {
     /// Grid: causal off/on (default 0,1).
     #[arg(long, value_delimiter = ',')]
     causal: Option<Vec<u8>>,
-    /// Storage dtype of Q, K, V and O.
-    #[arg(long, default_value = "f32")]
-    dtype: DType,
-    /// auto, three-pass or flash.
-    #[arg(long, default_value = "flash")]
-    algorithm: Algorithm,
+    /// Storage dtype of Q, K, V and O (default f32; f16 with --decode).
+    #[arg(long)]
+    dtype: Option<DType>,
+    /// auto, three-pass, flash or split-k (default flash; split-k with --decode).
+    #[arg(long)]
+    algorithm: Option<Algorithm>,
+    /// Decoding grid instead: one query row against a KV cache, reported as bytes of K and V
+    /// read per second, beside a plain streaming read of the same adapter.
+    #[arg(long)]
+    decode: bool,
+    /// Decode grid: cache lengths (default 1k..128k; 512,2048 on a CPU adapter).
+    #[arg(long, value_delimiter = ',')]
+    cache_lens: Option<Vec<usize>>,
+    /// Decode grid: batch sizes (default 1,4,16; 1,2 on a CPU adapter).
+    #[arg(long, value_delimiter = ',')]
+    batches: Option<Vec<usize>>,
+    /// Decode grid: query heads / key-value heads (default 32/8).
+    #[arg(long, default_value = "32/8")]
+    heads: String,
     /// Timed repetitions (the median is reported).
     #[arg(long)]
     repeats: Option<usize>,
@@ -59,6 +72,45 @@ struct Config {
     heads: usize,
     dim: usize,
     causal: bool,
+}
+
+impl Config {
+    fn problem(&self) -> Problem {
+        Problem::new(
+            self.batch, self.len, self.len, self.heads, self.heads, self.dim,
+        )
+        .causal(self.causal)
+    }
+}
+
+/// Decode problems: one query row against caches of each length, for each batch size.
+fn decode_grid(a: &BenchArgs, software: bool) -> anyhow::Result<Vec<Problem>> {
+    let (hq, hkv) = a
+        .heads
+        .split_once('/')
+        .and_then(|(q, k)| Some((q.parse::<usize>().ok()?, k.parse::<usize>().ok()?)))
+        .with_context(|| format!("--heads '{}': expected HQ/HKV, e.g. 32/8", a.heads))?;
+    let lens = a.cache_lens.clone().unwrap_or(if software {
+        vec![512, 2048]
+    } else {
+        vec![1024, 4096, 16384, 32768, 65536, 131072]
+    });
+    let batches = a
+        .batches
+        .clone()
+        .unwrap_or(if software { vec![1, 2] } else { vec![1, 4, 16] });
+    let dims = a.dims.clone().unwrap_or(vec![128]);
+    let mut out = Vec::new();
+    for &d in &dims {
+        for &b in &batches {
+            for &l in &lens {
+                let p = Problem::new(b, 1, l, hq, hkv, d);
+                p.validate()?;
+                out.push(p);
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn parse_config(s: &str) -> anyhow::Result<Config> {
@@ -191,6 +243,78 @@ fn validate(
     })
 }
 
+/// One measured configuration.
+struct Measured {
+    seconds: f64,
+    err: f64,
+    sets: usize,
+    timer: &'static str,
+    algorithm: Algorithm,
+}
+
+/// Uploads rotating input sets, validates the first, warms up, and returns the median time.
+fn measure(
+    engine: &Engine,
+    p: &Problem,
+    dtype: DType,
+    algorithm: Algorithm,
+    repeats: usize,
+    warmup: usize,
+    check: bool,
+) -> anyhow::Result<Measured> {
+    let opts = RunOptions {
+        algorithm,
+        lse: true,
+        ..Default::default()
+    };
+    let set_bytes =
+        (p.q_elems() + p.k_elems() + p.v_elems() + p.o_elems()) as u64 * dtype.size() as u64;
+    // Rotate sets so that together they pass 128 MiB, more than any GPU's L2 cache.
+    let sets = (128u64 << 20).div_ceil(set_bytes.max(1)).clamp(1, 8) as usize;
+    let mut rng = Rng::new(1234 + p.kv_len as u64);
+    let mut resident = Vec::new();
+    let mut err = f64::NAN;
+    for s in 0..sets {
+        let q = Tensor::from_f32(&rng.vec(p.q_elems()), dtype);
+        let k = Tensor::from_f32(&rng.vec(p.k_elems()), dtype);
+        let v = Tensor::from_f32(&rng.vec(p.v_elems()), dtype);
+        let inputs = Inputs::new(q.as_ref(), k.as_ref(), v.as_ref());
+        if s == 0 && check {
+            err = validate(engine, p, &inputs, &opts)?;
+        }
+        resident.push(engine.upload(p, &inputs, &opts)?);
+    }
+    let mut ran = algorithm;
+    let mut run = |r: &spotlight::Resident| {
+        engine.time(|enc| {
+            ran = engine.attention_on_buffers(enc, p, &r.inputs(), &r.outputs(), &opts)?;
+            Ok(())
+        })
+    };
+    for w in 0..warmup {
+        run(&resident[w % sets])?;
+    }
+    let mut times = Vec::new();
+    let mut source = TimerSource::WallClock;
+    for r in 0..repeats {
+        let t = run(&resident[r % sets])?;
+        times.push(t.seconds);
+        source = t.source;
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(Measured {
+        seconds: times[times.len() / 2],
+        err,
+        sets,
+        timer: if source == TimerSource::GpuTimestamps {
+            "gpu"
+        } else {
+            "wall"
+        },
+        algorithm: ran,
+    })
+}
+
 pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
     let engine = Engine::new()?;
     let info = engine.adapter_info();
@@ -209,88 +333,84 @@ pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
         );
     }
     if software {
-        println!(
-            "spotlight note: software adapter; grid shrunk (tokens 1024, width 128) unless given"
-        );
+        println!("spotlight note: software adapter; the default grid is shrunk (see --help)");
     }
-    let budget = if a.dtype == DType::F32 { 1e-5 } else { 2e-3 };
+    let dtype = a
+        .dtype
+        .unwrap_or(if a.decode { DType::F16 } else { DType::F32 });
+    let algorithm = a.algorithm.unwrap_or(if a.decode {
+        Algorithm::SplitK
+    } else {
+        Algorithm::Flash
+    });
+    let problems: Vec<Problem> = if a.decode {
+        decode_grid(a, software)?
+    } else {
+        configs.iter().map(Config::problem).collect()
+    };
+    let stream_gbps = if a.decode {
+        let bytes = if software { 64 << 20 } else { 1 << 30 };
+        let t = engine.stream_read(bytes, repeats)?;
+        let gbps = bytes as f64 / t.seconds / 1e9;
+        println!(
+            "spotlight stream-read bytes={bytes} ms={:.4} gbps={gbps:.3}",
+            t.seconds * 1e3
+        );
+        Some(gbps)
+    } else {
+        None
+    };
+    let budget = if dtype == DType::F32 { 1e-5 } else { 2e-3 };
     let mut records = Vec::new();
     let mut failures = 0;
-    for c in &configs {
-        let p = Problem::new(c.batch, c.len, c.len, c.heads, c.heads, c.dim).causal(c.causal);
-        let opts = RunOptions {
-            algorithm: a.algorithm,
-            lse: true,
-            ..Default::default()
-        };
-        let elem = a.dtype.size() as u64;
-        let set_bytes = (p.q_elems() + p.k_elems() + p.v_elems() + p.o_elems()) as u64 * elem;
-        // Rotate sets so that together they pass 128 MiB, more than any GPU's L2 cache.
-        let sets = (128u64 << 20).div_ceil(set_bytes.max(1)).clamp(1, 8) as usize;
-        let mut rng = Rng::new(1234 + c.len as u64);
-        let mut resident = Vec::new();
-        let mut err = f64::NAN;
-        for s in 0..sets {
-            let q = Tensor::from_f32(&rng.vec(p.q_elems()), a.dtype);
-            let k = Tensor::from_f32(&rng.vec(p.k_elems()), a.dtype);
-            let v = Tensor::from_f32(&rng.vec(p.v_elems()), a.dtype);
-            let inputs = Inputs::new(q.as_ref(), k.as_ref(), v.as_ref());
-            if s == 0 && !a.no_validate {
-                err = validate(&engine, &p, &inputs, &opts)?;
-            }
-            resident.push(engine.upload(&p, &inputs, &opts)?);
-        }
-        let mut algorithm = a.algorithm;
-        let mut run = |r: &spotlight::Resident| {
-            engine.time(|enc| {
-                algorithm =
-                    engine.attention_on_buffers(enc, &p, &r.inputs(), &r.outputs(), &opts)?;
-                Ok(())
-            })
-        };
-        for w in 0..a.warmup {
-            run(&resident[w % sets])?;
-        }
-        let mut times = Vec::new();
-        let mut source = TimerSource::WallClock;
-        for r in 0..repeats {
-            let t = run(&resident[r % sets])?;
-            times.push(t.seconds);
-            source = t.source;
-        }
-        times.sort_by(f64::total_cmp);
-        let secs = times[times.len() / 2];
-        let ms = secs * 1e3;
-        let tflops = p.flops() / secs / 1e12;
-        let gbps = set_bytes as f64 / secs / 1e9;
-        let ok = a.no_validate || err <= budget;
+    for p in &problems {
+        let r = measure(
+            &engine,
+            p,
+            dtype,
+            algorithm,
+            repeats,
+            a.warmup,
+            !a.no_validate,
+        )?;
+        let ok = a.no_validate || r.err <= budget;
         if !ok {
             failures += 1;
         }
-        let timer = if source == TimerSource::GpuTimestamps {
-            "gpu"
+        // Decoding is memory-bound: report bytes of K and V read; prefill: Q, K, V and O.
+        let elem = dtype.size() as f64;
+        let bytes = if a.decode {
+            (p.k_elems() + p.v_elems()) as f64 * elem
         } else {
-            "wall"
+            (p.q_elems() + p.k_elems() + p.v_elems() + p.o_elems()) as f64 * elem
         };
+        let secs = r.seconds;
+        let (ms, tflops, gbps) = (secs * 1e3, p.flops() / secs / 1e12, bytes / secs / 1e9);
+        let of_stream = stream_gbps.map(|s| gbps / s);
         println!(
-            "spotlight {} B={} Hq={} Hkv={} Lq={} Lk={} D={} causal={} dtype={} ms={ms:.4} tflops={tflops:.4} gbps={gbps:.3} err={err:.2e} sets={sets} timer={timer}{}",
-            algorithm.name(),
+            "spotlight {} B={} Hq={} Hkv={} Lq={} Lk={} D={} causal={} dtype={} ms={ms:.4} tflops={tflops:.4} gbps={gbps:.3}{} err={:.2e} sets={} timer={}{}",
+            r.algorithm.name(),
             p.batch,
             p.q_heads,
             p.kv_heads,
             p.q_len,
             p.kv_len,
             p.head_dim,
-            c.causal as u8,
-            a.dtype.name(),
+            p.causal as u8,
+            dtype.name(),
+            of_stream.map_or(String::new(), |f| format!(" of_stream={f:.3}")),
+            r.err,
+            r.sets,
+            r.timer,
             if ok { "" } else { " INVALID" }
         );
         records.push(serde_json::json!({
-            "algorithm": algorithm.name(), "B": p.batch, "Hq": p.q_heads, "Hkv": p.kv_heads,
-            "Lq": p.q_len, "Lk": p.kv_len, "D": p.head_dim, "causal": c.causal,
-            "dtype": a.dtype.name(), "ms": ms, "tflops": tflops, "gbps": gbps,
-            "rel_error": if err.is_finite() { serde_json::json!(err) } else { serde_json::Value::Null },
-            "valid": ok, "timer": timer, "repeats": repeats, "sets": sets,
+            "algorithm": r.algorithm.name(), "B": p.batch, "Hq": p.q_heads, "Hkv": p.kv_heads,
+            "Lq": p.q_len, "Lk": p.kv_len, "D": p.head_dim, "causal": p.causal,
+            "dtype": dtype.name(), "ms": ms, "tflops": tflops, "gbps": gbps,
+            "fraction_of_stream_read": of_stream,
+            "rel_error": if r.err.is_finite() { serde_json::json!(r.err) } else { serde_json::Value::Null },
+            "valid": ok, "timer": r.timer, "repeats": repeats, "sets": r.sets,
         }));
     }
     let peak = peak_rss_bytes();
@@ -302,7 +422,7 @@ pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
             "adapter": info.name, "backend": format!("{:?}", info.backend),
             "driver": format!("{} {}", info.driver, info.driver_info),
             "unix_time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-            "peak_rss_bytes": peak, "results": records,
+            "peak_rss_bytes": peak, "stream_read_gbps": stream_gbps, "results": records,
         });
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("cannot write {}", path.display()))?;

@@ -365,6 +365,14 @@ fn run_reproduces_an_independent_implementation() {
             extras: &["bias", "alibi_slopes", "kv_seqlens"],
         },
         Case {
+            name: "split_k",
+            dims: [2, 2, 1500, 8, 2, 64, 64],
+            flags: vec!["--causal", "--algorithm", "split-k"],
+            dtype: f,
+            layout: "bshd",
+            extras: &["kv_seqlens"],
+        },
+        Case {
             name: "f16",
             dims: [2, 24, 40, 4, 2, 64, 64],
             flags: vec!["--causal"],
@@ -741,4 +749,50 @@ fn bench_prints_validated_numbers_and_json() {
     }
     assert_eq!(results[1]["causal"], true);
     assert_eq!(results[1]["D"], 40);
+}
+
+#[test]
+fn bench_decode_reports_bandwidth_beside_a_streaming_read() {
+    if !have_gpu() {
+        return;
+    }
+    let out = spotlight(&[
+        "bench",
+        "--decode",
+        "--heads",
+        "8/2",
+        "--dims",
+        "64",
+        "--cache-lens",
+        "300,1200",
+        "--batches",
+        "1",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("spotlight stream-read ") && l.contains("gbps=")),
+        "{text}"
+    );
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("spotlight split-k "))
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    for l in lines {
+        assert!(
+            l.contains("Lq=1 ") && l.contains("of_stream=") && l.contains("dtype=f16"),
+            "{l}"
+        );
+        assert!(!l.contains("INVALID"), "{l}");
+    }
 }

@@ -394,3 +394,69 @@ impl Engine {
         })
     }
 }
+
+impl Engine {
+    /// Measures the adapter's read bandwidth with a plain streaming compute shader over `bytes`
+    /// bytes (rounded to 16): the yardstick for memory-bound kernels such as decoding. Returns
+    /// the median timing of `repeats` runs after one warm-up.
+    pub fn stream_read(&self, bytes: u64, repeats: usize) -> Result<Timing> {
+        use wgpu::util::DeviceExt;
+        let bytes = (bytes.div_ceil(16) * 16).clamp(16, self.caps.max_storage_binding / 16 * 16);
+        let words = (bytes / 16) as u32;
+        let src = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("stream source"),
+            size: bytes,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        let groups = (words as u64).div_ceil(256 * 8).clamp(1, 65535);
+        let sink = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("stream sink"),
+            size: groups * 4,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        let params = self
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("stream params"),
+                contents: bytemuck::cast_slice(&[words, 0, 0, 0]),
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+        let kernel = self
+            .cache
+            .get(&self.device, &crate::kernels::Variant::stream())?;
+        let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("stream"),
+            layout: &kernel.layout,
+            entries: &[
+                wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: params.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 1,
+                    resource: src.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 2,
+                    resource: sink.as_entire_binding(),
+                },
+            ],
+        });
+        let mut times = Vec::new();
+        for _ in 0..repeats.max(1) + 1 {
+            let t = self.time(|enc| {
+                let mut pass = enc.begin_compute_pass(&Default::default());
+                pass.set_pipeline(&kernel.pipeline);
+                pass.set_bind_group(0, &group, &[]);
+                pass.dispatch_workgroups(groups as u32, 1, 1);
+                Ok(())
+            })?;
+            times.push(t);
+        }
+        times.remove(0);
+        times.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
+        Ok(times[times.len() / 2])
+    }
+}

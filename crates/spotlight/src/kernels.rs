@@ -19,6 +19,7 @@ pub mod source {
     pub const FLASH: &str = include_str!("../../../shaders/flash.wgsl");
     pub const PACK: &str = include_str!("../../../shaders/pack.wgsl");
     pub const MERGE: &str = include_str!("../../../shaders/merge.wgsl");
+    pub const STREAM: &str = include_str!("../../../shaders/stream.wgsl");
 
     /// Every file, by name, for tests that check each one.
     pub const FILES: &[(&str, &str)] = &[
@@ -30,6 +31,7 @@ pub mod source {
         ("flash.wgsl", FLASH),
         ("pack.wgsl", PACK),
         ("merge.wgsl", MERGE),
+        ("stream.wgsl", STREAM),
     ];
 }
 
@@ -48,6 +50,8 @@ pub enum Shader {
     Pack,
     /// Merge of partial (O, LSE) results over disjoint key sets.
     Merge,
+    /// A plain streaming read (the bandwidth yardstick of the decode benchmark).
+    Stream,
 }
 
 /// How a kernel binds a buffer.
@@ -59,13 +63,14 @@ pub enum Binding {
 }
 
 impl Shader {
-    pub const ALL: [Shader; 6] = [
+    pub const ALL: [Shader; 7] = [
         Shader::Scores,
         Shader::Softmax,
         Shader::Pv,
         Shader::Flash,
         Shader::Pack,
         Shader::Merge,
+        Shader::Stream,
     ];
 
     pub fn name(self) -> &'static str {
@@ -76,6 +81,7 @@ impl Shader {
             Shader::Flash => "flash",
             Shader::Pack => "pack",
             Shader::Merge => "merge",
+            Shader::Stream => "stream",
         }
     }
 
@@ -89,6 +95,7 @@ impl Shader {
             Shader::Flash => [COMMON, LOGITS, FLASH].concat(),
             Shader::Pack => PACK.to_string(),
             Shader::Merge => [COMMON, MERGE].concat(),
+            Shader::Stream => STREAM.to_string(),
         }
     }
 
@@ -132,6 +139,7 @@ impl Shader {
                 (6, ReadWrite),
                 (7, ReadWrite),
             ],
+            Shader::Stream => &[(0, Uniform), (1, Read), (2, ReadWrite)],
         }
     }
 }
@@ -282,6 +290,13 @@ impl Variant {
         Variant {
             shader: Shader::Merge,
             constants: vec![("WG", 64)],
+        }
+    }
+
+    pub fn stream() -> Self {
+        Variant {
+            shader: Shader::Stream,
+            constants: vec![],
         }
     }
 
