@@ -21,6 +21,9 @@ fn module(src: &str, name: &str) -> (naga::Module, naga::valid::ModuleInfo) {
 fn variants() -> Vec<Variant> {
     let dts = [DType::F32, DType::F16, DType::Bf16];
     let mut out = vec![Variant::softmax(), Variant::merge(), Variant::stream()];
+    for a in [DType::F32, DType::F16, DType::Bf16] {
+        out.push(Variant::lens(a, a));
+    }
     for a in dts {
         out.push(Variant::pv(a));
         out.push(Variant::pack(a));

@@ -32,8 +32,9 @@ impl std::fmt::Display for Error {
     }
 }
 
-/// Compares `got` with `want`. Infinite reference values (the -inf LSE of an empty row) must be
-/// matched exactly; NaN in `got` is always a mismatch.
+/// Compares `got` with `want`. Non-finite reference values (the -inf LSE of an empty row, the NaN
+/// entropy of a row without a distribution) must be matched exactly; NaN in `got` where the
+/// reference is finite is always a mismatch.
 pub fn compare(got: &[f32], want: &[f64]) -> Error {
     assert_eq!(got.len(), want.len(), "compare: length mismatch");
     let mut e = Error::default();
@@ -59,7 +60,7 @@ pub fn compare(got: &[f32], want: &[f64]) -> Error {
                     e.worst_index = i;
                 }
             }
-        } else if g != w {
+        } else if g != w && !(g.is_nan() && w.is_nan()) {
             e.non_finite_mismatches += 1;
             if !worst_set {
                 e.worst_index = i;

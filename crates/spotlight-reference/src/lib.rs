@@ -17,6 +17,7 @@
 
 pub mod compare;
 mod error;
+pub mod lens;
 mod problem;
 pub mod random;
 mod reference;

@@ -630,7 +630,7 @@ impl Engine {
         Ok(())
     }
 
-    fn scratch(&self, label: &str, bytes: u64) -> wgpu::Buffer {
+    pub(crate) fn scratch(&self, label: &str, bytes: u64) -> wgpu::Buffer {
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: padded(bytes),
@@ -639,7 +639,7 @@ impl Engine {
         })
     }
 
-    fn dispatch(
+    pub(crate) fn dispatch(
         &self,
         enc: &mut wgpu::CommandEncoder,
         kernel: &Kernel,
@@ -687,31 +687,7 @@ impl Engine {
         let mut uniform = Params::new(p);
         uniform.num_chunks = plan.chunks;
         uniform.chunk_keys = plan.chunk_keys;
-        let aux_words = (2 * p.batch + p.q_heads) as u64;
-        if let Some(pg) = paging {
-            uniform.page_size = pg.page_size;
-            uniform.table_off = aux_words as u32;
-            uniform.table_stride = pg.table_stride;
-        }
-        let params = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("params"),
-            contents: bytemuck::bytes_of(&uniform),
-            usage: wgpu::BufferUsages::UNIFORM,
-        });
-        // aux = [q_seqlens: B][kv_seqlens: B][alibi slopes: Hq], gathered on the GPU.
-        let b4 = p.batch as u64 * 4;
-        let table_bytes = paging.map_or(0, |pg| p.batch as u64 * pg.table_stride as u64 * 4);
-        let aux = self.scratch("aux", aux_words * 4 + table_bytes);
-        for (src, offset, size) in [
-            (i.q_seqlens, 0, b4),
-            (i.kv_seqlens, b4, b4),
-            (i.alibi_slopes, 2 * b4, p.q_heads as u64 * 4),
-            (paging.map(|pg| pg.table), aux_words * 4, table_bytes),
-        ] {
-            if let Some(src) = src {
-                enc.copy_buffer_to_buffer(src, 0, &aux, offset, size);
-            }
-        }
+        let (params, aux) = self.params_and_aux(enc, p, uniform, i, paging);
         let dummy = self.scratch("unused", 4);
         let bias = i.bias.unwrap_or(&dummy);
         let mask = i.mask.unwrap_or(&dummy);
@@ -800,6 +776,46 @@ impl Engine {
             self.pack(enc, src, o.out, o.out_dtype, p.o_elems())?;
         }
         Ok(())
+    }
+
+    /// The uniform block and the aux buffer every attention kernel binds (0 and 1). aux is
+    /// `[q_seqlens: B][kv_seqlens: B][alibi slopes: Hq][block table]`, gathered on the GPU from
+    /// the caller's buffers.
+    pub(crate) fn params_and_aux(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        p: &Problem,
+        mut uniform: Params,
+        i: &GpuInputs<'_>,
+        paging: Option<&Paging<'_>>,
+    ) -> (wgpu::Buffer, wgpu::Buffer) {
+        let aux_words = (2 * p.batch + p.q_heads) as u64;
+        if let Some(pg) = paging {
+            uniform.page_size = pg.page_size;
+            uniform.table_off = aux_words as u32;
+            uniform.table_stride = pg.table_stride;
+        }
+        let params = self
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("params"),
+                contents: bytemuck::bytes_of(&uniform),
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+        let b4 = p.batch as u64 * 4;
+        let table_bytes = paging.map_or(0, |pg| p.batch as u64 * pg.table_stride as u64 * 4);
+        let aux = self.scratch("aux", aux_words * 4 + table_bytes);
+        for (src, offset, size) in [
+            (i.q_seqlens, 0, b4),
+            (i.kv_seqlens, b4, b4),
+            (i.alibi_slopes, 2 * b4, p.q_heads as u64 * 4),
+            (paging.map(|pg| pg.table), aux_words * 4, table_bytes),
+        ] {
+            if let Some(src) = src {
+                enc.copy_buffer_to_buffer(src, 0, &aux, offset, size);
+            }
+        }
+        (params, aux)
     }
 
     /// Converts `count` f32 values in `src` to packed `dtype` in `dst`.

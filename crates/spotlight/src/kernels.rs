@@ -20,6 +20,7 @@ pub mod source {
     pub const PACK: &str = include_str!("../../../shaders/pack.wgsl");
     pub const MERGE: &str = include_str!("../../../shaders/merge.wgsl");
     pub const STREAM: &str = include_str!("../../../shaders/stream.wgsl");
+    pub const LENS: &str = include_str!("../../../shaders/lens.wgsl");
 
     /// Every file, by name, for tests that check each one.
     pub const FILES: &[(&str, &str)] = &[
@@ -32,6 +33,7 @@ pub mod source {
         ("pack.wgsl", PACK),
         ("merge.wgsl", MERGE),
         ("stream.wgsl", STREAM),
+        ("lens.wgsl", LENS),
     ];
 }
 
@@ -52,6 +54,8 @@ pub enum Shader {
     Merge,
     /// A plain streaming read (the bandwidth yardstick of the decode benchmark).
     Stream,
+    /// Attention statistics (entropy, max weight, received mass, selected maps) from the LSE.
+    Lens,
 }
 
 /// How a kernel binds a buffer.
@@ -63,7 +67,7 @@ pub enum Binding {
 }
 
 impl Shader {
-    pub const ALL: [Shader; 7] = [
+    pub const ALL: [Shader; 8] = [
         Shader::Scores,
         Shader::Softmax,
         Shader::Pv,
@@ -71,6 +75,7 @@ impl Shader {
         Shader::Pack,
         Shader::Merge,
         Shader::Stream,
+        Shader::Lens,
     ];
 
     pub fn name(self) -> &'static str {
@@ -82,6 +87,7 @@ impl Shader {
             Shader::Pack => "pack",
             Shader::Merge => "merge",
             Shader::Stream => "stream",
+            Shader::Lens => "lens",
         }
     }
 
@@ -96,6 +102,7 @@ impl Shader {
             Shader::Pack => PACK.to_string(),
             Shader::Merge => [COMMON, MERGE].concat(),
             Shader::Stream => STREAM.to_string(),
+            Shader::Lens => [COMMON, LOGITS, LENS].concat(),
         }
     }
 
@@ -140,6 +147,17 @@ impl Shader {
                 (7, ReadWrite),
             ],
             Shader::Stream => &[(0, Uniform), (1, Read), (2, ReadWrite)],
+            Shader::Lens => &[
+                (0, Uniform),
+                (1, Read),
+                (2, Read),
+                (3, Read),
+                (4, Read),
+                (5, Read),
+                (6, Read),
+                (7, ReadWrite),
+                (8, Uniform),
+            ],
         }
     }
 }
@@ -290,6 +308,13 @@ impl Variant {
         Variant {
             shader: Shader::Merge,
             constants: vec![("WG", 64)],
+        }
+    }
+
+    pub fn lens(q: DType, k: DType) -> Self {
+        Variant {
+            shader: Shader::Lens,
+            constants: vec![("Q_DT", dtype_code(q)), ("K_DT", dtype_code(k))],
         }
     }
 
