@@ -124,8 +124,8 @@ fn positional_profile_sums_to_one_per_head_and_sees_the_first_token() {
     let s = lens_ref::lens(&p, &r);
     let has: Vec<bool> = s.entropy.iter().map(|x| x.is_finite()).collect();
     let prof = lens_ref::positional_profile(&p, &s.received, &has, &[16, 16], 4);
-    for h in 0..2 {
-        let total: f64 = prof[h].iter().sum();
+    for (h, head) in prof.iter().enumerate() {
+        let total: f64 = head.iter().sum();
         assert!(
             (total - 1.0).abs() < 1e-12,
             "head {h} profile sums to {total}"
