@@ -29,6 +29,7 @@ pub fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
 /// The tensors of one file, looked up by name with an optional prefix.
 pub struct Tensors<'a> {
     st: SafeTensors<'a>,
+    bytes: &'a [u8],
     prefix: String,
     path: String,
 }
@@ -43,9 +44,23 @@ impl<'a> Tensors<'a> {
         })?;
         Ok(Tensors {
             st,
+            bytes,
             prefix: prefix.to_string(),
             path: path.display().to_string(),
         })
+    }
+
+    /// The file's `__metadata__` (empty when it has none).
+    pub fn metadata(&self) -> std::collections::HashMap<String, String> {
+        match SafeTensors::read_metadata(self.bytes) {
+            Ok((_, m)) => m
+                .metadata()
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .collect(),
+            Err(_) => Default::default(),
+        }
     }
 
     /// The tensor `prefix + name`, if present.

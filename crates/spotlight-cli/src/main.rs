@@ -3,12 +3,15 @@
 //! - `spotlight info`: every adapter wgpu sees, the one chosen and why, its capabilities.
 //! - `spotlight demo`: a realistic problem on the GPU, checked against the CPU reference.
 //! - `spotlight run IN.safetensors -o OUT.safetensors [options]`: attention on tensors from a file.
+//! - `spotlight lens IN.safetensors --out-dir DIR`: attention statistics and pictures.
 //! - `spotlight bench`: validated timings, side by side with `torch_sdpa.py`'s output format.
 
 mod bench;
 mod demo;
+mod draw;
 mod files;
 mod info;
+mod lens;
 mod run;
 
 use std::process::ExitCode;
@@ -36,6 +39,8 @@ enum Command {
     Run(run::RunArgs),
     /// Validated GPU timings of the kernels (TFLOP/s, GB/s), optionally as JSON.
     Bench(bench::BenchArgs),
+    /// Where the model looks: attention statistics on the GPU, stats.json and PNG pictures.
+    Lens(lens::LensArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +51,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::main(&args),
         Command::Run(args) => run::main(&args),
         Command::Bench(args) => bench::main(&args),
+        Command::Lens(args) => lens::main(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,41 +12,48 @@ use spotlight::{Algorithm, DType, Engine, Inputs, Layout, Problem, RunOptions, T
 
 use crate::files::{self, OutTensor, Tensors};
 
+/// Where the problem comes from and its options: shared by `run` and `lens`.
 #[derive(Args)]
-pub struct RunArgs {
+pub struct ProblemArgs {
     /// Input safetensors file with tensors q, k, v (and optionally bias, mask, alibi_slopes,
     /// q_seqlens, kv_seqlens).
-    input: PathBuf,
+    pub input: PathBuf,
+    /// Read tensors PREFIXq, PREFIXk, ... instead of q, k, ...
+    #[arg(long, default_value = "")]
+    pub prefix: String,
+    /// Causal mask, aligned to the bottom-right corner (query i sees key j iff j <= i + Lk - Lq).
+    #[arg(long)]
+    pub causal: bool,
+    /// Sliding window LEFT,RIGHT around the diagonal (-1 = unbounded on that side).
+    #[arg(long, value_parser = Window::parse, allow_hyphen_values = true)]
+    pub window: Option<Window>,
+    /// Logit scale (default 1/sqrt(D)).
+    #[arg(long, allow_hyphen_values = true)]
+    pub scale: Option<f32>,
+    /// Logit soft-capping c·tanh(s/c) (c > 0; 0 = off).
+    #[arg(long, allow_hyphen_values = true)]
+    pub softcap: Option<f32>,
+    /// Layout of q, k, v and out: bshd [B, L, H, D] or bhsd [B, H, L, D].
+    #[arg(long, default_value = "bshd")]
+    pub layout: Layout,
+    /// auto, three-pass, flash or split-k.
+    #[arg(long, default_value = "auto")]
+    pub algorithm: Algorithm,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    problem: ProblemArgs,
     /// Output safetensors file (tensors out, and lse / probs when asked).
     #[arg(short, long)]
     output: PathBuf,
-    /// Read tensors PREFIXq, PREFIXk, ... instead of q, k, ...
-    #[arg(long, default_value = "")]
-    prefix: String,
-    /// Causal mask, aligned to the bottom-right corner (query i sees key j iff j <= i + Lk - Lq).
-    #[arg(long)]
-    causal: bool,
-    /// Sliding window LEFT,RIGHT around the diagonal (-1 = unbounded on that side).
-    #[arg(long, value_parser = Window::parse, allow_hyphen_values = true)]
-    window: Option<Window>,
-    /// Logit scale (default 1/sqrt(D)).
-    #[arg(long, allow_hyphen_values = true)]
-    scale: Option<f32>,
-    /// Logit soft-capping c·tanh(s/c) (c > 0; 0 = off).
-    #[arg(long, allow_hyphen_values = true)]
-    softcap: Option<f32>,
     /// Also write the log-sum-exp `lse` [B, Hq, Lq].
     #[arg(long)]
     lse: bool,
     /// Also write the attention probabilities `probs` [B, Hq, Lq, Lk] (three-pass path).
     #[arg(long)]
     probs: bool,
-    /// Layout of q, k, v and out: bshd [B, L, H, D] or bhsd [B, H, L, D].
-    #[arg(long, default_value = "bshd")]
-    layout: Layout,
-    /// auto, three-pass or flash.
-    #[arg(long, default_value = "auto")]
-    algorithm: Algorithm,
     /// Output dtype (default: the dtype of q).
     #[arg(long)]
     out_dtype: Option<DType>,
@@ -104,7 +111,36 @@ fn vector<T>(
     Ok(data)
 }
 
-pub fn main(a: &RunArgs) -> anyhow::Result<()> {
+/// A problem read from a file: its description, its tensors, and the file's metadata.
+pub struct Loaded {
+    pub problem: Problem,
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub bias: Option<Vec<f32>>,
+    pub mask: Option<Vec<u8>>,
+    pub slopes: Option<Vec<f32>>,
+    pub lens: [Option<Vec<i32>>; 2],
+    pub metadata: std::collections::HashMap<String, String>,
+}
+
+impl Loaded {
+    pub fn inputs(&self) -> Inputs<'_> {
+        Inputs {
+            q: self.q.as_ref(),
+            k: self.k.as_ref(),
+            v: self.v.as_ref(),
+            bias: self.bias.as_deref(),
+            mask: self.mask.as_deref(),
+            alibi_slopes: self.slopes.as_deref(),
+            q_seqlens: self.lens[0].as_deref(),
+            kv_seqlens: self.lens[1].as_deref(),
+        }
+    }
+}
+
+/// Reads and checks everything before any GPU work.
+pub fn load(a: &ProblemArgs) -> anyhow::Result<Loaded> {
     let bytes = files::read(&a.input)?;
     let t = Tensors::parse(&bytes, &a.input, &a.prefix)?;
     let (qn, qv) = t.require("q")?;
@@ -175,24 +211,32 @@ pub fn main(a: &RunArgs) -> anyhow::Result<()> {
     }
     p.q_seqlens = lens[0].is_some();
     p.kv_seqlens = lens[1].is_some();
-    let inputs = Inputs {
-        q: q.as_ref(),
-        k: k.as_ref(),
-        v: v.as_ref(),
-        bias: bias.as_deref(),
-        mask: mask.as_deref(),
-        alibi_slopes: slopes.as_deref(),
-        q_seqlens: lens[0].as_deref(),
-        kv_seqlens: lens[1].as_deref(),
+    let loaded = Loaded {
+        problem: p,
+        q,
+        k,
+        v,
+        bias,
+        mask,
+        slopes,
+        lens,
+        metadata: t.metadata(),
     };
-    p.check_inputs(&inputs)?;
+    loaded.problem.check_inputs(&loaded.inputs())?;
+    Ok(loaded)
+}
+
+pub fn main(a: &RunArgs) -> anyhow::Result<()> {
+    let l = load(&a.problem)?;
+    let (p, q, inputs) = (&l.problem, &l.q, l.inputs());
+    let (b, lq, lk, hq, dv) = (p.batch, p.q_len, p.kv_len, p.q_heads, p.v_head_dim);
     let out_dtype = a.out_dtype.unwrap_or(q.dtype());
 
     let (out, lse, probs) = if a.reference {
-        if a.algorithm != Algorithm::Auto {
+        if a.problem.algorithm != Algorithm::Auto {
             bail!("--reference computes on the CPU; it does not take --algorithm");
         }
-        let r = reference::attention(&p, &inputs)?;
+        let r = reference::attention(p, &inputs)?;
         let f = |x: &[f64]| x.iter().map(|&v| v as f32).collect::<Vec<f32>>();
         (
             Tensor::from_f32(&f(&r.out), out_dtype),
@@ -202,20 +246,20 @@ pub fn main(a: &RunArgs) -> anyhow::Result<()> {
     } else {
         let engine = Engine::new()?;
         let opts = RunOptions {
-            algorithm: a.algorithm,
+            algorithm: a.problem.algorithm,
             lse: a.lse,
             probs: a.probs,
             out_dtype: Some(out_dtype),
             max_chunk_keys: a.max_chunk_keys,
         };
         let o = engine
-            .attention(&p, &inputs, &opts)
+            .attention(p, &inputs, &opts)
             .with_context(|| format!("running attention on {}", engine.describe()))?;
         log::info!("algorithm {}", o.algorithm.name());
         (o.out, o.lse, o.probs)
     };
 
-    let out_shape = match a.layout {
+    let out_shape = match p.layout {
         Layout::Bshd => vec![b, lq, hq, dv],
         Layout::Bhsd => vec![b, hq, lq, dv],
     };

@@ -796,3 +796,144 @@ fn bench_decode_reports_bandwidth_beside_a_streaming_read() {
         assert!(!l.contains("INVALID"), "{l}");
     }
 }
+
+/// Decodes a PNG into (width, height, RGB bytes).
+fn decode_png(path: &Path) -> (usize, usize, Vec<u8>) {
+    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = dec.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb, "{}", path.display());
+    buf.truncate(info.buffer_size());
+    (info.width as usize, info.height as usize, buf)
+}
+
+#[test]
+fn lens_draws_a_diagonal_mask_where_it_should_be() {
+    if !have_gpu() {
+        return;
+    }
+    let dir = tmpdir("lens-diag");
+    let n = 24;
+    let mut rng = Rng::new(11);
+    let diag: Vec<f32> = (0..n * n).map(|x| (x / n == x % n) as u8 as f32).collect();
+    let input = dir.join("in.safetensors");
+    write(
+        &input,
+        &[
+            f32s("x.q", &[1, n, 2, 16], &rng.vec(n * 32)),
+            f32s("x.k", &[1, n, 2, 16], &rng.vec(n * 32)),
+            f32s("x.v", &[1, n, 2, 16], &rng.vec(n * 32)),
+            typed("x.mask", &[n, n], &diag, Dtype::U8),
+        ],
+    );
+    let out_dir = dir.join("out");
+    let out = spotlight(&[
+        "lens",
+        input.to_str().unwrap(),
+        "--prefix",
+        "x.",
+        "--out-dir",
+        out_dir.to_str().unwrap(),
+        "--bins",
+        "4",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Documented layout: cell size s = 384 / 24 = 16; margins 64 left, 96 right, 32 top, 48 bottom.
+    let (w, h, px) = decode_png(&out_dir.join("map_head1.png"));
+    assert_eq!((w, h), (64 + 24 * 16 + 96, 32 + 24 * 16 + 48));
+    let at = |c: usize, r: usize| {
+        let (x, y) = (64 + c * 16 + 8, 32 + r * 16 + 8);
+        let o = (y * w + x) * 3;
+        [px[o], px[o + 1], px[o + 2]]
+    };
+    for i in 0..n {
+        assert_eq!(
+            at(i, i),
+            [253, 231, 37],
+            "diagonal cell ({i}, {i}) is the top of the scale"
+        );
+        assert_eq!(
+            at((i + 5) % n, i),
+            [68, 1, 84],
+            "off-diagonal cell is the bottom of the scale"
+        );
+    }
+    for name in ["map_head0.png", "received.png", "profile.png"] {
+        let (w, h, _) = decode_png(&out_dir.join(name));
+        assert!(w > 100 && h > 100, "{name}: {w}x{h}");
+    }
+    let stats: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("stats.json")).unwrap()).unwrap();
+    let heads = stats["heads"].as_array().unwrap();
+    assert_eq!(heads.len(), 2);
+    for h in heads {
+        // One visible key per row: a certain distribution.
+        assert!(h["entropy_max"].as_f64().unwrap().abs() < 1e-6, "{h}");
+        assert!(
+            (h["max_weight_mean"].as_f64().unwrap() - 1.0).abs() < 1e-6,
+            "{h}"
+        );
+        let received = h["received"].as_array().unwrap();
+        assert_eq!(received.len(), n);
+        assert!(
+            received
+                .iter()
+                .all(|x| (x.as_f64().unwrap() - 1.0).abs() < 1e-5)
+        );
+        let profile: f64 = h["positional_profile"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .sum();
+        assert!((profile - 1.0).abs() < 1e-5, "profile sums to {profile}");
+    }
+}
+
+#[test]
+fn lens_runs_on_the_real_minilm_example() {
+    if !have_gpu() {
+        return;
+    }
+    let dir = tmpdir("lens-minilm");
+    let input = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/minilm/code.safetensors"
+    );
+    let t = std::time::Instant::now();
+    let out = spotlight(&[
+        "lens",
+        input,
+        "--prefix",
+        "layer1.",
+        "--out-dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(t.elapsed().as_secs() < 60, "lens took {:?}", t.elapsed());
+    let stats: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("stats.json")).unwrap()).unwrap();
+    assert_eq!(stats["heads"].as_array().unwrap().len(), 12);
+    assert_eq!(stats["tokens"].as_array().unwrap().len(), 81);
+    assert_eq!(stats["tokens"][0], "[CLS]");
+    for h in stats["heads"].as_array().unwrap() {
+        let e = h["entropy_mean"].as_f64().unwrap();
+        assert!(
+            e > 0.0 && e < (81f64).ln() + 1e-9,
+            "entropy {e} outside (0, ln 81]"
+        );
+    }
+    for h in 0..12 {
+        assert!(dir.join(format!("map_head{h}.png")).exists());
+    }
+}
