@@ -14,7 +14,7 @@ struct Params {
     bias_sb: u32, bias_sh: u32, mask_sb: u32, mask_sh: u32,
     flags: u32, win_left: i32, win_right: i32, scale: f32,
     softcap: f32, chunk_keys: u32, num_chunks: u32, page_size: u32,
-    table_off: u32, table_stride: u32, pad0: u32, pad1: u32,
+    table_off: u32, table_stride: u32, key_base: u32, kv_total: u32,
 }
 
 const F_CAUSAL: u32 = 1u;
@@ -36,6 +36,16 @@ fn neg_inf() -> f32 {
     return bitcast<f32>(0xff800000u);
 }
 
+fn nan() -> f32 {
+    return bitcast<f32>(0x7fc00000u);
+}
+
+// By its bits: `x != x` is an ordered comparison in SPIR-V (naga emits FOrdNotEqual), false for
+// NaN. Likewise, NaN-aware code below writes `!(x == y)` where `x != y` would be false for NaN.
+fn is_nan(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
+}
+
 // Valid query length of batch entry b.
 fn q_valid(b: u32) -> u32 {
     if has(F_QLENS) {
@@ -44,12 +54,13 @@ fn q_valid(b: u32) -> u32 {
     return params.q_len;
 }
 
-// Valid key length of batch entry b.
+// Valid key length of batch entry b. Keys are numbered globally: a problem split into key
+// windows sees keys key_base .. key_base + kv_len of kv_total (unsplit: key_base 0, kv_total kv_len).
 fn kv_valid(b: u32) -> u32 {
     if has(F_KVLENS) {
-        return min(aux[params.batch + b], params.kv_len);
+        return min(aux[params.batch + b], params.kv_total);
     }
-    return params.kv_len;
+    return params.kv_total;
 }
 
 fn alibi_slope(h: u32) -> f32 {

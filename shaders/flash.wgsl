@@ -92,8 +92,9 @@ fn main(
     // Keys visible to at least one row of this tile: [j_lo, j_hi). Rows are ordered by position.
     let i_first = row_pos(r0);
     let i_last = row_pos(min(r0 + BQ, unit_rows) - 1u);
-    var j_lo = 0;
-    var j_hi = i32(lk);
+    // Global key indices; this dispatch holds keys [key_base, key_base + kv_len).
+    var j_lo = i32(params.key_base);
+    var j_hi = min(i32(lk), i32(params.key_base + params.kv_len));
     if i_first >= lq {
         j_hi = 0;
     } else {
@@ -111,8 +112,8 @@ fn main(
     }
     if params.num_chunks > 1u {
         // Split over the key range: this workgroup takes one chunk; a merge pass combines them.
-        j_lo = max(j_lo, i32(chunk * params.chunk_keys));
-        j_hi = min(j_hi, i32((chunk + 1u) * params.chunk_keys));
+        j_lo = max(j_lo, i32(params.key_base + chunk * params.chunk_keys));
+        j_hi = min(j_hi, i32(params.key_base + (chunk + 1u) * params.chunk_keys));
     }
 
     var m = ninf;
@@ -129,8 +130,9 @@ fn main(
         for (var x = lid; x < BK * HEAD_DIM; x += nthreads) {
             let jj = ju + x / HEAD_DIM;
             var val = 0.0;
-            if jj < lk {
-                let idx = kv_row(b, jj, params.k_sb, params.k_ss) + kvh * params.k_sh + x % HEAD_DIM;
+            if jj < lk && jj - params.key_base < params.kv_len {
+                let jl = jj - params.key_base; // row in this dispatch's K
+                let idx = kv_row(b, jl, params.k_sb, params.k_ss) + kvh * params.k_sh + x % HEAD_DIM;
                 val = elem_value(k[elem_word(idx, K_DT)], idx, K_DT);
             }
             k_s[x] = val;
@@ -138,8 +140,10 @@ fn main(
         for (var x = lid; x < BK * V_DIM; x += nthreads) {
             let jj = ju + x / V_DIM;
             var val = 0.0;
-            if jj < lk { // padding never reaches the output, whatever it holds
-                let idx = kv_row(b, jj, params.v_sb, params.v_ss) + kvh * params.v_sh + x % V_DIM;
+            // Padding never reaches the output, whatever it holds.
+            if jj < lk && jj - params.key_base < params.kv_len {
+                let jl = jj - params.key_base;
+                let idx = kv_row(b, jl, params.v_sb, params.v_ss) + kvh * params.v_sh + x % V_DIM;
                 val = elem_value(v[elem_word(idx, V_DT)], idx, V_DT);
             }
             v_s[x] = val;
@@ -150,7 +154,10 @@ fn main(
         for (var kk = t; kk < BK; kk += TPR) {
             let j = ju + kk;
             var s = ninf;
-            if row_ok && i < lq && visible(b, h, i, j, off, lk) {
+            // [j_lo, j_hi) bounds this workgroup's keys (its window and chunk); tiles are aligned
+            // to BK, so a tile may reach past either end.
+            let mine = i32(j) >= j_lo && i32(j) < j_hi;
+            if row_ok && mine && i < lq && visible(b, h, i, j, off, lk) {
                 var dot = 0.0;
                 for (var d = 0u; d < HEAD_DIM; d++) {
                     dot += q_s[r * HEAD_DIM + d] * k_s[kk * HEAD_DIM + d];
@@ -170,7 +177,9 @@ fn main(
         for (var kk = t; kk < BK; kk += TPR) {
             let s = p_s[r * BK + kk];
             var p = 0.0;
-            if m_new != ninf && s != ninf {
+            if is_nan(s) {
+                p = s; // a NaN logit poisons the row through l and acc
+            } else if m_new != ninf && s != ninf {
                 p = exp(s - m_new);
             }
             p_s[r * BK + kk] = p;
@@ -201,7 +210,8 @@ fn main(
     }
 
     if row_ok {
-        let valid = i < lq && m != ninf && l > 0.0;
+        // l is 0 exactly when no key was visible (every p was 0); NaN when a logit was NaN.
+        let valid = i < lq && !(l == 0.0);
         // Unsplit: O in the problem's layout. Split: partial O as [chunk][b][h][i][Dv] and partial
         // LSE as [chunk][b][h][i], for the merge pass.
         let rows = params.batch * params.q_heads * params.q_len;

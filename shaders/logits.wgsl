@@ -4,7 +4,8 @@
 @group(0) @binding(2) var<storage, read> bias: array<f32>;
 @group(0) @binding(3) var<storage, read> mask: array<u32>;
 
-// Whether key j is visible to query row i of (b, h); off = Lk_b - Lq_b, lk = Lk_b.
+// Whether key j (a global key index) is visible to query row i of (b, h); off = Lk_b - Lq_b,
+// lk = Lk_b.
 fn visible(b: u32, h: u32, i: u32, j: u32, off: i32, lk: u32) -> bool {
     if j >= lk {
         return false;
@@ -21,7 +22,7 @@ fn visible(b: u32, h: u32, i: u32, j: u32, off: i32, lk: u32) -> bool {
         return false;
     }
     if has(F_MASK) {
-        let idx = b * params.mask_sb + h * params.mask_sh + i * params.kv_len + j;
+        let idx = b * params.mask_sb + h * params.mask_sh + i * params.kv_total + j;
         let byte = (mask[idx >> 2u] >> ((idx & 3u) * 8u)) & 0xffu;
         if byte == 0u {
             return false;
@@ -38,7 +39,7 @@ fn finish_logit(b: u32, h: u32, i: u32, j: u32, off: i32, dot: f32) -> f32 {
         s = params.softcap * tanh(clamp(s / params.softcap, -15.0, 15.0));
     }
     if has(F_BIAS) {
-        s += bias[b * params.bias_sb + h * params.bias_sh + i * params.kv_len + j];
+        s += bias[b * params.bias_sb + h * params.bias_sh + i * params.kv_total + j];
     }
     if has(F_ALIBI) {
         s -= alibi_slope(h) * f32(abs(i32(i) + off - i32(j)));

@@ -29,11 +29,17 @@ fn main(
     let b = row / (params.q_len * params.q_heads);
     let ninf = neg_inf();
     var m = ninf;
+    var poisoned = false;
     for (var c = 0u; c < params.num_chunks; c++) {
-        m = max(m, part_lse[c * rows + row]);
+        let l = part_lse[c * rows + row];
+        poisoned = poisoned || is_nan(l);
+        m = max(m, l);
+    }
+    if poisoned {
+        m = nan(); // a NaN part poisons the row
     }
     var total = 0.0;
-    if m != ninf {
+    if !(m == ninf) {
         for (var c = 0u; c < params.num_chunks; c++) {
             total += exp(part_lse[c * rows + row] - m);
         }
@@ -41,7 +47,7 @@ fn main(
     let o_base = b * params.o_sb + i * params.o_ss + h * params.o_sh;
     for (var d = lid; d < params.v_head_dim; d += WG) {
         var acc = 0.0;
-        if m != ninf {
+        if !(m == ninf) {
             for (var c = 0u; c < params.num_chunks; c++) {
                 let w = exp(part_lse[c * rows + row] - m);
                 if w > 0.0 {
@@ -53,6 +59,6 @@ fn main(
         out[o_base + d] = acc;
     }
     if lid == 0u {
-        lse[row] = select(ninf, m + log(total), m != ninf);
+        lse[row] = select(ninf, m + log(total), !(m == ninf));
     }
 }

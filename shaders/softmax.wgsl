@@ -26,6 +26,10 @@ fn main(
     var l = 0.0;
     for (var j = lid; j < params.kv_len; j += WG) {
         let s = probs[base + j];
+        if is_nan(s) {
+            m = nan(); // a NaN logit poisons the row (see the semantics)
+            break;
+        }
         if s > m {
             l = l * exp(m - s) + 1.0;
             m = s;
@@ -40,9 +44,12 @@ fn main(
         if lid < stride {
             let m1 = red_m[lid];
             let m2 = red_m[lid + stride];
-            let mm = max(m1, m2);
+            var mm = max(m1, m2);
+            if is_nan(m1) || is_nan(m2) {
+                mm = nan();
+            }
             var ll = 0.0;
-            if mm != ninf {
+            if !(mm == ninf) {
                 ll = red_l[lid] * exp(m1 - mm) + red_l[lid + stride] * exp(m2 - mm);
             }
             red_m[lid] = mm;
@@ -56,7 +63,7 @@ fn main(
     for (var j = lid; j < params.kv_len; j += WG) {
         let s = probs[base + j];
         var p = 0.0;
-        if !empty && s != ninf {
+        if !empty && !(s == ninf) {
             p = exp(s - mx) / sum;
         }
         probs[base + j] = p;

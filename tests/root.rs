@@ -7,6 +7,7 @@ mod bad_input;
 mod decode;
 mod engine;
 mod lens;
+mod limits;
 
 mod differential;
 mod edge_cases;

@@ -22,7 +22,7 @@ use spotlight::reference::lens::positional_profile;
 use spotlight::{Engine, LensOptions};
 
 use crate::draw;
-use crate::run::{ProblemArgs, load};
+use spotlight_cli::run::{ProblemArgs, load};
 
 #[derive(Args)]
 pub struct LensArgs {

@@ -6,13 +6,13 @@
 //! - `spotlight lens IN.safetensors --out-dir DIR`: attention statistics and pictures.
 //! - `spotlight bench`: validated timings, side by side with `torch_sdpa.py`'s output format.
 
+use spotlight_cli::run;
+
 mod bench;
 mod demo;
 mod draw;
-mod files;
 mod info;
 mod lens;
-mod run;
 
 use std::process::ExitCode;
 

@@ -64,6 +64,9 @@ pub struct RunArgs {
     /// Compute on the CPU reference (f64 accumulation) instead of the GPU.
     #[arg(long)]
     reference: bool,
+    /// Print the device memory the run allocates and the pieces it runs in.
+    #[arg(long)]
+    stats: bool,
 }
 
 /// `[B, L, H, D]` of a q/k/v tensor in `layout`.
@@ -142,7 +145,12 @@ impl Loaded {
 /// Reads and checks everything before any GPU work.
 pub fn load(a: &ProblemArgs) -> anyhow::Result<Loaded> {
     let bytes = files::read(&a.input)?;
-    let t = Tensors::parse(&bytes, &a.input, &a.prefix)?;
+    load_bytes(&bytes, a)
+}
+
+/// [`load`] on the bytes of a file (`a.input` names it in messages).
+pub fn load_bytes(bytes: &[u8], a: &ProblemArgs) -> anyhow::Result<Loaded> {
+    let t = Tensors::parse(bytes, &a.input, &a.prefix)?;
     let (qn, qv) = t.require("q")?;
     let (kn, kv) = t.require("k")?;
     let (vn, vv) = t.require("v")?;
@@ -252,6 +260,19 @@ pub fn main(a: &RunArgs) -> anyhow::Result<()> {
             out_dtype: Some(out_dtype),
             max_chunk_keys: a.max_chunk_keys,
         };
+        if a.stats {
+            let est = engine.estimate(p, &opts)?;
+            println!(
+                "stats: device bytes {} ({:.1} MiB), pieces {}{}",
+                est.device_bytes,
+                est.device_bytes as f64 / (1u64 << 20) as f64,
+                est.pieces,
+                est.split.map_or(String::new(), |s| format!(
+                    " (batch groups of {}, key windows of {})",
+                    s.batch_group, s.key_window
+                ))
+            );
+        }
         let o = engine
             .attention(p, &inputs, &opts)
             .with_context(|| format!("running attention on {}", engine.describe()))?;

@@ -420,11 +420,17 @@ fn prefix_selects_tensors_and_outputs_have_documented_shapes() {
         "layer1.",
         "--lse",
         "--probs",
+        "--stats",
     ]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("stats: device bytes") && stdout.contains("pieces 1"),
+        "{stdout}"
     );
     let bytes = std::fs::read(&output).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();

@@ -9,7 +9,8 @@
 //!    `i + off - left <= j <= i + off + right`, and `j < Lk_b`;
 //! 5. `P = softmax over visible j`, `O = P · V`, `LSE = log Σ_visible exp(s)`;
 //! 6. a row with no visible key (or whose visible logits are all -inf), and every row
-//!    `i >= Lq_b`, gives `O = 0`, `LSE = -inf` and `P = 0`.
+//!    `i >= Lq_b`, gives `O = 0`, `LSE = -inf` and `P = 0`;
+//! 7. a row with a NaN logit (NaN or infinite inputs) gives NaN for O, LSE and its visible P.
 
 use crate::error::ProblemError;
 use crate::problem::{Inputs, Problem};
@@ -117,6 +118,17 @@ fn row(p: &Problem, inputs: &Inputs<'_>, b: usize, h: usize, i: usize) -> Row {
     let logits: Vec<Option<f64>> = (0..p.kv_len)
         .map(|j| logit(p, inputs, b, h, i, j, off, lk))
         .collect();
+    if logits.iter().flatten().any(|s| s.is_nan()) {
+        // A NaN logit (from NaN or infinite inputs) poisons its row: O, LSE and P are NaN.
+        r.out.fill(f64::NAN);
+        r.lse = f64::NAN;
+        for (j, s) in logits.iter().enumerate() {
+            if s.is_some() {
+                r.probs[j] = f64::NAN;
+            }
+        }
+        return r;
+    }
     let m = logits
         .iter()
         .flatten()
@@ -192,6 +204,13 @@ pub fn merge(
         for h in 0..p.q_heads {
             for i in 0..p.q_len {
                 let row = (b * p.q_heads + h) * p.q_len + i;
+                if parts.iter().any(|(_, l)| l[row].is_nan()) {
+                    lse[row] = f32::NAN;
+                    for d in 0..p.v_head_dim {
+                        out[o.index(b, i, h, d)] = f32::NAN;
+                    }
+                    continue;
+                }
                 let m = parts
                     .iter()
                     .fold(f64::NEG_INFINITY, |m, (_, l)| m.max(l[row] as f64));

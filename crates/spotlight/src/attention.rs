@@ -165,6 +165,8 @@ pub(crate) struct Plan {
     /// Chunks the fused kernel splits the key range into (1 = not split) and keys per chunk.
     chunks: u32,
     chunk_keys: u32,
+    /// A key window of a split problem: `(key_base, kv_total)`; `None` when unsplit.
+    pub(crate) window: Option<(u32, u32)>,
 }
 
 impl Plan {
@@ -174,6 +176,7 @@ impl Plan {
             tiles: None,
             chunks: 1,
             chunk_keys: 0,
+            window: None,
         }
     }
 }
@@ -260,10 +263,11 @@ impl Engine {
             tiles: Some(tiles),
             chunks,
             chunk_keys,
+            window: None,
         })
     }
 
-    fn plan(&self, p: &Problem, opts: &RunOptions) -> Result<Plan> {
+    pub(crate) fn plan(&self, p: &Problem, opts: &RunOptions) -> Result<Plan> {
         self.plan_impl(p, opts, false)
     }
 
@@ -304,8 +308,8 @@ impl Engine {
 
     /// Every buffer the plan binds must fit the binding and buffer limits, and every grid the
     /// workgroup-count limit (after folding into two dimensions).
-    fn check_limits(&self, p: &Problem, plan: Plan, opts: &RunOptions, paged: bool) -> Result<()> {
-        let caps = self.capabilities();
+    /// Every device buffer a plan allocates or binds, with its size in bytes.
+    fn plan_buffers(p: &Problem, plan: Plan, opts: &RunOptions, paged: bool) -> Vec<(String, u64)> {
         let dt = |d: Option<DType>| d.unwrap_or(DType::F32).size() as u64;
         let mut buffers: Vec<(String, u64)> = vec![
             ("q".into(), p.q_elems() as u64 * 4),
@@ -349,6 +353,22 @@ impl Engine {
                 p.probs_elems() as u64 * 4,
             ));
         }
+        buffers
+    }
+
+    /// Bytes of device memory a plan uses (inputs, outputs, scratch).
+    pub(crate) fn plan_bytes(&self, p: &Problem, plan: Plan, opts: &RunOptions) -> u64 {
+        let aux = (2 * p.batch + p.q_heads) as u64 * 4 + 128;
+        Self::plan_buffers(p, plan, opts, false)
+            .iter()
+            .map(|(_, b)| b)
+            .sum::<u64>()
+            + aux
+    }
+
+    fn check_limits(&self, p: &Problem, plan: Plan, opts: &RunOptions, paged: bool) -> Result<()> {
+        let caps = self.capabilities();
+        let buffers = Self::plan_buffers(p, plan, opts, paged);
         for (what, bytes) in buffers {
             if bytes > caps.max_storage_binding {
                 return Err(Error::LimitExceeded {
@@ -414,6 +434,17 @@ impl Engine {
     pub fn upload(&self, p: &Problem, inputs: &Inputs<'_>, opts: &RunOptions) -> Result<Resident> {
         p.check_inputs(inputs)?;
         self.plan(p, opts)?;
+        Ok(self.upload_unchecked(p, inputs, opts))
+    }
+
+    /// [`Engine::upload`] for inputs already checked (pieces of a split problem carry global
+    /// sequence lengths that the piece's own shape would reject).
+    pub(crate) fn upload_unchecked(
+        &self,
+        p: &Problem,
+        inputs: &Inputs<'_>,
+        opts: &RunOptions,
+    ) -> Resident {
         let dev = &self.device;
         let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
         let upload = |label: &str, bytes: &[u8]| {
@@ -434,7 +465,7 @@ impl Engine {
             })
         };
         let out_dtype = opts.out_dtype.unwrap_or(inputs.q.dtype());
-        Ok(Resident {
+        Resident {
             q: upload("q", inputs.q.as_bytes()),
             k: upload("k", inputs.k.as_bytes()),
             v: upload("v", inputs.v.as_bytes()),
@@ -456,15 +487,37 @@ impl Engine {
             probs: opts
                 .probs
                 .then(|| poisoned("probs", p.probs_elems() as u64 * 4)),
-        })
+        }
     }
 
     /// Runs attention on host data: validates, uploads, computes, downloads. Output buffers are
     /// filled with NaN before the run, so an element a kernel failed to write cannot look valid.
+    ///
+    /// A problem whose tensors pass the device's binding or buffer limits is cut into pieces
+    /// (groups of batch entries × windows of keys) that run one after another and are merged
+    /// exactly by their LSE; see [`Engine::estimate`].
     pub fn attention(&self, p: &Problem, inputs: &Inputs<'_>, opts: &RunOptions) -> Result<Output> {
-        let r = self.upload(p, inputs, opts)?;
-        let plan = self.plan(p, opts)?;
-        self.run_and_read(p, plan, &r.inputs(), r.out_dtype, opts, None)
+        p.check_inputs(inputs)?;
+        self.scoped(|| self.attention_checked(p, inputs, opts))
+    }
+
+    fn attention_checked(
+        &self,
+        p: &Problem,
+        inputs: &Inputs<'_>,
+        opts: &RunOptions,
+    ) -> Result<Output> {
+        match self.plan(p, opts) {
+            Ok(plan) => {
+                let r = self.upload_unchecked(p, inputs, opts);
+                self.run_and_read(p, plan, &r.inputs(), r.out_dtype, opts, None)
+            }
+            Err(Error::LimitExceeded { .. }) => {
+                let split = self.split(p, opts)?;
+                self.attention_in_pieces(p, inputs, opts, split)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Creates poisoned outputs, records and submits the plan, and reads the results back.
@@ -687,6 +740,10 @@ impl Engine {
         let mut uniform = Params::new(p);
         uniform.num_chunks = plan.chunks;
         uniform.chunk_keys = plan.chunk_keys;
+        if let Some((base, total)) = plan.window {
+            uniform.key_base = base;
+            uniform.kv_total = total;
+        }
         let (params, aux) = self.params_and_aux(enc, p, uniform, i, paging);
         let dummy = self.scratch("unused", 4);
         let bias = i.bias.unwrap_or(&dummy);

@@ -243,6 +243,15 @@ impl Engine {
         self.cache.builds()
     }
 
+    /// Treats storage bindings (and buffers) as limited to at most `bytes`: problems past it are
+    /// cut into pieces as on an adapter with that limit. For applications that want smaller
+    /// allocations, and for tests of the splitting on any adapter.
+    pub fn with_binding_limit(mut self, bytes: u64) -> Self {
+        self.caps.max_storage_binding = self.caps.max_storage_binding.min(bytes.max(256));
+        self.caps.max_buffer_size = self.caps.max_buffer_size.min(bytes.max(256));
+        self
+    }
+
     /// A one-line description: adapter, backend, type, driver.
     pub fn describe(&self) -> String {
         let i = &self.info;
@@ -266,6 +275,24 @@ impl Engine {
             return Err(Error::Gpu(msg));
         }
         Ok(())
+    }
+
+    /// Runs `f` inside error scopes, so that an allocation failure or a validation error during
+    /// it comes back as a typed error ([`Error::OutOfMemory`], [`Error::Gpu`]) instead of
+    /// reaching the device's uncaptured-error handler.
+    pub(crate) fn scoped<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let result = f();
+        let validation = pollster::block_on(validation.pop());
+        let oom = pollster::block_on(oom.pop());
+        if let Some(e) = oom {
+            return Err(Error::OutOfMemory(e.to_string()));
+        }
+        if let Some(e) = validation {
+            return Err(Error::Gpu(e.to_string()));
+        }
+        result
     }
 
     /// Blocks until all submitted work is done.

@@ -40,6 +40,9 @@ pub enum Error {
     /// A pipeline failed to build (shader name and configuration attached).
     #[error("pipeline {name} failed to build: {reason}")]
     Pipeline { name: String, reason: String },
+    /// The device ran out of memory for this problem (the engine stays usable).
+    #[error("the GPU ran out of memory: {0}")]
+    OutOfMemory(String),
     /// The GPU reported an error (validation, out of memory) while running.
     #[error("GPU error: {0}")]
     Gpu(String),

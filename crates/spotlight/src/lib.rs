@@ -29,12 +29,14 @@ mod error;
 pub mod kernels;
 mod lens;
 mod params;
+mod pieces;
 
 pub use attention::{Algorithm, GpuInputs, GpuOutputs, Output, Resident, RunOptions};
 pub use cache::{DecodeOptions, KvCache, KvCacheConfig, SeqId};
 pub use context::{Capabilities, Engine, EngineOptions, TimerSource, Timing, adapter_report};
 pub use error::{Error, Result};
 pub use lens::{LensOptions, LensStats};
+pub use pieces::{Estimate, Split};
 pub use spotlight_reference as reference;
 pub use spotlight_reference::{DType, Inputs, Layout, Problem, Tensor, TensorRef};
 pub use wgpu;

@@ -50,7 +50,9 @@ pub struct Params {
     pub page_size: u32,
     pub table_off: u32,
     pub table_stride: u32,
-    pad: [u32; 2],
+    /// Key windows: this dispatch holds keys `key_base .. key_base + kv_len` of `kv_total`.
+    pub key_base: u32,
+    pub kv_total: u32,
 }
 
 /// Window sides beyond this are as good as unbounded and keep `i + off ± side` inside i32.
@@ -116,7 +118,8 @@ impl Params {
             page_size: 0,
             table_off: 0,
             table_stride: 0,
-            pad: [0; 2],
+            key_base: 0,
+            kv_total: u(p.kv_len),
         }
     }
 }

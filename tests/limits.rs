@@ -1,0 +1,267 @@
+//! Limits and guarantees: problems past the binding limit (split and merged exactly), dispatch
+//! grids past 65 535 workgroups, many threads on one engine, bit-for-bit determinism, and
+//! non-finite inputs.
+
+use std::sync::Arc;
+
+use spotlight::reference::random::Rng;
+use spotlight::reference::{self, compare};
+use spotlight::{Algorithm, DType, Engine, Error, Problem, RunOptions, Tensor};
+
+use crate::common::{ALGORITHMS, Data, check_opts, engine};
+use crate::differential::random_problem;
+
+#[test]
+fn keys_past_the_binding_limit_are_split_and_merged_exactly() {
+    let Some(engine) = engine() else { return };
+    // One query row against 300 000 keys, 4 heads, D = 32: K and V are 153.6 MB each in f32,
+    // past lavapipe's 128 MiB storage bindings.
+    let mut p = Problem::new(1, 1, 300_000, 4, 4, 32).causal(true);
+    p.kv_seqlens = true;
+    let mut d = Data::random(&p, [DType::F32; 3], 2.0, &mut Rng::new(71));
+    d.kv_seqlens = Some(vec![299_999]);
+    let limit = engine.capabilities().max_storage_binding;
+    let opts = RunOptions {
+        algorithm: Algorithm::Flash,
+        lse: true,
+        ..Default::default()
+    };
+    let est = engine.estimate(&p, &opts).unwrap();
+    if (p.k_elems() * 4) as u64 > limit {
+        assert!(est.pieces >= 2, "{est:?}");
+    }
+    assert!(est.device_bytes <= 4 * limit, "{est:?}");
+    check_opts(engine, &p, &d, &opts, None).unwrap();
+}
+
+#[test]
+fn random_problems_split_under_a_small_binding_limit() {
+    if engine().is_none() {
+        return;
+    }
+    let mut split = 0;
+    for seed in 0..40u64 {
+        // The differential suite's options on shapes with few queries and many keys, and a
+        // binding limit just above one batch entry's queries: several batch groups and windows.
+        let (mut p, _, out_dtype) = random_problem(0x5B11_0000 + seed);
+        let mut rng = Rng::new(seed);
+        p.q_len = rng.range(1, 6);
+        p.kv_len = rng.range(100, 400);
+        p.bias = None;
+        p.mask = None;
+        let dtypes = [DType::F32, rng.pick(&[DType::F32, DType::F16]), DType::F32];
+        let mut d = Data::random(&p, dtypes, 1.0, &mut rng);
+        if p.alibi {
+            d.alibi = Some((0..p.q_heads).map(|h| 0.5f32.powi(h as i32 + 1)).collect());
+        }
+        if p.q_seqlens {
+            d.q_seqlens = Some((0..p.batch).map(|_| rng.range(0, p.q_len) as i32).collect());
+        }
+        if p.kv_seqlens {
+            d.kv_seqlens = Some(
+                (0..p.batch)
+                    .map(|_| rng.range(0, p.kv_len) as i32)
+                    .collect(),
+            );
+        }
+        let per_b = (p.q_len * p.q_heads * p.head_dim.max(p.v_head_dim) * 4) as u64;
+        let small = Engine::new().unwrap().with_binding_limit(per_b.max(4096));
+        for alg in [Algorithm::Flash, Algorithm::SplitK] {
+            let opts = RunOptions {
+                algorithm: alg,
+                out_dtype,
+                ..Default::default()
+            };
+            let est = small.estimate(&p, &opts).unwrap();
+            split += (est.pieces > 1) as usize;
+            check_opts(&small, &p, &d, &opts, None)
+                .unwrap_or_else(|e| panic!("seed={} {p:?} {est:?}: {e}", 0x5B11_0000 + seed));
+        }
+    }
+    assert!(split >= 60, "only {split} of 80 runs were split");
+}
+
+#[test]
+fn what_cannot_be_split_is_refused_with_the_numbers() {
+    if engine().is_none() {
+        return;
+    }
+    let small = Engine::new().unwrap().with_binding_limit(16 << 10);
+    let mut p = Problem::new(1, 64, 128, 2, 2, 16);
+    p.bias = Some(spotlight::reference::Broadcast { batch: 1, heads: 2 });
+    let err = small.estimate(&p, &RunOptions::default()).unwrap_err();
+    match &err {
+        Error::LimitExceeded { bytes, limit, .. } => assert!(bytes > limit, "{err}"),
+        other => panic!("expected LimitExceeded, got {other}"),
+    }
+    assert!(err.to_string().contains("bias"), "{err}");
+    let three = RunOptions {
+        algorithm: Algorithm::ThreePass,
+        ..Default::default()
+    };
+    let p = Problem::new(1, 200, 200, 2, 2, 16);
+    assert!(
+        small
+            .estimate(&p, &three)
+            .unwrap_err()
+            .to_string()
+            .contains("score matrix")
+    );
+}
+
+#[test]
+fn more_than_65535_query_tiles_run_in_a_folded_grid() {
+    let Some(engine) = engine() else { return };
+    // D = 4 takes 64-row tiles: 60 heads x ceil(70000 / 64) = 65 640 workgroups.
+    let p = Problem::new(1, 70_000, 8, 60, 4, 4).causal(true);
+    let d = Data::random(&p, [DType::F32; 3], 1.0, &mut Rng::new(72));
+    let opts = RunOptions {
+        algorithm: Algorithm::Flash,
+        ..Default::default()
+    };
+    check_opts(engine, &p, &d, &opts, None).unwrap();
+}
+
+#[test]
+fn eight_threads_fifty_mixed_problems_each_on_one_engine() {
+    let Some(shared) = engine() else { return };
+    let _ = shared;
+    let engine = Arc::new(Engine::new().unwrap());
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let engine = engine.clone();
+            std::thread::spawn(move || {
+                let mut failures = Vec::new();
+                for n in 0..50u64 {
+                    let seed = 0x7777_0000 + t * 1000 + n;
+                    let (mut p, mut d, out_dtype) = random_problem(seed);
+                    // Keep lavapipe's time in check: short sequences, the random options.
+                    p.q_len = p.q_len.min(8);
+                    p.kv_len = p.kv_len.min(48);
+                    p.q_seqlens = false;
+                    p.kv_seqlens = false;
+                    let mut rng = Rng::new(seed);
+                    d = Data::random(&p, d.inputs().dtypes(), 1.0, &mut rng);
+                    if p.alibi {
+                        d.alibi = Some((0..p.q_heads).map(|h| 0.25 * h as f32).collect());
+                    }
+                    if let Some(b) = p.bias {
+                        d.bias = Some(rng.vec(b.batch * b.heads * p.q_len * p.kv_len));
+                    }
+                    if let Some(b) = p.mask {
+                        d.mask = Some(
+                            (0..b.batch * b.heads * p.q_len * p.kv_len)
+                                .map(|x| (x % 3 != 0) as u8)
+                                .collect(),
+                        );
+                    }
+                    let alg = ALGORITHMS[(n % 3) as usize];
+                    let opts = RunOptions {
+                        algorithm: alg,
+                        out_dtype,
+                        ..Default::default()
+                    };
+                    if let Err(e) = check_opts(&engine, &p, &d, &opts, None) {
+                        failures.push(format!("thread {t} seed {seed}: {e}"));
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    let failures: Vec<String> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn every_path_is_bit_for_bit_deterministic() {
+    let Some(engine) = engine() else { return };
+    for seed in [1u64, 2, 3] {
+        let (p, d, out_dtype) = random_problem(0xDE7E_0000 + seed);
+        for alg in ALGORITHMS {
+            let opts = RunOptions {
+                algorithm: alg,
+                lse: true,
+                out_dtype,
+                ..Default::default()
+            };
+            let first = engine.attention(&p, &d.inputs(), &opts).unwrap();
+            for _ in 0..2 {
+                let again = engine.attention(&p, &d.inputs(), &opts).unwrap();
+                let bits = |t: &Tensor| {
+                    t.to_f32_vec()
+                        .iter()
+                        .map(|x| x.to_bits())
+                        .collect::<Vec<_>>()
+                };
+                assert_eq!(
+                    bits(&first.out),
+                    bits(&again.out),
+                    "{alg:?} O differs between runs"
+                );
+                let lb = |v: &Option<Vec<f32>>| {
+                    v.as_ref()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.to_bits())
+                        .collect::<Vec<_>>()
+                };
+                assert_eq!(
+                    lb(&first.lse),
+                    lb(&again.lse),
+                    "{alg:?} LSE differs between runs"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn non_finite_inputs_propagate_to_their_rows_only() {
+    let Some(engine) = engine() else { return };
+    let p = Problem::new(1, 6, 10, 1, 1, 8);
+    let mut rng = Rng::new(73);
+    let mut q = rng.vec(p.q_elems());
+    q[2 * 8 + 3] = f32::NAN; // row 2
+    q[4 * 8] = f32::INFINITY; // row 4
+    let (k, v) = (rng.vec(p.k_elems()), rng.vec(p.v_elems()));
+    let inputs = reference::Inputs::new(
+        spotlight::TensorRef::F32(&q),
+        spotlight::TensorRef::F32(&k),
+        spotlight::TensorRef::F32(&v),
+    );
+    for alg in ALGORITHMS {
+        let opts = RunOptions {
+            algorithm: alg,
+            lse: true,
+            ..Default::default()
+        };
+        let out = engine.attention(&p, &inputs, &opts).unwrap();
+        let o = out.out.to_f32_vec();
+        for i in 0..6 {
+            let row = &o[i * 8..(i + 1) * 8];
+            if i == 2 || i == 4 {
+                assert!(
+                    row.iter().any(|x| x.is_nan()),
+                    "{alg:?}: row {i} should carry NaN: {row:?}"
+                );
+            } else {
+                assert!(
+                    row.iter().all(|x| x.is_finite()),
+                    "{alg:?}: row {i} is not finite: {row:?}"
+                );
+            }
+        }
+        let want = reference::attention(&p, &inputs).unwrap();
+        let finite: Vec<f64> = want
+            .out
+            .iter()
+            .map(|&x| if x.is_finite() { x } else { f64::NAN })
+            .collect();
+        let e = compare::compare(&o, &finite);
+        assert!(e.within(1e-5), "{alg:?}: {e}");
+    }
+}
