@@ -26,9 +26,14 @@ override PAGED: bool = false;
 // Output columns per thread: ceil(V_DIM / TPR) must not exceed this (checked on the host).
 const MAX_COLS: u32 = 32u;
 
-@group(0) @binding(4) var<storage, read> q: array<u32>;
-@group(0) @binding(5) var<storage, read> k: array<u32>;
-@group(0) @binding(6) var<storage, read> v: array<u32>;
+@group(0) @binding(4) var<storage, read> q: array<u32>; // tensor q
+@group(0) @binding(5) var<storage, read> k: array<u32>; // tensor k
+@group(0) @binding(6) var<storage, read> v: array<u32>; // tensor v
+
+// Element loads; a variant that reads f16 natively (SHADER_F16) gets these lines rewritten.
+fn load_q(idx: u32) -> f32 { return elem_value(q[elem_word(idx, Q_DT)], idx, Q_DT); } // load q
+fn load_k(idx: u32) -> f32 { return elem_value(k[elem_word(idx, K_DT)], idx, K_DT); } // load k
+fn load_v(idx: u32) -> f32 { return elem_value(v[elem_word(idx, V_DT)], idx, V_DT); } // load v
 @group(0) @binding(7) var<storage, read_write> out: array<f32>;
 @group(0) @binding(8) var<storage, read_write> lse: array<f32>;
 
@@ -84,7 +89,7 @@ fn main(
         if rr < unit_rows && ii < lq {
             let hh = row_head(unit, rr);
             let idx = b * params.q_sb + ii * params.q_ss + hh * params.q_sh + x % HEAD_DIM;
-            val = elem_value(q[elem_word(idx, Q_DT)], idx, Q_DT);
+            val = load_q(idx);
         }
         q_s[x] = val;
     }
@@ -133,7 +138,7 @@ fn main(
             if jj < lk && jj - params.key_base < params.kv_len {
                 let jl = jj - params.key_base; // row in this dispatch's K
                 let idx = kv_row(b, jl, params.k_sb, params.k_ss) + kvh * params.k_sh + x % HEAD_DIM;
-                val = elem_value(k[elem_word(idx, K_DT)], idx, K_DT);
+                val = load_k(idx);
             }
             k_s[x] = val;
         }
@@ -144,7 +149,7 @@ fn main(
             if jj < lk && jj - params.key_base < params.kv_len {
                 let jl = jj - params.key_base;
                 let idx = kv_row(b, jl, params.v_sb, params.v_ss) + kvh * params.v_sh + x % V_DIM;
-                val = elem_value(v[elem_word(idx, V_DT)], idx, V_DT);
+                val = load_v(idx);
             }
             v_s[x] = val;
         }

@@ -5,7 +5,10 @@
 override V_DT: u32 = 0u;
 
 @group(0) @binding(4) var<storage, read> probs: array<f32>;
-@group(0) @binding(5) var<storage, read> v: array<u32>;
+@group(0) @binding(5) var<storage, read> v: array<u32>; // tensor v
+
+// Element loads; a variant that reads f16 natively (SHADER_F16) gets these lines rewritten.
+fn load_v(idx: u32) -> f32 { return elem_value(v[elem_word(idx, V_DT)], idx, V_DT); } // load v
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
 
 const TS: u32 = 16u;
@@ -47,7 +50,7 @@ fn main(
         var vv = 0.0;
         if jv < lk && d < params.v_head_dim {
             let idx = b * params.v_sb + jv * params.v_ss + kvh * params.v_sh + d;
-            vv = elem_value(v[elem_word(idx, V_DT)], idx, V_DT);
+            vv = load_v(idx);
         }
         p_tile[lid.y][lid.x] = pv;
         v_tile[lid.y][lid.x] = vv;

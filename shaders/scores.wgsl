@@ -4,8 +4,12 @@
 override Q_DT: u32 = 0u;
 override K_DT: u32 = 0u;
 
-@group(0) @binding(4) var<storage, read> q: array<u32>;
-@group(0) @binding(5) var<storage, read> k: array<u32>;
+@group(0) @binding(4) var<storage, read> q: array<u32>; // tensor q
+@group(0) @binding(5) var<storage, read> k: array<u32>; // tensor k
+
+// Element loads; a variant that reads f16 natively (SHADER_F16) gets these lines rewritten.
+fn load_q(idx: u32) -> f32 { return elem_value(q[elem_word(idx, Q_DT)], idx, Q_DT); } // load q
+fn load_k(idx: u32) -> f32 { return elem_value(k[elem_word(idx, K_DT)], idx, K_DT); } // load k
 @group(0) @binding(6) var<storage, read_write> scores: array<f32>;
 
 const TS: u32 = 16u;
@@ -41,12 +45,12 @@ fn main(
         var qv = 0.0;
         if i < params.q_len && d < params.head_dim {
             let idx = b * params.q_sb + i * params.q_ss + h * params.q_sh + d;
-            qv = elem_value(q[elem_word(idx, Q_DT)], idx, Q_DT);
+            qv = load_q(idx);
         }
         var kv = 0.0;
         if kr < params.kv_len && d < params.head_dim {
             let idx = b * params.k_sb + kr * params.k_ss + kvh * params.k_sh + d;
-            kv = elem_value(k[elem_word(idx, K_DT)], idx, K_DT);
+            kv = load_k(idx);
         }
         q_tile[lid.y][lid.x] = qv;
         k_tile[lid.y][lid.x] = kv;

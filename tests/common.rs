@@ -26,6 +26,15 @@ pub fn engine() -> Option<&'static Engine> {
     e.as_ref()
 }
 
+/// A second engine on the same adapter that reads f16 as packed words even where the device has
+/// SHADER_F16, so the fallback every adapter without it uses is tested too.
+pub fn packed_engine() -> Option<&'static Engine> {
+    static ENGINE: OnceLock<Option<Engine>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| engine().map(|_| Engine::new().expect("adapter").with_packed_f16()))
+        .as_ref()
+}
+
 /// Owned data for one problem.
 pub struct Data {
     pub q: Tensor,

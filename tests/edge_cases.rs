@@ -233,3 +233,33 @@ fn half_precision_output_is_rounded_from_f32() {
         }
     }
 }
+
+#[test]
+fn native_and_packed_f16_reads_agree_bit_for_bit() {
+    let (Some(native), Some(packed)) = (engine(), crate::common::packed_engine()) else {
+        return;
+    };
+    assert!(!packed.native_f16());
+    let p = Problem::new(2, 19, 45, 4, 2, 40).causal(true);
+    let d = Data::random(
+        &p,
+        [DType::F16, DType::F16, DType::Bf16],
+        1.0,
+        &mut Rng::new(12),
+    );
+    for alg in ALGORITHMS {
+        let opts = RunOptions {
+            algorithm: alg,
+            lse: true,
+            ..Default::default()
+        };
+        let a = native.attention(&p, &d.inputs(), &opts).unwrap();
+        let b = packed.attention(&p, &d.inputs(), &opts).unwrap();
+        assert_eq!(
+            a.out, b.out,
+            "{alg:?}: O differs between native and packed f16 reads"
+        );
+        assert_eq!(a.lse, b.lse, "{alg:?}");
+    }
+    eprintln!("native f16 reads: {}", native.native_f16());
+}

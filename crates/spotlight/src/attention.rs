@@ -456,15 +456,8 @@ impl Engine {
                 usage: storage,
             })
         };
-        let poisoned = |label: &str, bytes: u64| {
-            let words = (padded(bytes) / 4) as usize;
-            dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents: bytemuck::cast_slice(&vec![f32::NAN; words]),
-                usage: storage,
-            })
-        };
         let out_dtype = opts.out_dtype.unwrap_or(inputs.q.dtype());
+        let (out, lse, probs) = self.poisoned_outputs(p, out_dtype, opts);
         Resident {
             q: upload("q", inputs.q.as_bytes()),
             k: upload("k", inputs.k.as_bytes()),
@@ -481,12 +474,10 @@ impl Engine {
             kv_seqlens: inputs
                 .kv_seqlens
                 .map(|s| upload("kv_seqlens", bytemuck::cast_slice(s))),
-            out: poisoned("out", (p.o_elems() * out_dtype.size()) as u64),
+            out,
             out_dtype,
-            lse: opts.lse.then(|| poisoned("lse", p.lse_elems() as u64 * 4)),
-            probs: opts
-                .probs
-                .then(|| poisoned("probs", p.probs_elems() as u64 * 4)),
+            lse,
+            probs,
         }
     }
 
@@ -510,7 +501,7 @@ impl Engine {
         match self.plan(p, opts) {
             Ok(plan) => {
                 let r = self.upload_unchecked(p, inputs, opts);
-                self.run_and_read(p, plan, &r.inputs(), r.out_dtype, opts, None)
+                self.run_into(p, plan, &r.inputs(), &r.outputs(), None)
             }
             Err(Error::LimitExceeded { .. }) => {
                 let split = self.split(p, opts)?;
@@ -518,6 +509,31 @@ impl Engine {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Creates poisoned outputs, records and submits the plan, and reads the results back.
+    /// Output buffers for `p`, filled with NaN: `(out, lse, probs)`.
+    fn poisoned_outputs(
+        &self,
+        p: &Problem,
+        out_dtype: DType,
+        opts: &RunOptions,
+    ) -> (wgpu::Buffer, Option<wgpu::Buffer>, Option<wgpu::Buffer>) {
+        let poisoned = |label: &str, bytes: u64| {
+            let words = (padded(bytes) / 4) as usize;
+            self.device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some(label),
+                    contents: bytemuck::cast_slice(&vec![f32::NAN; words]),
+                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                })
+        };
+        (
+            poisoned("out", (p.o_elems() * out_dtype.size()) as u64),
+            opts.lse.then(|| poisoned("lse", p.lse_elems() as u64 * 4)),
+            opts.probs
+                .then(|| poisoned("probs", p.probs_elems() as u64 * 4)),
+        )
     }
 
     /// Creates poisoned outputs, records and submits the plan, and reads the results back.
@@ -530,32 +546,33 @@ impl Engine {
         opts: &RunOptions,
         paging: Option<&Paging<'_>>,
     ) -> Result<Output> {
-        self.check_health()?;
-        let poisoned = |label: &str, bytes: u64| {
-            let words = (padded(bytes) / 4) as usize;
-            self.device
-                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some(label),
-                    contents: bytemuck::cast_slice(&vec![f32::NAN; words]),
-                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-                })
-        };
-        let out_bytes = (p.o_elems() * out_dtype.size()) as u64;
-        let out = poisoned("out", out_bytes);
-        let lse = opts.lse.then(|| poisoned("lse", p.lse_elems() as u64 * 4));
-        let probs = opts
-            .probs
-            .then(|| poisoned("probs", p.probs_elems() as u64 * 4));
+        let (out, lse, probs) = self.poisoned_outputs(p, out_dtype, opts);
         let outputs = GpuOutputs {
             out: &out,
             out_dtype,
             lse: lse.as_ref(),
             probs: probs.as_ref(),
         };
+        self.run_into(p, plan, inputs, &outputs, paging)
+    }
+
+    /// Records and submits the plan into `outputs`, and reads them back.
+    pub(crate) fn run_into(
+        &self,
+        p: &Problem,
+        plan: Plan,
+        inputs: &GpuInputs<'_>,
+        outputs: &GpuOutputs<'_>,
+        paging: Option<&Paging<'_>>,
+    ) -> Result<Output> {
+        self.check_health()?;
+        let (out, out_dtype, lse, probs) =
+            (outputs.out, outputs.out_dtype, outputs.lse, outputs.probs);
+        let out_bytes = (p.o_elems() * out_dtype.size()) as u64;
         let mut enc = self.device.create_command_encoder(&Default::default());
-        self.encode(&mut enc, p, plan, inputs, &outputs, paging)?;
+        self.encode(&mut enc, p, plan, inputs, outputs, paging)?;
         self.queue.submit([enc.finish()]);
-        let bytes = self.read_bytes(&out, out_bytes)?;
+        let bytes = self.read_bytes(out, out_bytes)?;
         let out = match out_dtype {
             DType::F32 => Tensor::F32(bytemuck::pod_collect_to_vec(&bytes)),
             DType::F16 => Tensor::F16(bytemuck::pod_collect_to_vec(&bytes)),
@@ -767,7 +784,8 @@ impl Engine {
                     tiles,
                     plan.algorithm == Algorithm::SplitK,
                     paging.is_some(),
-                );
+                )
+                .native_f16(self.native_f16());
                 let kernel = self.cache.get(dev, &variant)?;
                 let split = (plan.chunks > 1).then(|| {
                     let c = plan.chunks as u64;
@@ -804,11 +822,14 @@ impl Engine {
                     .is_none()
                     .then(|| self.scratch("scores", p.probs_elems() as u64 * 4));
                 let probs = o.probs.or(probs_scratch.as_ref()).expect("probs buffer");
-                let scores = self
-                    .cache
-                    .get(dev, &Variant::scores(i.dtypes[0], i.dtypes[1]))?;
+                let scores = self.cache.get(
+                    dev,
+                    &Variant::scores(i.dtypes[0], i.dtypes[1]).native_f16(self.native_f16()),
+                )?;
                 let softmax = self.cache.get(dev, &Variant::softmax())?;
-                let pv = self.cache.get(dev, &Variant::pv(i.dtypes[2]))?;
+                let pv = self
+                    .cache
+                    .get(dev, &Variant::pv(i.dtypes[2]).native_f16(self.native_f16()))?;
                 let binds = [
                     (0, &params),
                     (1, &aux),

@@ -75,6 +75,7 @@ pub struct Engine {
     gpu_error: Arc<Mutex<Option<String>>>,
     lost: Arc<Mutex<Option<String>>>,
     why: String,
+    native_f16: bool,
 }
 
 fn instance(backends: wgpu::Backends) -> wgpu::Instance {
@@ -200,6 +201,7 @@ impl Engine {
         why: String,
     ) -> Self {
         let caps = Capabilities::new(device.features(), &device.limits(), &info);
+        let caps_f16 = caps.shader_f16;
         let lost = Arc::new(Mutex::new(None));
         let slot = lost.clone();
         device.set_device_lost_callback(move |reason, msg| {
@@ -214,6 +216,7 @@ impl Engine {
             gpu_error: Arc::new(Mutex::new(None)),
             lost,
             why,
+            native_f16: caps_f16,
         }
     }
 
@@ -250,6 +253,18 @@ impl Engine {
         self.caps.max_storage_binding = self.caps.max_storage_binding.min(bytes.max(256));
         self.caps.max_buffer_size = self.caps.max_buffer_size.min(bytes.max(256));
         self
+    }
+
+    /// Reads f16 tensors as packed u32 words even where the device has `SHADER_F16` (the
+    /// fallback every adapter without it uses; results are identical).
+    pub fn with_packed_f16(mut self) -> Self {
+        self.native_f16 = false;
+        self
+    }
+
+    /// Whether kernels read f16 tensors natively (`SHADER_F16`).
+    pub fn native_f16(&self) -> bool {
+        self.native_f16
     }
 
     /// A one-line description: adapter, backend, type, driver.

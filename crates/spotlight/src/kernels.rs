@@ -248,18 +248,24 @@ impl FlashTiles {
     }
 }
 
-/// A kernel variant: the shader and its override constants.
+/// A kernel variant: the shader, its override constants, and whether f16 tensors are read
+/// natively.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Variant {
     pub shader: Shader,
     /// Override constants, in a fixed order.
     pub constants: Vec<(&'static str, u32)>,
+    /// Read f16 tensors as `array<f16>` (needs `SHADER_F16`) instead of unpacking u32 words.
+    /// The one text substitution in the kernels: it changes an element type, which an
+    /// `override` cannot.
+    pub native_f16: bool,
 }
 
 impl Variant {
     pub fn scores(q: DType, k: DType) -> Self {
         Variant {
             shader: Shader::Scores,
+            native_f16: false,
             constants: vec![("Q_DT", dtype_code(q)), ("K_DT", dtype_code(k))],
         }
     }
@@ -267,6 +273,7 @@ impl Variant {
     pub fn softmax() -> Self {
         Variant {
             shader: Shader::Softmax,
+            native_f16: false,
             constants: vec![("WG", 128)],
         }
     }
@@ -274,6 +281,7 @@ impl Variant {
     pub fn pv(v: DType) -> Self {
         Variant {
             shader: Shader::Pv,
+            native_f16: false,
             constants: vec![("V_DT", dtype_code(v))],
         }
     }
@@ -289,6 +297,7 @@ impl Variant {
     ) -> Self {
         Variant {
             shader: Shader::Flash,
+            native_f16: false,
             constants: vec![
                 ("Q_DT", dtype_code(dtypes[0])),
                 ("K_DT", dtype_code(dtypes[1])),
@@ -307,6 +316,7 @@ impl Variant {
     pub fn merge() -> Self {
         Variant {
             shader: Shader::Merge,
+            native_f16: false,
             constants: vec![("WG", 64)],
         }
     }
@@ -314,6 +324,7 @@ impl Variant {
     pub fn lens(q: DType, k: DType) -> Self {
         Variant {
             shader: Shader::Lens,
+            native_f16: false,
             constants: vec![("Q_DT", dtype_code(q)), ("K_DT", dtype_code(k))],
         }
     }
@@ -321,6 +332,7 @@ impl Variant {
     pub fn stream() -> Self {
         Variant {
             shader: Shader::Stream,
+            native_f16: false,
             constants: vec![],
         }
     }
@@ -328,8 +340,55 @@ impl Variant {
     pub fn pack(out: DType) -> Self {
         Variant {
             shader: Shader::Pack,
+            native_f16: false,
             constants: vec![("OUT_DT", dtype_code(out))],
         }
+    }
+
+    /// Tensors (`q`, `k`, `v`) this variant stores as f16.
+    fn f16_tensors(&self) -> Vec<&'static str> {
+        self.constants
+            .iter()
+            .filter(|&&(k, v)| v == 1 && matches!(k, "Q_DT" | "K_DT" | "V_DT"))
+            .map(|&(k, _)| match k {
+                "Q_DT" => "q",
+                "K_DT" => "k",
+                _ => "v",
+            })
+            .collect()
+    }
+
+    /// Reads f16 tensors natively when `native` and the variant has any (else unchanged).
+    pub fn native_f16(mut self, native: bool) -> Self {
+        self.native_f16 = native && !self.f16_tensors().is_empty();
+        self
+    }
+
+    /// The module source of this variant: the shader's, with the element type and loads of
+    /// f16 tensors rewritten when they are read natively.
+    pub fn source(&self) -> String {
+        let mut src = self.shader.source();
+        if !self.native_f16 {
+            return src;
+        }
+        for t in self.f16_tensors() {
+            let packed = format!("array<u32>; // tensor {t}");
+            assert!(
+                src.contains(&packed),
+                "{}: no binding for tensor {t}",
+                self.shader.name()
+            );
+            src = src.replace(&packed, &format!("array<f16>; // tensor {t}"));
+            let start = src
+                .find(&format!("fn load_{t}(idx: u32)"))
+                .expect("every kernel defines its loads");
+            let end = start + src[start..].find('\n').expect("a load is one line");
+            src.replace_range(
+                start..end,
+                &format!("fn load_{t}(idx: u32) -> f32 {{ return f32({t}[idx]); }}"),
+            );
+        }
+        format!("enable f16;\n{src}")
     }
 
     /// The variant's name, used as the cache key's label on the GPU.
@@ -350,6 +409,9 @@ impl Variant {
             };
             name.push('_');
             name.push_str(&part);
+        }
+        if self.native_f16 {
+            name.push_str("_nativef16");
         }
         name
     }
@@ -400,7 +462,7 @@ fn build(device: &wgpu::Device, variant: &Variant) -> crate::Result<Kernel> {
     let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
     let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
         label: Some(&name),
-        source: wgpu::ShaderSource::Wgsl(variant.shader.source().into()),
+        source: wgpu::ShaderSource::Wgsl(variant.source().into()),
     });
     let entries: Vec<wgpu::BindGroupLayoutEntry> = variant
         .shader

@@ -111,9 +111,10 @@ impl Engine {
             contents: bytemuck::cast_slice(&vec![f32::NAN; map_off + map_len]),
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
         });
-        let kernel = self
-            .cache
-            .get(dev, &Variant::lens(r.dtypes[0], r.dtypes[1]))?;
+        let kernel = self.cache.get(
+            dev,
+            &Variant::lens(r.dtypes[0], r.dtypes[1]).native_f16(self.native_f16()),
+        )?;
         // Key ranges per dispatch: llvmpipe ends loops after ~65535 iterations per invocation,
         // and each key tile costs about D + 32 of them here.
         let chunk = match caps.max_key_tiles_per_workgroup {

@@ -226,8 +226,7 @@ impl Engine {
                 let mut plan = self.plan(&piece, &piece_opts)?;
                 plan.window = Some((j0 as u32, p.kv_len as u32));
                 let r = self.upload_unchecked(&piece, &piece_inputs, &piece_opts);
-                let o =
-                    self.run_and_read(&piece, plan, &r.inputs(), DType::F32, &piece_opts, None)?;
+                let o = self.run_into(&piece, plan, &r.inputs(), &r.outputs(), None)?;
                 algorithm = o.algorithm;
                 parts.push((o.out.to_f32_vec(), o.lse.expect("lse was asked for")));
             }
