@@ -22,6 +22,10 @@ override BK: u32 = 16u;
 override TPR: u32 = 8u;
 override PACK_GQA: bool = false;
 override PAGED: bool = false;
+// Row max and sum through subgroup shuffles instead of workgroup memory. Only set where every
+// subgroup size is a multiple of TPR, so a row's TPR threads share one subgroup; the variant
+// that sets it also gets the shuffle versions of row_max / row_add below (see kernels.rs).
+override SUBGROUP_ROWS: bool = false;
 
 // Output columns per thread: ceil(V_DIM / TPR) must not exceed this (checked on the host).
 const MAX_COLS: u32 = 32u;
@@ -156,6 +160,7 @@ fn main(
         workgroupBarrier();
 
         // Logits of this thread's keys.
+        var m_local = ninf;
         for (var kk = t; kk < BK; kk += TPR) {
             let j = ju + kk;
             var s = ninf;
@@ -170,15 +175,21 @@ fn main(
                 s = finish_logit(b, h, i, j, off, dot);
             }
             p_s[r * BK + kk] = s;
+            m_local = max(m_local, s);
         }
-        workgroupBarrier();
 
         var m_tile = ninf;
-        for (var kk = 0u; kk < BK; kk++) {
-            m_tile = max(m_tile, p_s[r * BK + kk]);
+        if SUBGROUP_ROWS {
+            m_tile = row_max(m_local);
+        } else {
+            workgroupBarrier();
+            for (var kk = 0u; kk < BK; kk++) {
+                m_tile = max(m_tile, p_s[r * BK + kk]);
+            }
+            workgroupBarrier(); // the row's logits are read before they are overwritten
         }
         let m_new = max(m, m_tile);
-        workgroupBarrier(); // the row's logits are read before they are overwritten
+        var sum_local = 0.0;
         for (var kk = t; kk < BK; kk += TPR) {
             let s = p_s[r * BK + kk];
             var p = 0.0;
@@ -188,6 +199,7 @@ fn main(
                 p = exp(s - m_new);
             }
             p_s[r * BK + kk] = p;
+            sum_local += p;
         }
         workgroupBarrier();
 
@@ -196,8 +208,12 @@ fn main(
             alpha = exp(m - m_new);
         }
         var row_sum = 0.0;
-        for (var kk = 0u; kk < BK; kk++) {
-            row_sum += p_s[r * BK + kk];
+        if SUBGROUP_ROWS {
+            row_sum = row_add(sum_local);
+        } else {
+            for (var kk = 0u; kk < BK; kk++) {
+                row_sum += p_s[r * BK + kk];
+            }
         }
         l = l * alpha + row_sum;
         for (var c = 0u; c < MAX_COLS; c++) {
@@ -267,3 +283,9 @@ fn kv_row(b: u32, j: u32, batch_stride: u32, seq_stride: u32) -> u32 {
     }
     return b * batch_stride + j * seq_stride;
 }
+
+// Row reductions over a row's TPR threads. These stubs are never called (SUBGROUP_ROWS is off);
+// the subgroup variant rewrites these two lines into XOR-butterfly shuffles, which give every
+// lane of the row the same, fixed-order result.
+fn row_max(x: f32) -> f32 { return x; } // subgroup row_max
+fn row_add(x: f32) -> f32 { return x; } // subgroup row_add

@@ -26,12 +26,19 @@ pub fn engine() -> Option<&'static Engine> {
     e.as_ref()
 }
 
-/// A second engine on the same adapter that reads f16 as packed words even where the device has
-/// SHADER_F16, so the fallback every adapter without it uses is tested too.
+/// A second engine on the same adapter that uses no optional feature (f16 read as packed words,
+/// no subgroup operations), so the path of adapters without them is tested too.
 pub fn packed_engine() -> Option<&'static Engine> {
     static ENGINE: OnceLock<Option<Engine>> = OnceLock::new();
     ENGINE
-        .get_or_init(|| engine().map(|_| Engine::new().expect("adapter").with_packed_f16()))
+        .get_or_init(|| {
+            engine().map(|_| {
+                Engine::new()
+                    .expect("adapter")
+                    .with_packed_f16()
+                    .without_subgroups()
+            })
+        })
         .as_ref()
 }
 

@@ -70,6 +70,14 @@ fn variants() -> Vec<Variant> {
         native.len()
     );
     out.extend(native);
+    // Every fused variant again with subgroup row reductions.
+    let sg: Vec<Variant> = out
+        .iter()
+        .filter(|v| v.shader == Shader::Flash)
+        .map(|v| v.clone().subgroup_rows(true))
+        .collect();
+    assert!(sg.len() > 20);
+    out.extend(sg);
     out
 }
 
@@ -129,19 +137,19 @@ fn every_variant_translates_to_every_backend() {
             entry_point: Some((naga::ShaderStage::Compute, "main".into())),
             ..Default::default()
         };
-        let (msl, _) = naga::back::msl::write_string(
-            &module,
-            &info,
-            &naga::back::msl::Options::default(),
-            &msl_pipeline,
-        )
-        .unwrap_or_else(|e| panic!("{name}: MSL: {e:?}"));
+        // MSL 2.1: simdgroup shuffles need 2.0.
+        let msl_opts = naga::back::msl::Options {
+            lang_version: (2, 1),
+            ..Default::default()
+        };
+        let (msl, _) = naga::back::msl::write_string(&module, &info, &msl_opts, &msl_pipeline)
+            .unwrap_or_else(|e| panic!("{name}: MSL: {e:?}"));
         assert!(msl.contains("kernel"), "{name}: MSL has no kernel");
 
         let mut hlsl = String::new();
         // f16 needs shader model 6.2 on DX12.
         let hlsl_opts = naga::back::hlsl::Options {
-            shader_model: if variant.native_f16 {
+            shader_model: if variant.native_f16 || variant.name().contains("_sg") {
                 naga::back::hlsl::ShaderModel::V6_2
             } else {
                 naga::back::hlsl::Options::default().shader_model
@@ -156,9 +164,10 @@ fn every_variant_translates_to_every_backend() {
             "{name}: HLSL has no numthreads"
         );
 
-        if variant.native_f16 {
-            // Recorded: GLSL ES has no 16-bit storage, and wgpu's GL backend never offers
-            // SHADER_F16, so the engine never builds a native-f16 variant there.
+        if variant.native_f16 || variant.name().contains("_sg") {
+            // Recorded: GLSL ES 3.1 has no 16-bit storage and no subgroup operations, and wgpu's
+            // GL backend offers neither SHADER_F16 nor SUBGROUP, so the engine never builds
+            // these variants there.
             continue;
         }
         let mut glsl = String::new();

@@ -785,7 +785,8 @@ impl Engine {
                     plan.algorithm == Algorithm::SplitK,
                     paging.is_some(),
                 )
-                .native_f16(self.native_f16());
+                .native_f16(self.native_f16())
+                .subgroup_rows(self.subgroup_rows(tiles.tpr));
                 let kernel = self.cache.get(dev, &variant)?;
                 let split = (plan.chunks > 1).then(|| {
                     let c = plan.chunks as u64;

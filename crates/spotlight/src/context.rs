@@ -76,6 +76,7 @@ pub struct Engine {
     lost: Arc<Mutex<Option<String>>>,
     why: String,
     native_f16: bool,
+    use_subgroups: bool,
 }
 
 fn instance(backends: wgpu::Backends) -> wgpu::Instance {
@@ -217,6 +218,7 @@ impl Engine {
             lost,
             why,
             native_f16: caps_f16,
+            use_subgroups: true,
         }
     }
 
@@ -260,6 +262,24 @@ impl Engine {
     pub fn with_packed_f16(mut self) -> Self {
         self.native_f16 = false;
         self
+    }
+
+    /// Does not use subgroup operations even where the device has them (the path every adapter
+    /// without them takes; results are identical).
+    pub fn without_subgroups(mut self) -> Self {
+        self.use_subgroups = false;
+        self
+    }
+
+    /// Whether the fused kernel may reduce rows of `tpr` threads with subgroup shuffles: the
+    /// device has subgroups and every subgroup size it may use is a multiple of `tpr`
+    /// (lavapipe: 8; NVIDIA: 32; sizes are powers of two).
+    pub(crate) fn subgroup_rows(&self, tpr: u32) -> bool {
+        let c = &self.caps;
+        self.use_subgroups
+            && c.subgroups
+            && c.subgroup_min_size >= tpr
+            && c.subgroup_min_size.is_multiple_of(tpr)
     }
 
     /// Whether kernels read f16 tensors natively (`SHADER_F16`).

@@ -309,6 +309,7 @@ impl Variant {
                 ("TPR", tiles.tpr),
                 ("PACK_GQA", pack_gqa as u32),
                 ("PAGED", paged as u32),
+                ("SUBGROUP_ROWS", 0),
             ],
         }
     }
@@ -358,6 +359,19 @@ impl Variant {
             .collect()
     }
 
+    /// Row reductions of the fused kernel through subgroup shuffles (callers check that every
+    /// subgroup size is a multiple of the tiles' `tpr`). No effect on other kernels.
+    pub fn subgroup_rows(mut self, on: bool) -> Self {
+        for c in self.constants.iter_mut().filter(|c| c.0 == "SUBGROUP_ROWS") {
+            c.1 = on as u32;
+        }
+        self
+    }
+
+    fn uses_subgroups(&self) -> bool {
+        self.constants.contains(&("SUBGROUP_ROWS", 1))
+    }
+
     /// Reads f16 tensors natively when `native` and the variant has any (else unchanged).
     pub fn native_f16(mut self, native: bool) -> Self {
         self.native_f16 = native && !self.f16_tensors().is_empty();
@@ -368,6 +382,25 @@ impl Variant {
     /// f16 tensors rewritten when they are read natively.
     pub fn source(&self) -> String {
         let mut src = self.shader.source();
+        if self.uses_subgroups() {
+            for (name, op) in [
+                ("row_max", "y = max(y, subgroupShuffleXor(y, o));"),
+                ("row_add", "y += subgroupShuffleXor(y, o);"),
+            ] {
+                let stub = format!("fn {name}(x: f32) -> f32 {{ return x; }} // subgroup {name}");
+                assert!(
+                    src.contains(&stub),
+                    "{}: no {name} stub",
+                    self.shader.name()
+                );
+                let body = format!(
+                    "fn {name}(x: f32) -> f32 {{ var y = x; for (var o = TPR / 2u; o > 0u; o >>= 1u) {{ {op} }} return y; }}"
+                );
+                src = src.replace(&stub, &body);
+            }
+            // No `enable subgroups;`: naga 30 rejects the directive and gates the builtins on
+            // the device's SUBGROUP feature instead.
+        }
         if !self.native_f16 {
             return src;
         }
@@ -400,9 +433,10 @@ impl Variant {
                     let dt = ["f32", "f16", "bf16"][*v as usize % 3];
                     format!("{}-{dt}", k.trim_end_matches("_DT").to_ascii_lowercase())
                 }
-                "PACK_GQA" | "PAGED" if *v == 0 => continue,
+                "PACK_GQA" | "PAGED" | "SUBGROUP_ROWS" if *v == 0 => continue,
                 "PACK_GQA" => "gqa".to_string(),
                 "PAGED" => "paged".to_string(),
+                "SUBGROUP_ROWS" => "sg".to_string(),
                 "HEAD_DIM" => format!("d{v}"),
                 "V_DIM" => format!("dv{v}"),
                 other => format!("{}{v}", other.to_ascii_lowercase()),
