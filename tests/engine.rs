@@ -252,3 +252,46 @@ fn long_key_ranges_split_into_chunks_and_merge_exactly() {
             .unwrap_or_else(|e| panic!("chunk {chunk:?}: {e}"));
     }
 }
+
+#[test]
+fn matrix_unit_kernel_is_refused_clearly_where_the_adapter_lacks_it() {
+    let Some(engine) = engine() else { return };
+    let p = Problem::new(1, 16, 32, 2, 2, 64);
+    let d = Data::random(&p, [DType::F16; 3], 1.0, &mut Rng::new(9));
+    let forced = RunOptions {
+        algorithm: Algorithm::FlashCoop,
+        ..Default::default()
+    };
+    let caps = engine.capabilities();
+    if caps.coop_f16_16x16 {
+        // A GPU with matrix units: the kernel must agree with the reference (f16 budget).
+        check(engine, &p, &d, Algorithm::FlashCoop, false, None, None).unwrap();
+        return;
+    }
+    let err = engine.attention(&p, &d.inputs(), &forced).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Unsupported {
+                algorithm: "flash-coop",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("cooperative matrices"), "{err}");
+    // f32 inputs need leave to be rounded, whatever the adapter.
+    let d32 = Data::random(&p, [DType::F32; 3], 1.0, &mut Rng::new(9));
+    let err = engine.attention(&p, &d32.inputs(), &forced).unwrap_err();
+    assert!(err.to_string().contains("allow_reduced_precision"), "{err}");
+    // auto never picks it here.
+    let ran = engine
+        .attention(&p, &d.inputs(), &RunOptions::default())
+        .unwrap()
+        .algorithm;
+    assert_eq!(ran, Algorithm::Flash);
+    assert_eq!(
+        "flash-coop".parse::<Algorithm>().unwrap(),
+        Algorithm::FlashCoop
+    );
+}

@@ -78,6 +78,16 @@ fn variants() -> Vec<Variant> {
         .collect();
     assert!(sg.len() > 20);
     out.extend(sg);
+    // The cooperative-matrix kernel: head dims that are multiples of 16, subgroups of 32 and 64.
+    for (d, dv) in [(16, 16), (64, 64), (128, 128), (96, 64), (256, 256)] {
+        for wg in [32, 64] {
+            for dt in [DType::F16, DType::Bf16, DType::F32] {
+                let v = Variant::flash_coop([dt, dt, dt], d, dv, wg);
+                out.push(v.clone().native_f16(true));
+                out.push(v);
+            }
+        }
+    }
     out
 }
 
@@ -139,13 +149,22 @@ fn every_variant_translates_to_every_backend() {
         };
         // MSL 2.1: simdgroup shuffles need 2.0.
         let msl_opts = naga::back::msl::Options {
-            lang_version: (2, 1),
+            lang_version: if variant.shader == Shader::FlashCoop {
+                (2, 3)
+            } else {
+                (2, 1)
+            },
             ..Default::default()
         };
         let (msl, _) = naga::back::msl::write_string(&module, &info, &msl_opts, &msl_pipeline)
             .unwrap_or_else(|e| panic!("{name}: MSL: {e:?}"));
         assert!(msl.contains("kernel"), "{name}: MSL has no kernel");
 
+        if variant.shader == Shader::FlashCoop {
+            // Recorded: naga translates cooperative matrices to SPIR-V and MSL only, so the
+            // engine builds this kernel only on Vulkan and Metal adapters that offer them.
+            continue;
+        }
         let mut hlsl = String::new();
         // f16 needs shader model 6.2 on DX12.
         let hlsl_opts = naga::back::hlsl::Options {

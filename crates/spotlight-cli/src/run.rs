@@ -36,7 +36,7 @@ pub struct ProblemArgs {
     /// Layout of q, k, v and out: bshd [B, L, H, D] or bhsd [B, H, L, D].
     #[arg(long, default_value = "bshd")]
     pub layout: Layout,
-    /// auto, three-pass, flash or split-k.
+    /// auto, three-pass, flash, split-k or flash-coop.
     #[arg(long, default_value = "auto")]
     pub algorithm: Algorithm,
 }
@@ -67,6 +67,9 @@ pub struct RunArgs {
     /// Print the device memory the run allocates and the pieces it runs in.
     #[arg(long)]
     stats: bool,
+    /// Let the matrix-unit kernel (flash-coop) round f32 inputs to f16.
+    #[arg(long)]
+    reduced_precision: bool,
 }
 
 /// `[B, L, H, D]` of a q/k/v tensor in `layout`.
@@ -259,6 +262,7 @@ pub fn main(a: &RunArgs) -> anyhow::Result<()> {
             probs: a.probs,
             out_dtype: Some(out_dtype),
             max_chunk_keys: a.max_chunk_keys,
+            allow_reduced_precision: a.reduced_precision,
         };
         if a.stats {
             let est = engine.estimate(p, &opts)?;

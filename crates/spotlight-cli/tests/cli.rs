@@ -546,6 +546,12 @@ fn bad_inputs_fail_cleanly_without_output() {
             vec!["--algorithm", "flash", "--probs"],
             "probability map",
         ),
+        (
+            "flash-coop without matrix units",
+            good(&mut rng),
+            vec!["--algorithm", "flash-coop"],
+            "flash-coop",
+        ),
     ];
     let mut with = |extra: T, phrase: &'static str, name: &'static str, rng: &mut Rng| {
         let mut ts = good(rng);

@@ -25,6 +25,8 @@ pub enum Algorithm {
     /// The fused kernel for decoding: all query heads of a key/value group share each K/V tile,
     /// and the key range is split across workgroups (flash-decoding), merged by LSE.
     SplitK,
+    /// The fused kernel on matrix units (cooperative matrices, f16 products, f32 accumulation).
+    FlashCoop,
 }
 
 impl Algorithm {
@@ -34,6 +36,7 @@ impl Algorithm {
             Algorithm::ThreePass => "three-pass",
             Algorithm::Flash => "flash",
             Algorithm::SplitK => "split-k",
+            Algorithm::FlashCoop => "flash-coop",
         }
     }
 }
@@ -46,8 +49,9 @@ impl std::str::FromStr for Algorithm {
             "three-pass" | "threepass" => Ok(Algorithm::ThreePass),
             "flash" => Ok(Algorithm::Flash),
             "split-k" | "splitk" => Ok(Algorithm::SplitK),
+            "flash-coop" => Ok(Algorithm::FlashCoop),
             _ => Err(format!(
-                "unknown algorithm '{s}': expected auto, three-pass, flash or split-k"
+                "unknown algorithm '{s}': expected auto, three-pass, flash, split-k or flash-coop"
             )),
         }
     }
@@ -67,6 +71,8 @@ pub struct RunOptions {
     /// chunks merged exactly by their LSE (rounded down to whole key tiles, at least one). Bounds
     /// the work of one workgroup, e.g. under a desktop watchdog. `None`: the adapter decides.
     pub max_chunk_keys: Option<u32>,
+    /// Lets the matrix-unit kernel round f32 inputs to f16 (f16 and bf16 inputs need no leave).
+    pub allow_reduced_precision: bool,
 }
 
 /// The result of [`Engine::attention`].
@@ -279,13 +285,33 @@ impl Engine {
 
     fn plan_impl(&self, p: &Problem, opts: &RunOptions, paged: bool) -> Result<Plan> {
         p.validate()?;
-        if opts.probs && matches!(opts.algorithm, Algorithm::Flash | Algorithm::SplitK) {
+        if opts.probs
+            && matches!(
+                opts.algorithm,
+                Algorithm::Flash | Algorithm::SplitK | Algorithm::FlashCoop
+            )
+        {
             return Err(Error::Unsupported {
                 algorithm: opts.algorithm.name(),
                 reason: "the fused kernel never materialises the probability map; use three-pass or auto".into(),
             });
         }
         let plan = match opts.algorithm {
+            Algorithm::FlashCoop => {
+                if let Some(reason) = self.coop_unavailable(p, opts) {
+                    return Err(Error::Unsupported {
+                        algorithm: "flash-coop",
+                        reason,
+                    });
+                }
+                Plan {
+                    algorithm: Algorithm::FlashCoop,
+                    tiles: None,
+                    chunks: 1,
+                    chunk_keys: 0,
+                    window: None,
+                }
+            }
             Algorithm::ThreePass => Plan::three_pass(),
             Algorithm::Flash | Algorithm::SplitK => self.fused_plan(p, opts.algorithm, opts)?,
             Algorithm::Auto if opts.probs => Plan::three_pass(),
@@ -413,6 +439,7 @@ impl Engine {
                 let flash = units * rows.div_ceil(bq) as u64 * plan.chunks as u64;
                 vec![("flash", flash), ("merge", bh * p.q_len as u64)]
             }
+            Algorithm::FlashCoop => vec![("flash-coop", bh * t16(p.q_len))],
             _ => vec![
                 ("scores", bh * t16(p.q_len) * t16(p.kv_len)),
                 ("softmax", bh * p.q_len as u64),
@@ -489,7 +516,8 @@ impl Engine {
     /// exactly by their LSE; see [`Engine::estimate`].
     pub fn attention(&self, p: &Problem, inputs: &Inputs<'_>, opts: &RunOptions) -> Result<Output> {
         p.check_inputs(inputs)?;
-        self.scoped(|| self.attention_checked(p, inputs, opts))
+        let opts = self.resolve_coop(p, inputs.dtypes(), opts)?;
+        self.scoped(|| self.attention_checked(p, inputs, &opts))
     }
 
     fn attention_checked(
@@ -611,6 +639,7 @@ impl Engine {
             out_dtype: Some(outputs.out_dtype),
             ..*opts
         };
+        let opts = self.resolve_coop(p, inputs.dtypes, &opts)?;
         let plan = self.plan(p, &opts)?;
         self.check_buffers(p, inputs, outputs)?;
         self.check_health()?;
@@ -816,6 +845,25 @@ impl Engine {
                     let binds = [(0, &params), (4, po), (5, pl), (6, out32), (7, lse)];
                     self.dispatch(enc, &merge, &binds, grids[1].1)?;
                 }
+            }
+            Algorithm::FlashCoop => {
+                let wg = self.capabilities().subgroup_max_size;
+                let variant =
+                    Variant::flash_coop(i.dtypes, p.head_dim as u32, p.v_head_dim as u32, wg)
+                        .native_f16(self.native_f16());
+                let kernel = self.cache.get(dev, &variant)?;
+                let binds = [
+                    (0, &params),
+                    (1, &aux),
+                    (2, bias),
+                    (3, mask),
+                    (4, i.q),
+                    (5, i.k),
+                    (6, i.v),
+                    (7, out32),
+                    (8, lse),
+                ];
+                self.dispatch(enc, &kernel, &binds, grids[0].1)?;
             }
             _ => {
                 let probs_scratch = o

@@ -8,6 +8,10 @@ use std::sync::{Arc, Mutex};
 use crate::error::{Error, Result};
 use crate::kernels::PipelineCache;
 
+/// Self-test results of the cooperative-matrix kernel, per (D, Dv, dtypes).
+pub(crate) type CoopChecks =
+    std::collections::HashMap<(usize, usize, [spotlight_reference::DType; 3]), bool>;
+
 /// How long a readback may take before it is reported as an error rather than a hang.
 const MAP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
@@ -26,6 +30,10 @@ pub struct Capabilities {
     pub max_invocations: u32,
     pub max_workgroups_per_dim: u32,
     pub max_storage_buffers_per_stage: u32,
+    /// The device can multiply 16x16x16 f16 matrices into f32 on its matrix units (the
+    /// cooperative-matrix kernel's configuration). Known only for engines made by
+    /// [`Engine::with_options`] / [`Engine::new`], which query the adapter.
+    pub coop_f16_16x16: bool,
     /// Key tiles one fused-kernel workgroup may stream before the key range must be split into
     /// chunks (merged afterwards); `None` = no limit. Mesa's llvmpipe/lavapipe (22.x) ends every
     /// loop once an invocation has run about 65 535 loop iterations in total, silently: measured
@@ -49,6 +57,7 @@ impl Capabilities {
             max_invocations: limits.max_compute_invocations_per_workgroup,
             max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
             max_storage_buffers_per_stage: limits.max_storage_buffers_per_shader_stage,
+            coop_f16_16x16: false,
             max_key_tiles_per_workgroup: (info.driver.contains("llvmpipe")
                 || info.name.contains("llvmpipe"))
             .then_some(64),
@@ -77,6 +86,8 @@ pub struct Engine {
     why: String,
     native_f16: bool,
     use_subgroups: bool,
+    /// Results of the cooperative-matrix kernel's self-test, per (D, Dv, dtypes).
+    pub(crate) coop_checked: Mutex<CoopChecks>,
 }
 
 fn instance(backends: wgpu::Backends) -> wgpu::Instance {
@@ -164,19 +175,47 @@ impl Engine {
             wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
         let features = adapter.features() & wanted;
         let limits = adapter.limits();
-        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-            label: Some("spotlight"),
-            required_features: features,
-            required_limits: limits,
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
-            memory_hints: wgpu::MemoryHints::Performance,
-            trace: wgpu::Trace::Off,
-        }))
-        .map_err(|e| Error::RequestDevice {
+        // Matrix units: only when the adapter offers the experimental feature with f16 and the
+        // 16x16x16 f16 -> f32 configuration the kernel uses.
+        let coop = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        let coop_config = adapter.cooperative_matrix_properties().iter().any(|c| {
+            (c.m_size, c.n_size, c.k_size) == (16, 16, 16)
+                && c.ab_type == wgpu::CooperativeScalarType::F16
+                && c.cr_type == wgpu::CooperativeScalarType::F32
+        });
+        let want_coop = coop_config
+            && adapter.features().contains(coop)
+            && features.contains(wgpu::Features::SHADER_F16);
+        let request = |with_coop: bool| {
+            pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+                label: Some("spotlight"),
+                required_features: if with_coop { features | coop } else { features },
+                required_limits: limits.clone(),
+                // SAFETY: experimental features are requested only when the adapter reports the
+                // feature; the kernels that use it are validated by naga like every other.
+                experimental_features: if with_coop {
+                    unsafe { wgpu::ExperimentalFeatures::enabled() }
+                } else {
+                    wgpu::ExperimentalFeatures::disabled()
+                },
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            }))
+        };
+        // A refused experimental request falls back to the plain device.
+        let result = match request(want_coop) {
+            Err(e) if want_coop => {
+                log::warn!("device with cooperative matrices refused ({e}); continuing without");
+                request(false)
+            }
+            other => other,
+        };
+        let (device, queue) = result.map_err(|e| Error::RequestDevice {
             adapter: info.name.clone(),
             reason: e.to_string(),
         })?;
-        let engine = Self::build(device, queue, info, why);
+        let mut engine = Self::build(device, queue, info, why);
+        engine.caps.coop_f16_16x16 = want_coop && engine.device.features().contains(coop);
         // We own this device, so errors that escape a scope are recorded, not panicked on.
         let slot = engine.gpu_error.clone();
         engine
@@ -219,6 +258,7 @@ impl Engine {
             why,
             native_f16: caps_f16,
             use_subgroups: true,
+            coop_checked: Mutex::new(Default::default()),
         }
     }
 

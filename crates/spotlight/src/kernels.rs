@@ -21,6 +21,7 @@ pub mod source {
     pub const MERGE: &str = include_str!("../../../shaders/merge.wgsl");
     pub const STREAM: &str = include_str!("../../../shaders/stream.wgsl");
     pub const LENS: &str = include_str!("../../../shaders/lens.wgsl");
+    pub const FLASH_COOP: &str = include_str!("../../../shaders/flash_coop.wgsl");
 
     /// Every file, by name, for tests that check each one.
     pub const FILES: &[(&str, &str)] = &[
@@ -34,6 +35,7 @@ pub mod source {
         ("merge.wgsl", MERGE),
         ("stream.wgsl", STREAM),
         ("lens.wgsl", LENS),
+        ("flash_coop.wgsl", FLASH_COOP),
     ];
 }
 
@@ -56,6 +58,8 @@ pub enum Shader {
     Stream,
     /// Attention statistics (entropy, max weight, received mass, selected maps) from the LSE.
     Lens,
+    /// The fused kernel on matrix units (cooperative matrices, 16x16x16 f16 -> f32).
+    FlashCoop,
 }
 
 /// How a kernel binds a buffer.
@@ -67,7 +71,7 @@ pub enum Binding {
 }
 
 impl Shader {
-    pub const ALL: [Shader; 8] = [
+    pub const ALL: [Shader; 9] = [
         Shader::Scores,
         Shader::Softmax,
         Shader::Pv,
@@ -76,6 +80,7 @@ impl Shader {
         Shader::Merge,
         Shader::Stream,
         Shader::Lens,
+        Shader::FlashCoop,
     ];
 
     pub fn name(self) -> &'static str {
@@ -88,6 +93,7 @@ impl Shader {
             Shader::Merge => "merge",
             Shader::Stream => "stream",
             Shader::Lens => "lens",
+            Shader::FlashCoop => "flash_coop",
         }
     }
 
@@ -103,6 +109,13 @@ impl Shader {
             Shader::Merge => [COMMON, MERGE].concat(),
             Shader::Stream => STREAM.to_string(),
             Shader::Lens => [COMMON, LOGITS, LENS].concat(),
+            Shader::FlashCoop => [
+                "enable f16;\nenable wgpu_cooperative_matrix;\n",
+                COMMON,
+                LOGITS,
+                FLASH_COOP,
+            ]
+            .concat(),
         }
     }
 
@@ -127,7 +140,7 @@ impl Shader {
                 (5, Read),
                 (6, ReadWrite),
             ],
-            Shader::Flash => &[
+            Shader::Flash | Shader::FlashCoop => &[
                 (0, Uniform),
                 (1, Read),
                 (2, Read),
@@ -322,6 +335,23 @@ impl Variant {
         }
     }
 
+    /// The cooperative-matrix kernel; `wg` is the adapter's subgroup size (one subgroup per
+    /// workgroup).
+    pub fn flash_coop(dtypes: [DType; 3], d: u32, dv: u32, wg: u32) -> Self {
+        Variant {
+            shader: Shader::FlashCoop,
+            native_f16: false,
+            constants: vec![
+                ("Q_DT", dtype_code(dtypes[0])),
+                ("K_DT", dtype_code(dtypes[1])),
+                ("V_DT", dtype_code(dtypes[2])),
+                ("HEAD_DIM", d),
+                ("V_DIM", dv),
+                ("WG", wg),
+            ],
+        }
+    }
+
     pub fn lens(q: DType, k: DType) -> Self {
         Variant {
             shader: Shader::Lens,
@@ -421,7 +451,11 @@ impl Variant {
                 &format!("fn load_{t}(idx: u32) -> f32 {{ return f32({t}[idx]); }}"),
             );
         }
-        format!("enable f16;\n{src}")
+        if src.starts_with("enable f16;") {
+            src
+        } else {
+            format!("enable f16;\n{src}")
+        }
     }
 
     /// The variant's name, used as the cache key's label on the GPU.

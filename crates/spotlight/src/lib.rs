@@ -25,6 +25,7 @@
 mod attention;
 mod cache;
 mod context;
+mod coop;
 mod error;
 pub mod kernels;
 mod lens;

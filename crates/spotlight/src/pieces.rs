@@ -177,15 +177,21 @@ impl Engine {
         split: Split,
     ) -> Result<Output> {
         let out_dtype = opts.out_dtype.unwrap_or(inputs.q.dtype());
+        // Key windows need the global key numbering of flash and split-k.
+        let algorithm = match opts.algorithm {
+            Algorithm::SplitK => Algorithm::SplitK,
+            _ => Algorithm::Flash,
+        };
         let piece_opts = RunOptions {
             lse: true,
             probs: false,
             out_dtype: Some(DType::F32),
+            algorithm,
             ..*opts
         };
         let mut out = vec![0.0f32; p.o_elems()];
         let mut lse = vec![f32::NEG_INFINITY; p.lse_elems()];
-        let mut algorithm = opts.algorithm;
+        let mut algorithm = algorithm;
         let q_per_b = p.q_len * p.q_heads * p.head_dim;
         let o_per_b = p.q_len * p.q_heads * p.v_head_dim;
         let lse_per_b = p.q_heads * p.q_len;
