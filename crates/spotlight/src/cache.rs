@@ -332,8 +332,15 @@ impl Engine {
                     .into(),
             });
         }
+        // Split-k is not offered on the GL backend (see fused_plan); flash reads pages too.
+        let algorithm = match opts.algorithm {
+            Algorithm::SplitK if self.adapter_info().backend == wgpu::Backend::Gl => {
+                Algorithm::Flash
+            }
+            a => a,
+        };
         let run = RunOptions {
-            algorithm: opts.algorithm,
+            algorithm,
             lse: opts.lse,
             out_dtype: opts.out_dtype,
             ..Default::default()
