@@ -102,23 +102,9 @@ fn main(
     let i_first = row_pos(r0);
     let i_last = row_pos(min(r0 + BQ, unit_rows) - 1u);
     // Global key indices; this dispatch holds keys [key_base, key_base + kv_len).
-    var j_lo = i32(params.key_base);
-    var j_hi = min(i32(lk), i32(params.key_base + params.kv_len));
-    if i_first >= lq {
-        j_hi = 0;
-    } else {
-        let first = i32(i_first) + off;
-        let last = i32(min(i_last, lq - 1u)) + off;
-        if has(F_CAUSAL) {
-            j_hi = min(j_hi, last + 1);
-        }
-        if params.win_right >= 0 {
-            j_hi = min(j_hi, last + params.win_right + 1);
-        }
-        if params.win_left >= 0 {
-            j_lo = max(j_lo, first - params.win_left);
-        }
-    }
+    let band = visible_key_range(i_first, i_last, lq, lk, off);
+    var j_lo = max(band.x, i32(params.key_base));
+    var j_hi = min(band.y, i32(params.key_base + params.kv_len));
     if params.num_chunks > 1u {
         // Split over the key range: this workgroup takes one chunk; a merge pass combines them.
         j_lo = max(j_lo, i32(params.key_base + chunk * params.chunk_keys));

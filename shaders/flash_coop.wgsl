@@ -77,22 +77,11 @@ fn main(
         zero_f[x] = 0.0;
     }
 
-    var j_lo = 0;
-    var j_hi = i32(lk);
-    if i0 >= lq || !live {
+    let band = visible_key_range(i0, i0 + T - 1u, lq, lk, off);
+    let j_lo = band.x;
+    var j_hi = band.y;
+    if !live {
         j_hi = 0;
-    } else {
-        let first = i32(i0) + off;
-        let last = i32(min(i0 + T, lq) - 1u) + off;
-        if has(F_CAUSAL) {
-            j_hi = min(j_hi, last + 1);
-        }
-        if params.win_right >= 0 {
-            j_hi = min(j_hi, last + params.win_right + 1);
-        }
-        if params.win_left >= 0 {
-            j_lo = max(j_lo, first - params.win_left);
-        }
     }
 
     // Row statistics live in the thread that owns the row (lid < 16).

@@ -31,6 +31,29 @@ fn visible(b: u32, h: u32, i: u32, j: u32, off: i32, lk: u32) -> bool {
     return true;
 }
 
+// Keys that can be visible to at least one of the query rows at positions i_first..=i_last of a
+// batch entry, from the causal and window bounds: [x, y). lq and lk are the valid lengths and
+// off = lk - lq. The fused kernels skip key tiles outside it.
+fn visible_key_range(i_first: u32, i_last: u32, lq: u32, lk: u32, off: i32) -> vec2<i32> {
+    if i_first >= lq {
+        return vec2<i32>(0, 0);
+    }
+    var lo = 0;
+    var hi = i32(lk);
+    let first = i32(i_first) + off;
+    let last = i32(min(i_last, lq - 1u)) + off;
+    if has(F_CAUSAL) {
+        hi = min(hi, last + 1);
+    }
+    if params.win_right >= 0 {
+        hi = min(hi, last + params.win_right + 1);
+    }
+    if params.win_left >= 0 {
+        lo = max(lo, first - params.win_left);
+    }
+    return vec2<i32>(lo, hi);
+}
+
 // The logit of a visible key from its raw dot product q_i · k_j.
 fn finish_logit(b: u32, h: u32, i: u32, j: u32, off: i32, dot: f32) -> f32 {
     var s = params.scale * dot;

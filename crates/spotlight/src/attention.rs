@@ -187,6 +187,11 @@ impl Plan {
     }
 }
 
+/// Bindings 0..=8 of the fused kernels, in binding order.
+fn fused_bindings(b: [&wgpu::Buffer; 9]) -> [(u32, &wgpu::Buffer); 9] {
+    std::array::from_fn(|n| (n as u32, b[n]))
+}
+
 fn padded(bytes: u64) -> u64 {
     bytes.div_ceil(4).max(1) * 4
 }
@@ -811,6 +816,8 @@ impl Engine {
             .is_none()
             .then(|| self.scratch("lse", p.lse_elems() as u64 * 4));
         let lse = o.lse.or(lse_scratch.as_ref()).expect("lse buffer");
+        // The fused kernels' bindings (flash.wgsl and flash_coop.wgsl share them).
+        let fused_binds = |o, l| fused_bindings([&params, &aux, bias, mask, i.q, i.k, i.v, o, l]);
         let grids = self.grids(p, plan);
         match plan.algorithm {
             Algorithm::Flash | Algorithm::SplitK => {
@@ -837,18 +844,7 @@ impl Engine {
                     Some((po, pl)) => (po, pl),
                     None => (out32, lse),
                 };
-                let binds = [
-                    (0, &params),
-                    (1, &aux),
-                    (2, bias),
-                    (3, mask),
-                    (4, i.q),
-                    (5, i.k),
-                    (6, i.v),
-                    (7, o_dst),
-                    (8, lse_dst),
-                ];
-                self.dispatch(enc, &kernel, &binds, grids[0].1)?;
+                self.dispatch(enc, &kernel, &fused_binds(o_dst, lse_dst), grids[0].1)?;
                 if let Some((po, pl)) = &split {
                     let merge = self.cache.get(dev, &Variant::merge())?;
                     let binds = [(0, &params), (4, po), (5, pl), (6, out32), (7, lse)];
@@ -861,18 +857,7 @@ impl Engine {
                     Variant::flash_coop(i.dtypes, p.head_dim as u32, p.v_head_dim as u32, wg)
                         .native_f16(self.native_f16());
                 let kernel = self.cache.get(dev, &variant)?;
-                let binds = [
-                    (0, &params),
-                    (1, &aux),
-                    (2, bias),
-                    (3, mask),
-                    (4, i.q),
-                    (5, i.k),
-                    (6, i.v),
-                    (7, out32),
-                    (8, lse),
-                ];
-                self.dispatch(enc, &kernel, &binds, grids[0].1)?;
+                self.dispatch(enc, &kernel, &fused_binds(out32, lse), grids[0].1)?;
             }
             _ => {
                 let probs_scratch = o
