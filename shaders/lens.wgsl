@@ -39,10 +39,6 @@ fn load_k(idx: u32) -> f32 { return elem_value(k[elem_word(idx, K_DT)], idx, K_D
 @group(0) @binding(7) var<storage, read_write> stats: array<f32>;
 @group(0) @binding(8) var<uniform> lp: LensParams;
 
-const TS: u32 = 16u;
-
-var<workgroup> q_tile: array<array<f32, 17>, 16>;
-var<workgroup> k_tile: array<array<f32, 17>, 16>;
 var<workgroup> red: array<array<f32, 17>, 16>;
 var<workgroup> red2: array<array<f32, 17>, 16>;
 
@@ -80,27 +76,7 @@ fn main(
     for (var j0 = lp.key_begin; j0 < lp.key_end; j0 += TS) {
         let j = j0 + lid.x;
         let kr = j0 + lid.y;
-        var acc = 0.0;
-        for (var d0 = 0u; d0 < params.head_dim; d0 += TS) {
-            let d = d0 + lid.x;
-            var qv = 0.0;
-            if i < params.q_len && d < params.head_dim {
-                let idx = b * params.q_sb + i * params.q_ss + h * params.q_sh + d;
-                qv = load_q(idx);
-            }
-            var kv = 0.0;
-            if kr < params.kv_len && d < params.head_dim {
-                let idx = b * params.k_sb + kr * params.k_ss + kvh * params.k_sh + d;
-                kv = load_k(idx);
-            }
-            q_tile[lid.y][lid.x] = qv;
-            k_tile[lid.y][lid.x] = kv;
-            workgroupBarrier();
-            for (var dd = 0u; dd < TS; dd++) {
-                acc += q_tile[lid.y][dd] * k_tile[lid.x][dd];
-            }
-            workgroupBarrier();
-        }
+        let acc = qk_tile_dot(b, h, kvh, i, kr, lid);
         var p = 0.0;
         if live && j < lp.key_end && visible(b, h, i, j, off, lk) {
             let s = finish_logit(b, h, i, j, off, acc);

@@ -1,5 +1,5 @@
 // scores.wgsl — three-pass attention, pass 1: S[b, h, i, j] = logit (or -inf when invisible).
-// Tiled 16x16 through workgroup memory over the head dimension.
+// The dot products come from qk_tile.wgsl (16x16 tiles through workgroup memory).
 
 override Q_DT: u32 = 0u;
 override K_DT: u32 = 0u;
@@ -12,10 +12,6 @@ fn load_q(idx: u32) -> f32 { return elem_value(q[elem_word(idx, Q_DT)], idx, Q_D
 fn load_k(idx: u32) -> f32 { return elem_value(k[elem_word(idx, K_DT)], idx, K_DT); } // load k
 @group(0) @binding(6) var<storage, read_write> scores: array<f32>;
 
-const TS: u32 = 16u;
-
-var<workgroup> q_tile: array<array<f32, 17>, 16>;
-var<workgroup> k_tile: array<array<f32, 17>, 16>;
 
 @compute @workgroup_size(16, 16)
 fn main(
@@ -39,27 +35,7 @@ fn main(
     let j = tj * TS + lid.x;
     let kr = tj * TS + lid.y; // key row this thread loads
 
-    var acc = 0.0;
-    for (var d0 = 0u; d0 < params.head_dim; d0 += TS) {
-        let d = d0 + lid.x;
-        var qv = 0.0;
-        if i < params.q_len && d < params.head_dim {
-            let idx = b * params.q_sb + i * params.q_ss + h * params.q_sh + d;
-            qv = load_q(idx);
-        }
-        var kv = 0.0;
-        if kr < params.kv_len && d < params.head_dim {
-            let idx = b * params.k_sb + kr * params.k_ss + kvh * params.k_sh + d;
-            kv = load_k(idx);
-        }
-        q_tile[lid.y][lid.x] = qv;
-        k_tile[lid.y][lid.x] = kv;
-        workgroupBarrier();
-        for (var dd = 0u; dd < TS; dd++) {
-            acc += q_tile[lid.y][dd] * k_tile[lid.x][dd];
-        }
-        workgroupBarrier();
-    }
+    let acc = qk_tile_dot(b, h, kvh, i, kr, lid);
 
     if i < params.q_len && j < params.kv_len {
         let lq = q_valid(b);

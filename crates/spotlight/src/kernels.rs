@@ -13,6 +13,7 @@ use spotlight_reference::DType;
 pub mod source {
     pub const COMMON: &str = include_str!("../../../shaders/common.wgsl");
     pub const LOGITS: &str = include_str!("../../../shaders/logits.wgsl");
+    pub const QK_TILE: &str = include_str!("../../../shaders/qk_tile.wgsl");
     pub const SCORES: &str = include_str!("../../../shaders/scores.wgsl");
     pub const SOFTMAX: &str = include_str!("../../../shaders/softmax.wgsl");
     pub const PV: &str = include_str!("../../../shaders/pv.wgsl");
@@ -27,6 +28,7 @@ pub mod source {
     pub const FILES: &[(&str, &str)] = &[
         ("common.wgsl", COMMON),
         ("logits.wgsl", LOGITS),
+        ("qk_tile.wgsl", QK_TILE),
         ("scores.wgsl", SCORES),
         ("softmax.wgsl", SOFTMAX),
         ("pv.wgsl", PV),
@@ -101,14 +103,14 @@ impl Shader {
     pub fn source(self) -> String {
         use source::*;
         match self {
-            Shader::Scores => [COMMON, LOGITS, SCORES].concat(),
+            Shader::Scores => [COMMON, LOGITS, QK_TILE, SCORES].concat(),
             Shader::Softmax => [COMMON, SOFTMAX].concat(),
             Shader::Pv => [COMMON, PV].concat(),
             Shader::Flash => [COMMON, LOGITS, FLASH].concat(),
             Shader::Pack => PACK.to_string(),
             Shader::Merge => [COMMON, MERGE].concat(),
             Shader::Stream => STREAM.to_string(),
-            Shader::Lens => [COMMON, LOGITS, LENS].concat(),
+            Shader::Lens => [COMMON, LOGITS, QK_TILE, LENS].concat(),
             Shader::FlashCoop => [
                 "enable f16;\nenable wgpu_cooperative_matrix;\n",
                 COMMON,
