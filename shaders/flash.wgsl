@@ -114,7 +114,10 @@ fn main(
     var m = ninf;
     var l = 0.0;
     var acc: array<f32, MAX_COLS>;
-    for (var c = 0u; c < MAX_COLS; c++) {
+    // Columns this thread owns; a bound known when the pipeline is made, so compilers unroll
+    // exactly this many (see the note on GL in kernels.rs).
+    let ncols = (V_DIM + TPR - 1u) / TPR;
+    for (var c = 0u; c < ncols; c++) {
         acc[c] = 0.0;
     }
 
@@ -202,7 +205,7 @@ fn main(
             }
         }
         l = l * alpha + row_sum;
-        for (var c = 0u; c < MAX_COLS; c++) {
+        for (var c = 0u; c < ncols; c++) {
             let d = t + c * TPR;
             if d >= V_DIM {
                 break;
@@ -227,7 +230,7 @@ fn main(
         if params.num_chunks > 1u {
             o_base = row * V_DIM;
         }
-        for (var c = 0u; c < MAX_COLS; c++) {
+        for (var c = 0u; c < ncols; c++) {
             let d = t + c * TPR;
             if d >= V_DIM {
                 break;

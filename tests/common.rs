@@ -13,6 +13,14 @@ pub fn engine() -> Option<&'static Engine> {
     let e = ENGINE.get_or_init(|| match Engine::new() {
         Ok(e) => {
             eprintln!("spotlight-tests: adapter {}", e.describe());
+            // A run asked for one backend (scripts/test: vulkan, then gl) really runs on it.
+            if let Ok(want) = std::env::var("WGPU_BACKEND") {
+                let got = e.adapter_info().backend;
+                assert!(
+                    wgpu::Backends::from_comma_list(&want).contains(got.into()),
+                    "WGPU_BACKEND={want} but the engine runs on {got:?}"
+                );
+            }
             Some(e)
         }
         Err(err) => {

@@ -230,14 +230,6 @@ impl Engine {
     fn fused_plan(&self, p: &Problem, algorithm: Algorithm, opts: &RunOptions) -> Result<Plan> {
         let name = algorithm.name();
         let split_k = algorithm == Algorithm::SplitK;
-        if split_k && self.adapter_info().backend == wgpu::Backend::Gl {
-            // Measured here: on Mesa llvmpipe's GL driver (through EGL) the split-k variant hangs
-            // while flash and three-pass pass, so split-k is not offered on GL until understood.
-            return Err(Error::Unsupported {
-                algorithm: name,
-                reason: "not validated on the GL backend (it hangs on Mesa llvmpipe's GL driver); use flash".into(),
-            });
-        }
         let rows = if split_k {
             p.q_len * p.group_size()
         } else {
@@ -473,6 +465,7 @@ impl Engine {
     /// Uploads a problem's inputs and creates its output buffers (filled with NaN), ready for
     /// [`Engine::attention_on_buffers`] as many times as needed (benchmarks, repeated runs).
     pub fn upload(&self, p: &Problem, inputs: &Inputs<'_>, opts: &RunOptions) -> Result<Resident> {
+        let _gl = self.exclusive();
         p.check_inputs(inputs)?;
         self.plan(p, opts)?;
         Ok(self.upload_unchecked(p, inputs, opts))
@@ -529,6 +522,7 @@ impl Engine {
     /// (groups of batch entries × windows of keys) that run one after another and are merged
     /// exactly by their LSE; see [`Engine::estimate`].
     pub fn attention(&self, p: &Problem, inputs: &Inputs<'_>, opts: &RunOptions) -> Result<Output> {
+        let _gl = self.exclusive();
         p.check_inputs(inputs)?;
         let opts = self.resolve_coop(p, inputs.dtypes(), opts)?;
         self.scoped(|| self.attention_checked(p, inputs, &opts))
@@ -647,6 +641,7 @@ impl Engine {
         outputs: &GpuOutputs<'_>,
         opts: &RunOptions,
     ) -> Result<Algorithm> {
+        let _gl = self.exclusive();
         let opts = RunOptions {
             lse: outputs.lse.is_some(),
             probs: outputs.probs.is_some(),
@@ -972,6 +967,7 @@ impl Engine {
     /// [`spotlight_reference::merge`] for the definition): the operation that lets attention be
     /// split across dispatches, devices or time and still be exact. Returns `(O, LSE)`.
     pub fn merge(&self, p: &Problem, parts: &[(&[f32], &[f32])]) -> Result<(Vec<f32>, Vec<f32>)> {
+        let _gl = self.exclusive();
         spotlight_reference::check_parts(p, parts)?;
         self.check_health()?;
         let o = p.o_strides();

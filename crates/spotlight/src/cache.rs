@@ -99,6 +99,7 @@ fn cache_err(reason: impl Into<String>) -> Error {
 impl KvCache {
     /// Allocates the page pools. Checks the configuration and the device limits first.
     pub fn new(engine: &Engine, cfg: KvCacheConfig) -> Result<Self> {
+        let _gl = engine.exclusive();
         let c = &cfg;
         for (name, v) in [
             ("kv_heads", c.kv_heads),
@@ -202,6 +203,7 @@ impl KvCache {
         k: TensorRef<'_>,
         v: TensorRef<'_>,
     ) -> Result<()> {
+        let _gl = engine.exclusive();
         let c = self.cfg;
         let (kr, vr) = (c.row_elems(c.head_dim), c.row_elems(c.v_head_dim));
         let n = k.len() / kr;
@@ -303,6 +305,7 @@ impl Engine {
         q_heads: usize,
         opts: &DecodeOptions,
     ) -> Result<Output> {
+        let _gl = self.exclusive();
         let c = cache.config();
         let lens: Vec<i32> = seqs
             .iter()
@@ -332,15 +335,8 @@ impl Engine {
                     .into(),
             });
         }
-        // Split-k is not offered on the GL backend (see fused_plan); flash reads pages too.
-        let algorithm = match opts.algorithm {
-            Algorithm::SplitK if self.adapter_info().backend == wgpu::Backend::Gl => {
-                Algorithm::Flash
-            }
-            a => a,
-        };
         let run = RunOptions {
-            algorithm,
+            algorithm: opts.algorithm,
             lse: opts.lse,
             out_dtype: opts.out_dtype,
             ..Default::default()

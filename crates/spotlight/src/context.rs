@@ -88,6 +88,8 @@ pub struct Engine {
     use_subgroups: bool,
     /// Results of the cooperative-matrix kernel's self-test, per (D, Dv, dtypes).
     pub(crate) coop_checked: Mutex<CoopChecks>,
+    /// On the GL backend, one operation at a time (see [`Engine::exclusive`]).
+    gl_serial: Option<parking_lot::ReentrantMutex<()>>,
 }
 
 fn instance(backends: wgpu::Backends) -> wgpu::Instance {
@@ -250,7 +252,6 @@ impl Engine {
         Engine {
             device,
             queue,
-            info,
             caps,
             cache: PipelineCache::default(),
             gpu_error: Arc::new(Mutex::new(None)),
@@ -259,7 +260,20 @@ impl Engine {
             native_f16: caps_f16,
             use_subgroups: true,
             coop_checked: Mutex::new(Default::default()),
+            gl_serial: (info.backend == wgpu::Backend::Gl)
+                .then(|| parking_lot::ReentrantMutex::new(())),
+            info,
         }
+    }
+
+    /// Held for the whole of every public GPU operation on the GL backend. wgpu's GL backend
+    /// shares one GL context behind a lock that panics after waiting 6 s (wgpu-hal
+    /// `CONTEXT_LOCK_TIMEOUT_SECS`), and a readback there holds that lock until the GPU is done:
+    /// one thread's long attention made another thread's call panic (measured on Mesa llvmpipe).
+    /// Engine operations therefore queue here, without a time limit, instead. Re-entrant, so an
+    /// operation that calls another holds it once. Other backends run operations concurrently.
+    pub(crate) fn exclusive(&self) -> Option<parking_lot::ReentrantMutexGuard<'_, ()>> {
+        self.gl_serial.as_ref().map(|m| m.lock())
     }
 
     pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
@@ -372,6 +386,7 @@ impl Engine {
 
     /// Blocks until all submitted work is done.
     pub fn wait(&self) -> Result<()> {
+        let _gl = self.exclusive();
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| Error::Gpu(e.to_string()))?;
@@ -380,6 +395,7 @@ impl Engine {
 
     /// Copies `size` bytes of `buffer` (which must have `COPY_SRC`) back to the host.
     pub fn read_bytes(&self, buffer: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
+        let _gl = self.exclusive();
         let size4 = size.div_ceil(4) * 4;
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("spotlight readback"),
@@ -450,6 +466,7 @@ impl Engine {
         &self,
         record: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>,
     ) -> Result<Timing> {
+        let _gl = self.exclusive();
         let mut enc = self.device.create_command_encoder(&Default::default());
         if !self.caps.timestamp_query {
             let t = std::time::Instant::now();
@@ -502,6 +519,7 @@ impl Engine {
     /// bytes (rounded to 16): the yardstick for memory-bound kernels such as decoding. Returns
     /// the median timing of `repeats` runs after one warm-up.
     pub fn stream_read(&self, bytes: u64, repeats: usize) -> Result<Timing> {
+        let _gl = self.exclusive();
         use wgpu::util::DeviceExt;
         let bytes = (bytes.div_ceil(16) * 16).clamp(16, self.caps.max_storage_binding / 16 * 16);
         let words = (bytes / 16) as u32;

@@ -62,6 +62,7 @@ struct LensParams {
 impl Engine {
     /// Attention statistics of `p` on the GPU (see the module docs).
     pub fn lens(&self, p: &Problem, inputs: &Inputs<'_>, opts: &LensOptions) -> Result<LensStats> {
+        let _gl = self.exclusive();
         let run = RunOptions {
             algorithm: opts.algorithm,
             lse: true,
