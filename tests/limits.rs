@@ -1,6 +1,6 @@
 //! Limits and guarantees: problems past the binding limit (split and merged exactly), dispatch
-//! grids past 65 535 workgroups, many threads on one engine, bit-for-bit determinism, and
-//! non-finite inputs.
+//! grids past 65 535 workgroups, many threads on one engine (and short runs beside a long one),
+//! bit-for-bit determinism, and non-finite inputs.
 
 use std::sync::Arc;
 
@@ -264,4 +264,70 @@ fn non_finite_inputs_propagate_to_their_rows_only() {
         let e = compare::compare(&o, &finite);
         assert!(e.within(1e-5), "{alg:?}: {e}");
     }
+}
+
+/// One thread's long run must not make another thread's calls fail. wgpu's GL backend keeps one GL
+/// context behind a lock that panics after 6 s of waiting, and a readback holds it until the GPU
+/// is done, so on GL the engine queues its operations instead (`Engine::exclusive`). The long
+/// problem is sized to hold the GPU well past 6 s on Mesa's GL llvmpipe (~0.8 GFLOP/s: 6.4 GFLOP,
+/// about 8 s); elsewhere it is 6x smaller and the test checks concurrent results only.
+#[test]
+fn a_long_run_on_one_thread_does_not_fail_another_threads_calls() {
+    let Some(engine) = engine() else { return };
+    let gl = engine.adapter_info().backend == spotlight::wgpu::Backend::Gl;
+    let heads = if gl { 6 } else { 1 };
+    let long = Problem::new(1, 2048, 2048, heads, heads, 64);
+    let long_data = Data::random(&long, [DType::F32; 3], 1.0, &mut Rng::new(0x10E6));
+    let opts = RunOptions {
+        algorithm: Algorithm::Flash,
+        lse: true,
+        ..Default::default()
+    };
+    let started = std::sync::Barrier::new(2);
+    let (long_out, short_failures) = std::thread::scope(|s| {
+        let long_run = s.spawn(|| {
+            started.wait();
+            engine.attention(&long, &long_data.inputs(), &opts)
+        });
+        let short_runs = s.spawn(|| {
+            started.wait();
+            // Let the long run reach the GPU first, then keep calling while it runs.
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            let mut failures = Vec::new();
+            for seed in 0..4u64 {
+                let (p, d, out_dtype) = random_problem(0x5407_0000 + seed);
+                let opts = RunOptions {
+                    algorithm: ALGORITHMS[seed as usize % 3],
+                    out_dtype,
+                    ..Default::default()
+                };
+                if let Err(e) = check_opts(engine, &p, &d, &opts, None) {
+                    failures.push(format!("seed {seed}: {e}"));
+                }
+            }
+            failures
+        });
+        (long_run.join().unwrap(), short_runs.join().unwrap())
+    });
+    assert!(short_failures.is_empty(), "{}", short_failures.join("\n"));
+    // The long run: a sample of its rows against the reference.
+    let out = long_out.expect("long run");
+    let rows: Vec<(usize, usize, usize)> = (0..16)
+        .map(|n| (0, n % heads, (n * 131 + 7) % long.q_len))
+        .collect();
+    let want = reference::attention_rows(&long, &long_data.inputs(), &rows).unwrap();
+    let got = out.out.to_f32_vec();
+    let lse = out.lse.expect("lse");
+    let o = long.o_strides();
+    let (mut g, mut w) = (Vec::new(), Vec::new());
+    for (&(b, h, i), r) in rows.iter().zip(&want) {
+        for d in 0..long.v_head_dim {
+            g.push(got[o.index(b, i, h, d)]);
+            w.push(r.out[d]);
+        }
+        g.push(lse[(b * long.q_heads + h) * long.q_len + i]);
+        w.push(r.lse);
+    }
+    let e = compare::compare(&g, &w);
+    assert!(e.within(1e-5), "long run vs reference: {e}");
 }
