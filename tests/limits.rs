@@ -8,7 +8,7 @@ use spotlight::reference::random::Rng;
 use spotlight::reference::{self, compare};
 use spotlight::{Algorithm, DType, Engine, Error, Problem, RunOptions, Tensor};
 
-use crate::common::{ALGORITHMS, Data, check_opts, engine};
+use crate::common::{ALGORITHMS, Data, check, check_opts, engine};
 use crate::differential::random_problem;
 
 #[test]
@@ -330,4 +330,32 @@ fn a_long_run_on_one_thread_does_not_fail_another_threads_calls() {
     }
     let e = compare::compare(&g, &w);
     assert!(e.within(1e-5), "long run vs reference: {e}");
+}
+
+/// The three-pass path over key ranges longer than one invocation may loop on llvmpipe (whose
+/// loops end silently after about 65 535 iterations): P·V is split over dispatches (1.1 M keys
+/// went wrong before), and past what the softmax pass can take the engine refuses clearly.
+#[test]
+fn three_pass_over_a_million_keys_matches_the_reference_or_is_refused() {
+    let Some(engine) = engine() else { return };
+    let p = Problem::new(1, 2, 1_100_000, 1, 1, 4).causal(true);
+    let d = Data::random(&p, [DType::F32; 3], 4.0, &mut Rng::new(0x3_0000));
+    check(engine, &p, &d, Algorithm::ThreePass, true, None, None).unwrap();
+    if engine.capabilities().max_key_tiles_per_workgroup.is_some() {
+        let p = Problem::new(1, 1, 3_600_001, 1, 1, 4);
+        let d = Data::random(&p, [DType::F32; 3], 1.0, &mut Rng::new(1));
+        let opts = RunOptions {
+            algorithm: Algorithm::Auto,
+            probs: true,
+            ..Default::default()
+        };
+        match engine.attention(&p, &d.inputs(), &opts) {
+            Err(Error::Unsupported { algorithm, reason }) => {
+                assert_eq!(algorithm, "three-pass");
+                assert!(reason.contains("3600000 keys per row"), "{reason}");
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("3 600 001 keys with the probability map ran on llvmpipe"),
+        }
+    }
 }

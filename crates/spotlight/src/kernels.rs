@@ -141,6 +141,7 @@ impl Shader {
                 (4, Read),
                 (5, Read),
                 (6, ReadWrite),
+                (7, Uniform),
             ],
             Shader::Flash | Shader::FlashCoop => &[
                 (0, Uniform),
