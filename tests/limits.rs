@@ -315,20 +315,15 @@ fn a_long_run_on_one_thread_does_not_fail_another_threads_calls() {
     let rows: Vec<(usize, usize, usize)> = (0..16)
         .map(|n| (0, n % heads, (n * 131 + 7) % long.q_len))
         .collect();
-    let want = reference::attention_rows(&long, &long_data.inputs(), &rows).unwrap();
-    let got = out.out.to_f32_vec();
     let lse = out.lse.expect("lse");
-    let o = long.o_strides();
-    let (mut g, mut w) = (Vec::new(), Vec::new());
-    for (&(b, h, i), r) in rows.iter().zip(&want) {
-        for d in 0..long.v_head_dim {
-            g.push(got[o.index(b, i, h, d)]);
-            w.push(r.out[d]);
-        }
-        g.push(lse[(b * long.q_heads + h) * long.q_len + i]);
-        w.push(r.lse);
-    }
-    let e = compare::compare(&g, &w);
+    let e = compare::compare_rows(
+        &long,
+        &long_data.inputs(),
+        &out.out.to_f32_vec(),
+        &lse,
+        &rows,
+    )
+    .unwrap();
     assert!(e.within(1e-5), "long run vs reference: {e}");
 }
 

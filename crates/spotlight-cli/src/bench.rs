@@ -216,25 +216,10 @@ fn validate(
             rng.range(0, p.q_len - 1),
         ));
     }
-    let want = reference::attention_rows(p, inputs, &rows)?;
-    let o = p.o_strides();
-    let (mut got_v, mut want_v) = (Vec::new(), Vec::new());
-    for (&(b, h, i), r) in rows.iter().zip(&want) {
-        for d in 0..p.v_head_dim {
-            got_v.push(out[o.index(b, i, h, d)]);
-            want_v.push(r.out[d]);
-        }
-        got_v.push(lse[(b * p.q_heads + h) * p.q_len + i]);
-        want_v.push(r.lse);
-    }
-    let e = compare::compare(&got_v, &want_v);
+    let e = compare::compare_rows(p, inputs, &out, &lse, &rows)?;
     if e.non_finite_mismatches > 0 {
-        let w = e.worst_index;
-        let row = rows[w / (p.v_head_dim + 1)];
-        eprintln!(
-            "spotlight: validation mismatch at row (b, h, i) = {row:?}: got {} want {} ({e})",
-            got_v[w], want_v[w]
-        );
+        let row = rows[e.worst_index / (p.v_head_dim + 1)];
+        eprintln!("spotlight: validation mismatch at row (b, h, i) = {row:?} ({e})");
     }
     Ok(if e.non_finite_mismatches > 0 {
         f64::INFINITY

@@ -71,3 +71,40 @@ pub fn compare(got: &[f32], want: &[f64]) -> Error {
     e.rel_frobenius = num.sqrt() / den.sqrt().max(1e-30);
     e
 }
+
+/// Compares the listed query rows `(b, h, i)` of a result with the reference computed for those
+/// rows alone: the check for problems too large to compute whole on the CPU. `out` is in the
+/// problem's layout, `lse` is `[B, Hq, Lq]`. Each row contributes its `Dv` outputs and then its
+/// LSE, so `worst_index / (Dv + 1)` is the worst row's position in `rows`.
+pub fn compare_rows(
+    p: &crate::Problem,
+    inputs: &crate::Inputs<'_>,
+    out: &[f32],
+    lse: &[f32],
+    rows: &[(usize, usize, usize)],
+) -> Result<Error, crate::ProblemError> {
+    for (what, got, expected) in [
+        ("out", out.len(), p.o_elems()),
+        ("lse", lse.len(), p.lse_elems()),
+    ] {
+        if got != expected {
+            return Err(crate::ProblemError::LengthMismatch {
+                what,
+                got,
+                expected,
+            });
+        }
+    }
+    let want = crate::attention_rows(p, inputs, rows)?;
+    let o = p.o_strides();
+    let (mut got_v, mut want_v) = (Vec::new(), Vec::new());
+    for (&(b, h, i), r) in rows.iter().zip(&want) {
+        for d in 0..p.v_head_dim {
+            got_v.push(out[o.index(b, i, h, d)]);
+            want_v.push(r.out[d]);
+        }
+        got_v.push(lse[(b * p.q_heads + h) * p.q_len + i]);
+        want_v.push(r.lse);
+    }
+    Ok(compare(&got_v, &want_v))
+}
