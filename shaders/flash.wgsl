@@ -114,8 +114,9 @@ fn main(
     var m = ninf;
     var l = 0.0;
     var acc: array<f32, MAX_COLS>;
-    // Columns this thread owns; a bound known when the pipeline is made, so compilers unroll
-    // exactly this many (see the note on GL in kernels.rs).
+    // Columns this thread owns: the column loops run to this bound, known when the pipeline is
+    // made, not to MAX_COLS with a break, which Mesa's GLSL compiler unrolled 32 times (~25 s per
+    // pipeline on llvmpipe; README, Limits and guarantees).
     let ncols = (V_DIM + TPR - 1u) / TPR;
     for (var c = 0u; c < ncols; c++) {
         acc[c] = 0.0;
