@@ -46,10 +46,16 @@ fn is_nan(x: f32) -> bool {
     return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
 }
 
+// A caller's sequence length (i32 bits) clamped to [0, limit]: a negative length means 0, as
+// documented for `attention_on_buffers` (the host checks the values it uploads itself).
+fn clamp_len(bits: u32, limit: u32) -> u32 {
+    return min(u32(max(bitcast<i32>(bits), 0)), limit);
+}
+
 // Valid query length of batch entry b.
 fn q_valid(b: u32) -> u32 {
     if has(F_QLENS) {
-        return min(aux[b], params.q_len);
+        return clamp_len(aux[b], params.q_len);
     }
     return params.q_len;
 }
@@ -58,7 +64,7 @@ fn q_valid(b: u32) -> u32 {
 // windows sees keys key_base .. key_base + kv_len of kv_total (unsplit: key_base 0, kv_total kv_len).
 fn kv_valid(b: u32) -> u32 {
     if has(F_KVLENS) {
-        return min(aux[params.batch + b], params.kv_total);
+        return clamp_len(aux[params.batch + b], params.kv_total);
     }
     return params.kv_total;
 }

@@ -213,7 +213,10 @@ fn main(
             }
             var a = acc[c] * alpha;
             for (var kk = 0u; kk < BK; kk++) {
-                a += p_s[r * BK + kk] * v_s[kk * V_DIM + d];
+                // A key this row cannot see (p = 0) adds nothing, even where V holds NaN or inf
+                // (0 · NaN would be NaN).
+                let pk = p_s[r * BK + kk];
+                a += select(0.0, pk * v_s[kk * V_DIM + d], !(pk == 0.0));
             }
             acc[c] = a;
         }

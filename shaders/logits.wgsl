@@ -58,8 +58,7 @@ fn visible_key_range(i_first: u32, i_last: u32, lq: u32, lk: u32, off: i32) -> v
 fn finish_logit(b: u32, h: u32, i: u32, j: u32, off: i32, dot: f32) -> f32 {
     var s = params.scale * dot;
     if params.softcap > 0.0 {
-        // tanh saturates to ±1 in f32 beyond |x| = 15; clamping avoids inf/inf in tanh's expansion.
-        s = params.softcap * tanh(clamp(s / params.softcap, -15.0, 15.0));
+        s = params.softcap * softcap_tanh(s / params.softcap);
     }
     if has(F_BIAS) {
         s += bias[b * params.bias_sb + h * params.bias_sh + i * params.kv_total + j];
@@ -68,4 +67,20 @@ fn finish_logit(b: u32, h: u32, i: u32, j: u32, off: i32, dot: f32) -> f32 {
         s -= alibi_slope(h) * f32(abs(i32(i) + off - i32(j)));
     }
     return s;
+}
+
+// tanh(x) accurate to f32 rounding for every x, so that c·tanh(s/c) stays exact to f32 rounding
+// for any cap c (with a large cap, s/c is tiny and a tanh built on exp loses every digit to
+// cancellation: the LSE drifted by c·6e-8 per logit). NaN stays NaN (no clamp, which would send
+// it to a bound) and ±inf gives ±1.
+fn softcap_tanh(x: f32) -> f32 {
+    let a = abs(x);
+    if a < 0.125 {
+        // Taylor series to x^9: the first dropped term is below 1e-10 · |x| here.
+        let x2 = x * x;
+        return x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))));
+    }
+    // 1 - 2/(e^2a + 1): no cancellation for a >= 0.125 (tanh >= 0.124), 1 once e^2a overflows.
+    let t = 1.0 - 2.0 / (exp(2.0 * a) + 1.0);
+    return select(-t, t, x >= 0.0);
 }

@@ -67,7 +67,9 @@ fn main(
         v_tile[lid.y][lid.x] = vv;
         workgroupBarrier();
         for (var jj = 0u; jj < TS; jj++) {
-            acc += p_tile[lid.y][jj] * v_tile[jj][lid.x];
+            // A hidden key (P = 0) adds nothing, even where V holds NaN or inf.
+            let pj = p_tile[lid.y][jj];
+            acc += select(0.0, pj * v_tile[jj][lid.x], !(pj == 0.0));
         }
         workgroupBarrier();
     }

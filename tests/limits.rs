@@ -26,7 +26,7 @@ fn keys_past_the_binding_limit_are_split_and_merged_exactly() {
         lse: true,
         ..Default::default()
     };
-    let est = engine.estimate(&p, &opts).unwrap();
+    let est = engine.estimate(&p, [DType::F32; 3], &opts).unwrap();
     if (p.k_elems() * 4) as u64 > limit {
         assert!(est.pieces >= 2, "{est:?}");
     }
@@ -72,7 +72,7 @@ fn random_problems_split_under_a_small_binding_limit() {
                 out_dtype,
                 ..Default::default()
             };
-            let est = small.estimate(&p, &opts).unwrap();
+            let est = small.estimate(&p, d.inputs().dtypes(), &opts).unwrap();
             split += (est.pieces > 1) as usize;
             check_opts(&small, &p, &d, &opts, None)
                 .unwrap_or_else(|e| panic!("seed={} {p:?} {est:?}: {e}", 0x5B11_0000 + seed));
@@ -89,7 +89,9 @@ fn what_cannot_be_split_is_refused_with_the_numbers() {
     let small = Engine::new().unwrap().with_binding_limit(16 << 10);
     let mut p = Problem::new(1, 64, 128, 2, 2, 16);
     p.bias = Some(spotlight::reference::Broadcast { batch: 1, heads: 2 });
-    let err = small.estimate(&p, &RunOptions::default()).unwrap_err();
+    let err = small
+        .estimate(&p, [DType::F32; 3], &RunOptions::default())
+        .unwrap_err();
     match &err {
         Error::LimitExceeded { bytes, limit, .. } => assert!(bytes > limit, "{err}"),
         other => panic!("expected LimitExceeded, got {other}"),
@@ -102,7 +104,7 @@ fn what_cannot_be_split_is_refused_with_the_numbers() {
     let p = Problem::new(1, 200, 200, 2, 2, 16);
     assert!(
         small
-            .estimate(&p, &three)
+            .estimate(&p, [DType::F32; 3], &three)
             .unwrap_err()
             .to_string()
             .contains("score matrix")

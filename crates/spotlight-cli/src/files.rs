@@ -149,8 +149,98 @@ impl OutTensor {
     }
 }
 
-/// Writes the tensors to `path` atomically: a temporary file beside it, renamed into place.
+/// Where an output named on the command line really goes, checked before any GPU work.
+///
+/// Decided behaviour (README, "Limits and guarantees"):
+/// - a symbolic link is written *through*: the file it points to is replaced (atomically, by a
+///   rename beside the target), the link stays a link;
+/// - an existing regular file keeps its permission bits;
+/// - an existing path that is not a regular file (a directory, a device such as /dev/full, a
+///   FIFO, a socket) is refused, as is a missing parent directory.
+#[derive(Clone, Debug)]
+pub struct OutputTarget {
+    /// The regular file that will be replaced or created.
+    pub path: PathBuf,
+    /// Permissions of the file it replaces, if one exists.
+    pub permissions: Option<std::fs::Permissions>,
+}
+
+/// Resolves and checks an output path (see [`OutputTarget`]).
+pub fn check_output(path: &Path) -> anyhow::Result<OutputTarget> {
+    let mut target = path.to_path_buf();
+    // Follow links (bounded, like the kernel's own limit) to the path that will be written.
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&target) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let link = std::fs::read_link(&target)
+                    .with_context(|| format!("cannot read the link {}", target.display()))?;
+                target = match target.parent() {
+                    Some(dir) if link.is_relative() => dir.join(link),
+                    _ => link,
+                };
+            }
+            Ok(m) => {
+                if !m.file_type().is_file() {
+                    bail!(
+                        "output {} is {}, not a regular file: expected a file path to create or replace",
+                        path.display(),
+                        describe_kind(&m.file_type())
+                    );
+                }
+                return Ok(OutputTarget {
+                    path: target,
+                    permissions: Some(m.permissions()),
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let dir = match target.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                    _ => PathBuf::from("."),
+                };
+                if !dir.is_dir() {
+                    bail!(
+                        "cannot write output {}: directory {} does not exist",
+                        path.display(),
+                        dir.display()
+                    );
+                }
+                return Ok(OutputTarget {
+                    path: target,
+                    permissions: None,
+                });
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot use output path {}", path.display()));
+            }
+        }
+    }
+    bail!(
+        "output {} is a chain of more than 40 symbolic links",
+        path.display()
+    )
+}
+
+fn describe_kind(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_block_device() || t.is_char_device() {
+        "a device"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Writes the tensors to `path` atomically: a temporary file beside the real target (through a
+/// symbolic link), given the replaced file's permissions, synced, and renamed into place. On any
+/// failure (a full disk included) the temporary file is removed and nothing at `path` changes.
 pub fn write_atomic(path: &Path, tensors: &[OutTensor]) -> anyhow::Result<()> {
+    let target = check_output(path)?;
     let views = tensors
         .iter()
         .map(|t| {
@@ -160,12 +250,36 @@ pub fn write_atomic(path: &Path, tensors: &[OutTensor]) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let bytes = safetensors::serialize(views, None).context("serialising the outputs")?;
-    let tmp = temp_path(path);
-    std::fs::write(&tmp, &bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
+    write_bytes_atomic(&target, &bytes)
+}
+
+/// Writes `bytes` to a checked target atomically (see [`write_atomic`]).
+pub fn write_bytes_atomic(target: &OutputTarget, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let tmp = temp_path(&target.path);
+    let result = (|| -> anyhow::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        // The replaced file's permissions before any data goes in (a 0600 file stays private).
+        if let Some(perm) = &target.permissions {
+            f.set_permissions(perm.clone())
+                .with_context(|| format!("cannot set the permissions of {}", tmp.display()))?;
+        }
+        f.write_all(bytes)
+            .and_then(|_| f.sync_all())
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        drop(f);
+        std::fs::rename(&tmp, &target.path)
+            .with_context(|| format!("cannot move the output into {}", target.path.display()))
+    })();
+    if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        anyhow::anyhow!("cannot move the output into {}: {e}", path.display())
-    })
+    }
+    result
 }
 
 fn temp_path(path: &Path) -> PathBuf {

@@ -238,6 +238,8 @@ pub fn load_bytes(bytes: &[u8], a: &ProblemArgs) -> anyhow::Result<Loaded> {
 }
 
 pub fn main(a: &RunArgs) -> anyhow::Result<()> {
+    // The output path is checked before any work (see files::check_output).
+    files::check_output(&a.output)?;
     let l = load(&a.problem)?;
     let (p, q, inputs) = (&l.problem, &l.q, l.inputs());
     let (b, lq, lk, hq, dv) = (p.batch, p.q_len, p.kv_len, p.q_heads, p.v_head_dim);
@@ -265,7 +267,7 @@ pub fn main(a: &RunArgs) -> anyhow::Result<()> {
             allow_reduced_precision: a.reduced_precision,
         };
         if a.stats {
-            let est = engine.estimate(p, &opts)?;
+            let est = engine.estimate(p, inputs.dtypes(), &opts)?;
             println!(
                 "stats: device bytes {} ({:.1} MiB), pieces {}{}",
                 est.device_bytes,

@@ -46,4 +46,9 @@ pub enum ProblemError {
     BadValue { what: &'static str, detail: String },
     #[error("{what} has {elems} elements, more than the 2^32 - 1 a single tensor may hold")]
     TooLarge { what: &'static str, elems: usize },
+    #[error("{what} of dimensions {dims:?} has more elements than this machine can count")]
+    Overflow {
+        what: &'static str,
+        dims: Vec<usize>,
+    },
 }

@@ -128,6 +128,11 @@ impl Window {
     }
 }
 
+/// The product of `dims`, or `None` when it overflows `usize`.
+fn product(dims: &[usize]) -> Option<usize> {
+    dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+}
+
 /// One attention problem: every shape and option, but no data.
 ///
 /// Q is `[B, Lq, Hq, D]`, K is `[B, Lk, Hkv, D]`, V is `[B, Lk, Hkv, Dv]` (in `layout`), O is
@@ -214,6 +219,83 @@ impl Problem {
         self
     }
 
+    /// A sliding window (see [`Window`]); `None` removes it.
+    pub fn window(mut self, window: Option<Window>) -> Self {
+        self.window = window;
+        self
+    }
+
+    /// The logit scale; `None` means `1 / sqrt(head_dim)`.
+    pub fn scale(mut self, scale: Option<f32>) -> Self {
+        self.scale = scale;
+        self
+    }
+
+    /// Logit soft-capping `c · tanh(s / c)`; `None` or 0 is off.
+    pub fn softcap(mut self, softcap: Option<f32>) -> Self {
+        self.softcap = softcap;
+        self
+    }
+
+    /// An additive f32 bias of shape `[batch, heads, Lq, Lk]` (each of `batch`, `heads` 1 or the
+    /// full size); `None` removes it. The data goes in [`Inputs::bias`].
+    pub fn bias(mut self, shape: Option<Broadcast>) -> Self {
+        self.bias = shape;
+        self
+    }
+
+    /// A boolean mask (u8, nonzero = visible) of shape `[batch, heads, Lq, Lk]`; `None` removes
+    /// it. The data goes in [`Inputs::mask`].
+    pub fn mask(mut self, shape: Option<Broadcast>) -> Self {
+        self.mask = shape;
+        self
+    }
+
+    /// Whether ALiBi slopes `[Hq]` are given ([`Inputs::alibi_slopes`]).
+    pub fn alibi(mut self, on: bool) -> Self {
+        self.alibi = on;
+        self
+    }
+
+    /// Whether per-batch valid query lengths `[B]` are given ([`Inputs::q_seqlens`]).
+    pub fn q_seqlens(mut self, on: bool) -> Self {
+        self.q_seqlens = on;
+        self
+    }
+
+    /// Whether per-batch valid key lengths `[B]` are given ([`Inputs::kv_seqlens`]).
+    pub fn kv_seqlens(mut self, on: bool) -> Self {
+        self.kv_seqlens = on;
+        self
+    }
+
+    /// The presence of every optional input taken from `inputs`, so the two cannot disagree:
+    /// ALiBi and sequence lengths are set or cleared to match, a bias or mask that is given keeps
+    /// its declared broadcast shape (or, when none was declared, gets the full `[B, Hq, Lq, Lk]`
+    /// or, for one of `Lq·Lk` elements, `[1, 1, Lq, Lk]`), and one that is not given is removed.
+    /// [`Problem::check_inputs`] still checks the lengths.
+    pub fn with_presence_of(mut self, inputs: &Inputs<'_>) -> Self {
+        let infer = |declared: Option<Broadcast>, len: usize, p: &Problem| {
+            declared.or_else(|| {
+                let plane = p.q_len.saturating_mul(p.kv_len);
+                Some(if len == plane {
+                    Broadcast { batch: 1, heads: 1 }
+                } else {
+                    Broadcast {
+                        batch: p.batch,
+                        heads: p.q_heads,
+                    }
+                })
+            })
+        };
+        self.bias = inputs.bias.and_then(|b| infer(self.bias, b.len(), &self));
+        self.mask = inputs.mask.and_then(|m| infer(self.mask, m.len(), &self));
+        self.alibi = inputs.alibi_slopes.is_some();
+        self.q_seqlens = inputs.q_seqlens.is_some();
+        self.kv_seqlens = inputs.kv_seqlens.is_some();
+        self
+    }
+
     /// The scale actually used.
     pub fn effective_scale(&self) -> f32 {
         self.scale
@@ -251,26 +333,29 @@ impl Problem {
             .strides(self.q_len, self.q_heads, self.v_head_dim)
     }
 
+    // Element counts saturate instead of overflowing, so they never panic on absurd sizes;
+    // [`Problem::validate`] refuses any problem whose counts overflow (checked arithmetic).
     pub fn q_elems(&self) -> usize {
-        self.batch * self.q_len * self.q_heads * self.head_dim
+        product(&[self.batch, self.q_len, self.q_heads, self.head_dim]).unwrap_or(usize::MAX)
     }
     pub fn k_elems(&self) -> usize {
-        self.batch * self.kv_len * self.kv_heads * self.head_dim
+        product(&[self.batch, self.kv_len, self.kv_heads, self.head_dim]).unwrap_or(usize::MAX)
     }
     pub fn v_elems(&self) -> usize {
-        self.batch * self.kv_len * self.kv_heads * self.v_head_dim
+        product(&[self.batch, self.kv_len, self.kv_heads, self.v_head_dim]).unwrap_or(usize::MAX)
     }
     pub fn o_elems(&self) -> usize {
-        self.batch * self.q_len * self.q_heads * self.v_head_dim
+        product(&[self.batch, self.q_len, self.q_heads, self.v_head_dim]).unwrap_or(usize::MAX)
     }
     pub fn lse_elems(&self) -> usize {
-        self.batch * self.q_heads * self.q_len
+        product(&[self.batch, self.q_heads, self.q_len]).unwrap_or(usize::MAX)
     }
     pub fn probs_elems(&self) -> usize {
-        self.lse_elems() * self.kv_len
+        product(&[self.batch, self.q_heads, self.q_len, self.kv_len]).unwrap_or(usize::MAX)
     }
-    fn broadcast_elems(&self, b: &Broadcast) -> usize {
-        b.batch * b.heads * self.q_len * self.kv_len
+    /// Elements of a bias or mask of shape `[b.batch, b.heads, Lq, Lk]` (saturating).
+    pub fn broadcast_elems(&self, b: &Broadcast) -> usize {
+        product(&[b.batch, b.heads, self.q_len, self.kv_len]).unwrap_or(usize::MAX)
     }
 
     /// FLOPs by FlashAttention's convention: `4·B·Hq·Lq·Lk·D`, halved when causal.
@@ -329,15 +414,54 @@ impl Problem {
             }
         }
         // Indices are computed in u32 on the GPU and i64 here; keep every tensor addressable.
+        // Counts use checked arithmetic: sizes whose product overflows are refused, not wrapped.
         let limit = u32::MAX as usize;
+        let dims = |what: &'static str, d: &[usize]| {
+            product(d).ok_or(ProblemError::Overflow {
+                what,
+                dims: d.to_vec(),
+            })
+        };
         for (what, n) in [
-            ("q", self.q_elems()),
-            ("k", self.k_elems()),
-            ("v", self.v_elems()),
-            ("out", self.o_elems()),
+            (
+                "q",
+                dims("q", &[self.batch, self.q_len, self.q_heads, self.head_dim])?,
+            ),
+            (
+                "k",
+                dims(
+                    "k",
+                    &[self.batch, self.kv_len, self.kv_heads, self.head_dim],
+                )?,
+            ),
+            (
+                "v",
+                dims(
+                    "v",
+                    &[self.batch, self.kv_len, self.kv_heads, self.v_head_dim],
+                )?,
+            ),
+            (
+                "out",
+                dims(
+                    "out",
+                    &[self.batch, self.q_len, self.q_heads, self.v_head_dim],
+                )?,
+            ),
         ] {
             if n > limit {
                 return Err(ProblemError::TooLarge { what, elems: n });
+            }
+        }
+        // The LSE, the probability map (three-pass) and a bias or mask must have a size too.
+        dims(
+            "probs",
+            &[self.batch, self.q_heads, self.q_len, self.kv_len],
+        )?;
+        for (what, b) in [("bias", &self.bias), ("mask", &self.mask)] {
+            if let Some(b) = b {
+                let n = dims(what, &[b.batch, b.heads, self.q_len, self.kv_len])?;
+                dims(what, &[n, 4])?;
             }
         }
         Ok(())
@@ -440,6 +564,36 @@ impl<'a> Inputs<'a> {
             q_seqlens: None,
             kv_seqlens: None,
         }
+    }
+
+    /// The additive f32 bias (declare its shape with [`Problem::bias`]).
+    pub fn bias(mut self, bias: &'a [f32]) -> Self {
+        self.bias = Some(bias);
+        self
+    }
+
+    /// The boolean mask, u8, nonzero = visible (declare its shape with [`Problem::mask`]).
+    pub fn mask(mut self, mask: &'a [u8]) -> Self {
+        self.mask = Some(mask);
+        self
+    }
+
+    /// ALiBi slopes `[Hq]`.
+    pub fn alibi_slopes(mut self, slopes: &'a [f32]) -> Self {
+        self.alibi_slopes = Some(slopes);
+        self
+    }
+
+    /// Valid query lengths `[B]`.
+    pub fn q_seqlens(mut self, lens: &'a [i32]) -> Self {
+        self.q_seqlens = Some(lens);
+        self
+    }
+
+    /// Valid key lengths `[B]`.
+    pub fn kv_seqlens(mut self, lens: &'a [i32]) -> Self {
+        self.kv_seqlens = Some(lens);
+        self
     }
 
     pub fn dtypes(&self) -> [DType; 3] {

@@ -7,10 +7,13 @@
 //! 3. `s += bias[b, h, i, j]`; with ALiBi slopes: `s -= m_h · |i + off - j|`;
 //! 4. `j` is visible iff `mask[b, h, i, j] != 0`, causal ⇒ `j <= i + off`, window ⇒
 //!    `i + off - left <= j <= i + off + right`, and `j < Lk_b`;
-//! 5. `P = softmax over visible j`, `O = P · V`, `LSE = log Σ_visible exp(s)`;
+//! 5. `P = softmax over visible j`, `O = P · V`, `LSE = log Σ_visible exp(s)`; a key that is
+//!    not visible, or whose logit is -inf, contributes nothing to O whatever V holds there
+//!    (NaN and inf included) and has `P = 0`;
 //! 6. a row with no visible key (or whose visible logits are all -inf), and every row
 //!    `i >= Lq_b`, gives `O = 0`, `LSE = -inf` and `P = 0`;
-//! 7. a row with a NaN logit (NaN or infinite inputs) gives NaN for O, LSE and its visible P.
+//! 7. a row with a NaN or +inf logit (from NaN or infinite inputs) gives NaN for O and LSE, and
+//!    NaN for P at its visible keys whose logit is not -inf.
 
 use crate::error::ProblemError;
 use crate::problem::{Inputs, Problem};
@@ -118,30 +121,37 @@ fn row(p: &Problem, inputs: &Inputs<'_>, b: usize, h: usize, i: usize) -> Row {
     let logits: Vec<Option<f64>> = (0..p.kv_len)
         .map(|j| logit(p, inputs, b, h, i, j, off, lk))
         .collect();
-    if logits.iter().flatten().any(|s| s.is_nan()) {
-        // A NaN logit (from NaN or infinite inputs) poisons its row: O, LSE and P are NaN.
+    let m = logits
+        .iter()
+        .flatten()
+        .fold(f64::NEG_INFINITY, |m, &s| m.max(s));
+    let sum: f64 = logits.iter().flatten().map(|&s| (s - m).exp()).sum();
+    if logits.iter().flatten().any(|s| s.is_nan()) || m == f64::INFINITY {
+        // A NaN logit (from NaN or infinite inputs), or a +inf one (whose softmax is inf/inf),
+        // poisons its row: O and LSE are NaN, and so is P at every key that takes part (visible,
+        // logit not -inf). A key with a -inf logit takes no part in any row (rule 5).
         r.out.fill(f64::NAN);
         r.lse = f64::NAN;
         for (j, s) in logits.iter().enumerate() {
-            if s.is_some() {
+            if s.is_some_and(|s| s != f64::NEG_INFINITY) {
                 r.probs[j] = f64::NAN;
             }
         }
         return r;
     }
-    let m = logits
-        .iter()
-        .flatten()
-        .fold(f64::NEG_INFINITY, |m, &s| m.max(s));
     if m == f64::NEG_INFINITY {
         return r; // empty row: O = 0, LSE = -inf, P = 0
     }
-    let sum: f64 = logits.iter().flatten().map(|&s| (s - m).exp()).sum();
     r.lse = m + sum.ln();
     let v = p.v_strides();
     let kvh = p.kv_head_of(h);
     for (j, s) in logits.iter().enumerate() {
-        let Some(s) = s else { continue };
+        // Hidden keys, and keys whose logit is -inf (a -inf bias masks), contribute nothing,
+        // whatever V holds there: NaN or inf in V at such a key does not reach the row.
+        let Some(s) = *s else { continue };
+        if s == f64::NEG_INFINITY {
+            continue;
+        }
         let w = (s - m).exp() / sum;
         r.probs[j] = w;
         for (d, o) in r.out.iter_mut().enumerate() {

@@ -103,6 +103,83 @@ pub struct GpuInputs<'a> {
     pub kv_seqlens: Option<&'a wgpu::Buffer>,
 }
 
+impl<'a> GpuInputs<'a> {
+    /// Q, K and V buffers holding `dtypes` elements, no optional inputs; add those with the
+    /// setters (each must match the [`Problem`]'s declaration, checked when run).
+    pub fn new(
+        q: &'a wgpu::Buffer,
+        k: &'a wgpu::Buffer,
+        v: &'a wgpu::Buffer,
+        dtypes: [DType; 3],
+    ) -> Self {
+        GpuInputs {
+            q,
+            k,
+            v,
+            dtypes,
+            bias: None,
+            mask: None,
+            alibi_slopes: None,
+            q_seqlens: None,
+            kv_seqlens: None,
+        }
+    }
+
+    /// The additive f32 bias.
+    pub fn bias(mut self, b: &'a wgpu::Buffer) -> Self {
+        self.bias = Some(b);
+        self
+    }
+
+    /// The mask, one byte per element (nonzero = visible).
+    pub fn mask(mut self, b: &'a wgpu::Buffer) -> Self {
+        self.mask = Some(b);
+        self
+    }
+
+    /// ALiBi slopes, f32 `[Hq]` (`COPY_SRC`).
+    pub fn alibi_slopes(mut self, b: &'a wgpu::Buffer) -> Self {
+        self.alibi_slopes = Some(b);
+        self
+    }
+
+    /// Valid query lengths, i32 `[B]` (`COPY_SRC`); clamped to `[0, Lq]` on the GPU.
+    pub fn q_seqlens(mut self, b: &'a wgpu::Buffer) -> Self {
+        self.q_seqlens = Some(b);
+        self
+    }
+
+    /// Valid key lengths, i32 `[B]` (`COPY_SRC`); clamped to `[0, Lk]` on the GPU.
+    pub fn kv_seqlens(mut self, b: &'a wgpu::Buffer) -> Self {
+        self.kv_seqlens = Some(b);
+        self
+    }
+}
+
+impl<'a> GpuOutputs<'a> {
+    /// The output buffer, holding `out_dtype` elements; no LSE or probabilities.
+    pub fn new(out: &'a wgpu::Buffer, out_dtype: DType) -> Self {
+        GpuOutputs {
+            out,
+            out_dtype,
+            lse: None,
+            probs: None,
+        }
+    }
+
+    /// Also write the LSE `[B, Hq, Lq]` (f32) here; set `RunOptions::lse` too.
+    pub fn lse(mut self, b: &'a wgpu::Buffer) -> Self {
+        self.lse = Some(b);
+        self
+    }
+
+    /// Also write the probabilities `[B, Hq, Lq, Lk]` (f32) here; set `RunOptions::probs` too.
+    pub fn probs(mut self, b: &'a wgpu::Buffer) -> Self {
+        self.probs = Some(b);
+        self
+    }
+}
+
 /// Output buffers on the GPU (`STORAGE`). `out` holds `out_dtype` elements, the others f32.
 #[derive(Clone, Copy, Debug)]
 pub struct GpuOutputs<'a> {
@@ -187,6 +264,14 @@ impl Plan {
     }
 }
 
+/// The reason inside an `Unsupported` error, or the error's text.
+fn unsupported_reason(e: &Error) -> String {
+    match e {
+        Error::Unsupported { reason, .. } => reason.clone(),
+        other => other.to_string(),
+    }
+}
+
 /// Bindings 0..=8 of the fused kernels, in binding order.
 fn fused_bindings(b: [&wgpu::Buffer; 9]) -> [(u32, &wgpu::Buffer); 9] {
     std::array::from_fn(|n| (n as u32, b[n]))
@@ -210,8 +295,9 @@ impl Engine {
         let caps = self.capabilities();
         if caps.max_storage_buffers_per_stage < 8 {
             return Err(format!(
-                "the fused kernel binds 8 storage buffers; this adapter allows {}",
-                caps.max_storage_buffers_per_stage
+                "the fused kernel binds 8 storage buffers per shader stage; this device allows {} ({} short)",
+                caps.max_storage_buffers_per_stage,
+                8 - caps.max_storage_buffers_per_stage
             ));
         }
         FlashTiles::choose(
@@ -285,17 +371,29 @@ impl Engine {
         })
     }
 
-    pub(crate) fn plan(&self, p: &Problem, opts: &RunOptions) -> Result<Plan> {
-        self.plan_impl(p, opts, false)
+    /// The plan for `p` with Q, K and V stored as `dtypes`.
+    pub(crate) fn plan(&self, p: &Problem, dtypes: [DType; 3], opts: &RunOptions) -> Result<Plan> {
+        self.plan_impl(p, dtypes, opts, false)
     }
 
     /// A plan for K and V in a paged cache (whose pools were checked against the limits when
     /// the cache was made).
-    pub(crate) fn plan_paged(&self, p: &Problem, opts: &RunOptions) -> Result<Plan> {
-        self.plan_impl(p, opts, true)
+    pub(crate) fn plan_paged(
+        &self,
+        p: &Problem,
+        dtypes: [DType; 3],
+        opts: &RunOptions,
+    ) -> Result<Plan> {
+        self.plan_impl(p, dtypes, opts, true)
     }
 
-    fn plan_impl(&self, p: &Problem, opts: &RunOptions, paged: bool) -> Result<Plan> {
+    fn plan_impl(
+        &self,
+        p: &Problem,
+        dtypes: [DType; 3],
+        opts: &RunOptions,
+        paged: bool,
+    ) -> Result<Plan> {
         p.validate()?;
         if opts.probs
             && matches!(
@@ -329,18 +427,36 @@ impl Engine {
             Algorithm::Auto if opts.probs => Plan::three_pass(),
             Algorithm::Auto => {
                 // Split-K for decoding (a few query rows against a long key range), flash else;
-                // three-pass when the fused kernel cannot take the head dims.
+                // three-pass when the fused kernel cannot take the head dims or the adapter's
+                // limits; and when nothing fits, say why for each.
                 let decode = p.q_len <= 16 && p.kv_len >= 1024;
                 let first = if decode {
                     Algorithm::SplitK
                 } else {
                     Algorithm::Flash
                 };
-                self.fused_plan(p, first, opts)
+                match self
+                    .fused_plan(p, first, opts)
                     .or_else(|_| self.fused_plan(p, Algorithm::Flash, opts))
-                    .unwrap_or_else(|_| Plan::three_pass())
+                {
+                    Ok(plan) => plan,
+                    Err(fused) => {
+                        if let Err(three) = self.check_bindings(Algorithm::ThreePass) {
+                            return Err(Error::Unsupported {
+                                algorithm: "auto",
+                                reason: format!(
+                                    "no algorithm fits this adapter: flash: {}; three-pass: {}",
+                                    unsupported_reason(&fused),
+                                    unsupported_reason(&three)
+                                ),
+                            });
+                        }
+                        Plan::three_pass()
+                    }
+                }
             }
         };
+        self.check_bindings(plan.algorithm)?;
         if plan.algorithm == Algorithm::ThreePass
             && self.capabilities().max_key_tiles_per_workgroup.is_some()
             && p.kv_len > THREE_PASS_MAX_KEYS_BOUNDED
@@ -355,36 +471,95 @@ impl Engine {
                 ),
             });
         }
-        self.check_limits(p, plan, opts, paged)?;
+        self.check_limits(p, plan, dtypes, opts, paged)?;
         Ok(plan)
     }
 
-    /// Every buffer the plan binds must fit the binding and buffer limits, and every grid the
-    /// workgroup-count limit (after folding into two dimensions).
-    /// Every device buffer a plan allocates or binds, with its size in bytes.
-    fn plan_buffers(p: &Problem, plan: Plan, opts: &RunOptions, paged: bool) -> Vec<(String, u64)> {
-        let dt = |d: Option<DType>| d.unwrap_or(DType::F32).size() as u64;
+    /// Whether the adapter lets every pass of `algorithm` bind what it binds: storage buffers per
+    /// shader stage, uniform buffers per stage, and the invocations of its fixed-size workgroups.
+    /// Checked at planning time, so a downlevel device gets a clear refusal instead of a
+    /// pipeline error.
+    pub(crate) fn check_bindings(&self, algorithm: Algorithm) -> Result<()> {
+        let caps = self.capabilities();
+        // (pass, storage buffers, uniform buffers, invocations per workgroup), from the @binding
+        // lists and workgroup sizes of each shader.
+        let passes: &[(&str, u32, u32, u32)] = match algorithm {
+            Algorithm::ThreePass => &[
+                ("scores", 6, 1, 256),
+                ("softmax", 2, 1, 128),
+                ("pv", 4, 2, 256),
+                ("pack", 2, 1, 256),
+            ],
+            Algorithm::Flash | Algorithm::SplitK | Algorithm::FlashCoop => {
+                &[("fused", 8, 1, 0), ("merge", 4, 1, 64), ("pack", 2, 1, 256)]
+            }
+            Algorithm::Auto => &[],
+        };
+        for &(pass, storage, uniform, invocations) in passes {
+            let short = [
+                (
+                    "storage buffers per shader stage (max_storage_buffers_per_shader_stage)",
+                    storage,
+                    caps.max_storage_buffers_per_stage,
+                ),
+                (
+                    "uniform buffers per shader stage (max_uniform_buffers_per_shader_stage)",
+                    uniform,
+                    caps.max_uniform_buffers_per_stage,
+                ),
+                (
+                    "invocations per workgroup (max_compute_invocations_per_workgroup)",
+                    invocations,
+                    caps.max_invocations,
+                ),
+            ];
+            for (what, need, have) in short {
+                if need > have {
+                    return Err(Error::Unsupported {
+                        algorithm: algorithm.name(),
+                        reason: format!(
+                            "its {pass} pass needs {need} {what}; this device allows {have} \
+                             ({} short)",
+                            need - have
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every device buffer a plan allocates or binds, with its size in bytes: inputs in their
+    /// storage dtypes (f16/bf16 two bytes an element), outputs in theirs, and every scratch
+    /// buffer (the f32 output before packing, the LSE when not asked for, the key split's partial
+    /// results, the three-pass score matrix).
+    pub(crate) fn plan_buffers(
+        p: &Problem,
+        plan: Plan,
+        dtypes: [DType; 3],
+        opts: &RunOptions,
+        paged: bool,
+    ) -> Vec<(String, u64)> {
+        let n = |elems: usize, size: usize| elems as u64 * size as u64;
+        let out_dtype = opts.out_dtype.unwrap_or(dtypes[0]);
         let mut buffers: Vec<(String, u64)> = vec![
-            ("q".into(), p.q_elems() as u64 * 4),
-            ("k".into(), p.k_elems() as u64 * 4),
-            ("v".into(), p.v_elems() as u64 * 4),
-            ("out".into(), p.o_elems() as u64 * 4.max(dt(opts.out_dtype))),
-            ("lse".into(), p.lse_elems() as u64 * 4),
+            ("q".into(), n(p.q_elems(), dtypes[0].size())),
+            ("k".into(), n(p.k_elems(), dtypes[1].size())),
+            ("v".into(), n(p.v_elems(), dtypes[2].size())),
+            ("out".into(), n(p.o_elems(), out_dtype.size())),
+            ("lse".into(), n(p.lse_elems(), 4)),
         ];
+        if out_dtype != DType::F32 {
+            buffers.push(("the f32 output before conversion".into(), n(p.o_elems(), 4)));
+        }
         if paged {
             buffers.retain(|(what, _)| what != "k" && what != "v");
         }
         if let Some(b) = p.bias {
-            buffers.push((
-                "bias".into(),
-                (b.batch * b.heads * p.q_len * p.kv_len) as u64 * 4,
-            ));
+            buffers.push(("bias".into(), n(p.broadcast_elems(&b), 4)));
         }
         if let Some(b) = p.mask {
-            buffers.push((
-                "mask".into(),
-                (b.batch * b.heads * p.q_len * p.kv_len) as u64,
-            ));
+            buffers.push(("mask".into(), n(p.broadcast_elems(&b), 1)));
         }
         if plan.chunks > 1 {
             let c = plan.chunks as u64;
@@ -410,18 +585,33 @@ impl Engine {
     }
 
     /// Bytes of device memory a plan uses (inputs, outputs, scratch).
-    pub(crate) fn plan_bytes(&self, p: &Problem, plan: Plan, opts: &RunOptions) -> u64 {
+    pub(crate) fn plan_bytes(
+        &self,
+        p: &Problem,
+        plan: Plan,
+        dtypes: [DType; 3],
+        opts: &RunOptions,
+    ) -> u64 {
         let aux = (2 * p.batch + p.q_heads) as u64 * 4 + 128;
-        Self::plan_buffers(p, plan, opts, false)
+        Self::plan_buffers(p, plan, dtypes, opts, false)
             .iter()
             .map(|(_, b)| b)
             .sum::<u64>()
             + aux
     }
 
-    fn check_limits(&self, p: &Problem, plan: Plan, opts: &RunOptions, paged: bool) -> Result<()> {
+    /// Every buffer the plan binds must fit the binding and buffer limits, and every grid the
+    /// workgroup-count limit (after folding into two dimensions).
+    fn check_limits(
+        &self,
+        p: &Problem,
+        plan: Plan,
+        dtypes: [DType; 3],
+        opts: &RunOptions,
+        paged: bool,
+    ) -> Result<()> {
         let caps = self.capabilities();
-        let buffers = Self::plan_buffers(p, plan, opts, paged);
+        let buffers = Self::plan_buffers(p, plan, dtypes, opts, paged);
         for (what, bytes) in buffers {
             if bytes > caps.max_storage_binding {
                 return Err(Error::LimitExceeded {
@@ -441,10 +631,9 @@ impl Engine {
             }
         }
         for (what, groups) in self.grids(p, plan) {
-            self.fold(groups).ok_or_else(|| Error::LimitExceeded {
-                what: format!("{what} dispatch ({groups} workgroups)"),
-                bytes: groups,
-                limit_name: "max_compute_workgroups_per_dimension squared",
+            self.fold(groups).ok_or_else(|| Error::GridTooLarge {
+                what: format!("the {what} pass"),
+                workgroups: groups,
                 limit: (caps.max_workgroups_per_dim as u64).pow(2),
             })?;
         }
@@ -488,7 +677,7 @@ impl Engine {
     pub fn upload(&self, p: &Problem, inputs: &Inputs<'_>, opts: &RunOptions) -> Result<Resident> {
         let _gl = self.exclusive();
         p.check_inputs(inputs)?;
-        self.plan(p, opts)?;
+        self.plan(p, inputs.dtypes(), opts)?;
         Ok(self.upload_unchecked(p, inputs, opts))
     }
 
@@ -555,13 +744,17 @@ impl Engine {
         inputs: &Inputs<'_>,
         opts: &RunOptions,
     ) -> Result<Output> {
-        match self.plan(p, opts) {
+        match self.plan(p, inputs.dtypes(), opts) {
             Ok(plan) => {
                 let r = self.upload_unchecked(p, inputs, opts);
                 self.run_into(p, plan, &r.inputs(), &r.outputs(), None)
             }
-            Err(Error::LimitExceeded { .. }) => {
-                let split = self.split(p, opts)?;
+            Err(e @ (Error::LimitExceeded { .. } | Error::GridTooLarge { .. })) => {
+                // Pieces never run three-pass: say what passes the limit, not that it can't split.
+                if opts.probs || opts.algorithm == Algorithm::ThreePass {
+                    return Err(e);
+                }
+                let split = self.split(p, inputs.dtypes(), opts)?;
                 self.attention_in_pieces(p, inputs, opts, split)
             }
             Err(e) => Err(e),
@@ -652,8 +845,14 @@ impl Engine {
     }
 
     /// Records attention on caller-owned GPU buffers into `encoder`; the caller submits it.
-    /// Returns the algorithm chosen. Sizes and usages are checked first; the values of sequence
-    /// lengths are clamped to `[0, Lq]` / `[0, Lk]` on the GPU (they cannot be checked on the host).
+    /// Returns the algorithm chosen.
+    ///
+    /// Checked before anything is recorded: the problem, that the buffers given match what it
+    /// declares (presence), their sizes and usages, that no output buffer is also an input or
+    /// another output, that `opts.lse` / `opts.probs` / `opts.out_dtype` agree with the output
+    /// buffers given, and the device's limits. Not checked (they live on the GPU): the values.
+    /// Sequence lengths are clamped to `[0, Lq]` / `[0, Lk]` in the kernels (negative = 0), and
+    /// non-finite Q, K, V, bias or slopes follow the semantics (they poison the rows they reach).
     pub fn attention_on_buffers(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -663,15 +862,40 @@ impl Engine {
         opts: &RunOptions,
     ) -> Result<Algorithm> {
         let _gl = self.exclusive();
+        // The options and the buffers must say the same thing: no silent override.
+        for (what, asked, given) in [
+            ("lse", opts.lse, outputs.lse.is_some()),
+            ("probs", opts.probs, outputs.probs.is_some()),
+        ] {
+            if asked != given {
+                return Err(Error::BadBuffer {
+                    what,
+                    detail: format!(
+                        "RunOptions::{what} is {asked} but {} buffer was given: pass both or neither",
+                        if given { "a" } else { "no" }
+                    ),
+                });
+            }
+        }
+        if let Some(d) = opts.out_dtype
+            && d != outputs.out_dtype
+        {
+            return Err(Error::BadBuffer {
+                what: "out",
+                detail: format!(
+                    "RunOptions::out_dtype is {} but GpuOutputs::out_dtype is {}",
+                    d.name(),
+                    outputs.out_dtype.name()
+                ),
+            });
+        }
         let opts = RunOptions {
-            lse: outputs.lse.is_some(),
-            probs: outputs.probs.is_some(),
             out_dtype: Some(outputs.out_dtype),
             ..*opts
         };
-        let opts = self.resolve_coop(p, inputs.dtypes, &opts)?;
-        let plan = self.plan(p, &opts)?;
         self.check_buffers(p, inputs, outputs)?;
+        let opts = self.resolve_coop(p, inputs.dtypes, &opts)?;
+        let plan = self.plan(p, inputs.dtypes, &opts)?;
         self.check_health()?;
         self.encode(encoder, p, plan, inputs, outputs, None)?;
         Ok(plan.algorithm)
@@ -697,7 +921,7 @@ impl Engine {
             }
         }
         let bcast = |b: Option<spotlight_reference::Broadcast>| {
-            b.map_or(0, |b| (b.batch * b.heads * p.q_len * p.kv_len) as u64)
+            b.map_or(0, |b| p.broadcast_elems(&b) as u64)
         };
         let need: [(&'static str, Option<&wgpu::Buffer>, u64, U); 11] = [
             (
@@ -737,6 +961,29 @@ impl Engine {
             ("lse", o.lse, p.lse_elems() as u64 * 4, U::STORAGE),
             ("probs", o.probs, p.probs_elems() as u64 * 4, U::STORAGE),
         ];
+        // An output bound where an input (or another output) is bound would be read and written
+        // in one dispatch: wgpu refuses that later, at submission or in the app's
+        // `encoder.finish()`. Say it here instead.
+        let bound: Vec<(&'static str, &wgpu::Buffer)> = need
+            .iter()
+            .filter_map(|&(what, buf, _, _)| buf.map(|b| (what, b)))
+            .collect();
+        for (n, &(what, buf)) in bound.iter().enumerate() {
+            if !matches!(what, "out" | "lse" | "probs") {
+                continue;
+            }
+            if let Some(&(other, _)) = bound.iter().enumerate().find_map(|(m, x)| {
+                (m != n && x.1 == buf && (m < n || !matches!(x.0, "out" | "lse" | "probs")))
+                    .then_some(x)
+            }) {
+                return Err(Error::BadBuffer {
+                    what,
+                    detail: format!(
+                        "is the same buffer as {other}: an output must not alias an input or another output"
+                    ),
+                });
+            }
+        }
         for (what, buf, bytes, usage) in need {
             let Some(buf) = buf else { continue };
             if buf.size() < padded(bytes) {
@@ -785,10 +1032,9 @@ impl Engine {
         buffers: &[(u32, &wgpu::Buffer)],
         groups: u64,
     ) -> Result<()> {
-        let (x, y) = self.fold(groups).ok_or_else(|| Error::LimitExceeded {
-            what: format!("{} dispatch ({groups} workgroups)", kernel.name),
-            bytes: groups,
-            limit_name: "max_compute_workgroups_per_dimension squared",
+        let (x, y) = self.fold(groups).ok_or_else(|| Error::GridTooLarge {
+            what: format!("the {} dispatch", kernel.name),
+            workgroups: groups,
             limit: (self.capabilities().max_workgroups_per_dim as u64).pow(2),
         })?;
         let entries: Vec<wgpu::BindGroupEntry> = buffers
@@ -1024,6 +1270,15 @@ impl Engine {
         let _gl = self.exclusive();
         spotlight_reference::check_parts(p, parts)?;
         self.check_health()?;
+        // Inside error scopes like `attention`: an allocation failure is `OutOfMemory`.
+        self.scoped(|| self.merge_checked(p, parts))
+    }
+
+    fn merge_checked(
+        &self,
+        p: &Problem,
+        parts: &[(&[f32], &[f32])],
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
         let o = p.o_strides();
         let (rows, dv) = (p.lse_elems(), p.v_head_dim);
         // Partial O as [part][row][Dv], row = (b * Hq + h) * Lq + i.

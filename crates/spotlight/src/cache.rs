@@ -83,9 +83,11 @@ struct Sequence {
     len: usize,
 }
 
-/// A paged K/V cache for one attention layer.
+/// A paged K/V cache for one attention layer. Its pools live on the device of the engine that
+/// made it: every call checks that it is given that engine and returns [`Error::Cache`] otherwise.
 pub struct KvCache {
     cfg: KvCacheConfig,
+    engine_id: u64,
     pub(crate) k: wgpu::Buffer,
     pub(crate) v: wgpu::Buffer,
     free: Vec<u32>,
@@ -113,7 +115,17 @@ impl KvCache {
             }
         }
         for (name, dim) in [("K", c.head_dim), ("V", c.v_head_dim)] {
-            if !(c.row_elems(dim) * c.dtype.size()).is_multiple_of(4) {
+            let Some(row_bytes) = c
+                .kv_heads
+                .checked_mul(dim)
+                .and_then(|e| e.checked_mul(c.dtype.size()))
+            else {
+                return Err(cache_err(format!(
+                    "a {name} row of kv_heads = {} x dim = {dim} values overflows",
+                    c.kv_heads
+                )));
+            };
+            if !row_bytes.is_multiple_of(4) {
                 return Err(cache_err(format!(
                     "a {name} row (kv_heads x dim = {} {} values) is not a whole number of 4-byte words; use an even kv_heads x dim",
                     c.row_elems(dim),
@@ -124,9 +136,15 @@ impl KvCache {
         let caps = engine.capabilities();
         let mut pools = Vec::new();
         for (name, dim) in [("K", c.head_dim), ("V", c.v_head_dim)] {
-            let bytes = (c.num_pages * c.page_size * c.row_elems(dim) * c.dtype.size()) as u64;
             let limit = caps.max_storage_binding.min(caps.max_buffer_size);
-            if bytes > limit || c.num_pages * c.page_size * c.row_elems(dim) > u32::MAX as usize {
+            // Checked: absurd configurations are refused, never wrapped (or a debug panic).
+            let elems = [c.num_pages, c.page_size, c.kv_heads, dim]
+                .iter()
+                .try_fold(1usize, |a, &x| a.checked_mul(x));
+            let bytes = elems
+                .and_then(|e| e.checked_mul(c.dtype.size()))
+                .map_or(u64::MAX, |b| b as u64);
+            if bytes > limit || elems.is_none_or(|e| e > u32::MAX as usize) {
                 return Err(Error::LimitExceeded {
                     what: format!("the {name} page pool"),
                     bytes,
@@ -151,6 +169,7 @@ impl KvCache {
         let k = pools.pop().expect("K pool");
         Ok(KvCache {
             cfg,
+            engine_id: engine.id(),
             k,
             v,
             free: (0..c.num_pages as u32).rev().collect(),
@@ -160,6 +179,17 @@ impl KvCache {
 
     pub fn config(&self) -> &KvCacheConfig {
         &self.cfg
+    }
+
+    /// Refuses an engine other than the one that made this cache: its pools are buffers of that
+    /// engine's device, which another device cannot bind.
+    fn check_engine(&self, engine: &Engine) -> Result<()> {
+        if engine.id() != self.engine_id {
+            return Err(cache_err(
+                "this cache was made by another Engine; use the engine that created it (its pages live on that engine's device)",
+            ));
+        }
+        Ok(())
     }
 
     /// Starts an empty sequence.
@@ -204,6 +234,7 @@ impl KvCache {
         v: TensorRef<'_>,
     ) -> Result<()> {
         let _gl = engine.exclusive();
+        self.check_engine(engine)?;
         let c = self.cfg;
         let (kr, vr) = (c.row_elems(c.head_dim), c.row_elems(c.v_head_dim));
         let n = k.len() / kr;
@@ -273,7 +304,8 @@ pub struct DecodeOptions {
     pub softcap: Option<f32>,
     pub lse: bool,
     pub out_dtype: Option<DType>,
-    /// `SplitK` (the default) or `Flash`; both read the pages directly.
+    /// `Auto` (the default: split-k, or flash where split-k cannot run), `SplitK` or `Flash`;
+    /// all read the pages directly.
     pub algorithm: Algorithm,
 }
 
@@ -286,7 +318,7 @@ impl Default for DecodeOptions {
             softcap: None,
             lse: false,
             out_dtype: None,
-            algorithm: Algorithm::SplitK,
+            algorithm: Algorithm::Auto,
         }
     }
 }
@@ -306,6 +338,19 @@ impl Engine {
         opts: &DecodeOptions,
     ) -> Result<Output> {
         let _gl = self.exclusive();
+        cache.check_engine(self)?;
+        self.scoped(|| self.decode_checked(cache, seqs, q, q_len, q_heads, opts))
+    }
+
+    fn decode_checked(
+        &self,
+        cache: &KvCache,
+        seqs: &[SeqId],
+        q: TensorRef<'_>,
+        q_len: usize,
+        q_heads: usize,
+        opts: &DecodeOptions,
+    ) -> Result<Output> {
         let c = cache.config();
         let lens: Vec<i32> = seqs
             .iter()
@@ -328,20 +373,35 @@ impl Engine {
             }
             .into());
         }
-        if !matches!(opts.algorithm, Algorithm::SplitK | Algorithm::Flash) {
+        if !matches!(
+            opts.algorithm,
+            Algorithm::Auto | Algorithm::SplitK | Algorithm::Flash
+        ) {
             return Err(Error::Unsupported {
                 algorithm: opts.algorithm.name(),
-                reason: "decoding from a paged cache runs the fused kernel: use split-k or flash"
-                    .into(),
+                reason:
+                    "decoding from a paged cache runs the fused kernel: use auto, split-k or flash"
+                        .into(),
             });
         }
-        let run = RunOptions {
-            algorithm: opts.algorithm,
-            lse: opts.lse,
-            out_dtype: opts.out_dtype,
-            ..Default::default()
+        let dtypes = [q.dtype(), c.dtype, c.dtype];
+        let plan_for = |algorithm| {
+            let run = RunOptions {
+                algorithm,
+                lse: opts.lse,
+                out_dtype: opts.out_dtype,
+                ..Default::default()
+            };
+            self.plan_paged(&p, dtypes, &run).map(|plan| (plan, run))
         };
-        let plan = self.plan_paged(&p, &run)?;
+        let (plan, run) = match opts.algorithm {
+            // Auto: split-k (query heads of a group share each K/V tile, keys split across
+            // workgroups), else flash.
+            Algorithm::Auto => {
+                plan_for(Algorithm::SplitK).or_else(|_| plan_for(Algorithm::Flash))?
+            }
+            a => plan_for(a)?,
+        };
         let stride = seqs
             .iter()
             .map(|&s| cache.seq(s).map(|x| x.pages.len()))
@@ -377,7 +437,7 @@ impl Engine {
             q: &q_buf,
             k: &cache.k,
             v: &cache.v,
-            dtypes: [q.dtype(), c.dtype, c.dtype],
+            dtypes,
             bias: None,
             mask: None,
             alibi_slopes: None,

@@ -30,6 +30,7 @@ pub struct Capabilities {
     pub max_invocations: u32,
     pub max_workgroups_per_dim: u32,
     pub max_storage_buffers_per_stage: u32,
+    pub max_uniform_buffers_per_stage: u32,
     /// The device can multiply 16x16x16 f16 matrices into f32 on its matrix units (the
     /// cooperative-matrix kernel's configuration). Known only for engines made by
     /// [`Engine::with_options`] / [`Engine::new`], which query the adapter.
@@ -57,6 +58,7 @@ impl Capabilities {
             max_invocations: limits.max_compute_invocations_per_workgroup,
             max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
             max_storage_buffers_per_stage: limits.max_storage_buffers_per_shader_stage,
+            max_uniform_buffers_per_stage: limits.max_uniform_buffers_per_shader_stage,
             coop_f16_16x16: false,
             max_key_tiles_per_workgroup: (info.driver.contains("llvmpipe")
                 || info.name.contains("llvmpipe"))
@@ -90,6 +92,10 @@ pub struct Engine {
     pub(crate) coop_checked: Mutex<CoopChecks>,
     /// On the GL backend, one operation at a time (see [`Engine::exclusive`]).
     gl_serial: Option<parking_lot::ReentrantMutex<()>>,
+    /// Unique per engine in this process: objects holding GPU memory of one engine (a
+    /// [`crate::KvCache`]) record it and refuse to be used with another.
+    id: u64,
+    scopes_entered: std::sync::atomic::AtomicU64,
 }
 
 fn instance(backends: wgpu::Backends) -> wgpu::Instance {
@@ -263,7 +269,17 @@ impl Engine {
             gl_serial: (info.backend == wgpu::Backend::Gl)
                 .then(|| parking_lot::ReentrantMutex::new(())),
             info,
+            id: {
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            },
+            scopes_entered: Default::default(),
         }
+    }
+
+    /// This engine's identity within the process (see [`crate::KvCache`]).
+    pub(crate) fn id(&self) -> u64 {
+        self.id
     }
 
     /// Held for the whole of every public GPU operation on the GL backend. wgpu's GL backend
@@ -370,6 +386,8 @@ impl Engine {
     /// it comes back as a typed error ([`Error::OutOfMemory`], [`Error::Gpu`]) instead of
     /// reaching the device's uncaptured-error handler.
     pub(crate) fn scoped<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.scopes_entered
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let result = f();
@@ -382,6 +400,14 @@ impl Engine {
             return Err(Error::Gpu(e.to_string()));
         }
         result
+    }
+
+    /// How many operations have run inside the error scopes that turn an allocation failure into
+    /// [`Error::OutOfMemory`] (for the tests that check each public operation does).
+    #[doc(hidden)]
+    pub fn error_scopes_entered(&self) -> u64 {
+        self.scopes_entered
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Blocks until all submitted work is done.

@@ -24,14 +24,27 @@ pub enum Error {
         algorithm: &'static str,
         reason: String,
     },
-    /// A buffer would exceed one of the device's limits.
-    #[error(
-        "{what} needs {bytes} bytes, over the device limit {limit_name} = {limit} bytes (splitting large problems into pieces is not implemented yet)"
-    )]
+    /// A buffer would exceed one of the device's limits. [`Engine::attention`] runs a problem
+    /// whose Q, K or V pass the limits in pieces; this comes back only for what pieces cannot cut
+    /// (`what` says which) and from the calls that do not split (`attention_on_buffers`,
+    /// `upload`, a KV cache's pools, `merge`).
+    ///
+    /// [`Engine::attention`]: crate::Engine::attention
+    #[error("{what} needs {bytes} bytes, over the device limit {limit_name} = {limit} bytes")]
     LimitExceeded {
         what: String,
         bytes: u64,
         limit_name: &'static str,
+        limit: u64,
+    },
+    /// A pass would launch more workgroups than the device allows, even folded into two
+    /// dimensions (`max_compute_workgroups_per_dimension` squared).
+    #[error(
+        "{what} needs {workgroups} workgroups, over the device limit max_compute_workgroups_per_dimension squared = {limit}"
+    )]
+    GridTooLarge {
+        what: String,
+        workgroups: u64,
         limit: u64,
     },
     /// A caller-owned buffer is smaller than the problem needs, or lacks a usage flag.

@@ -39,5 +39,7 @@ pub use error::{Error, Result};
 pub use lens::{LensOptions, LensStats};
 pub use pieces::{Estimate, Split};
 pub use spotlight_reference as reference;
-pub use spotlight_reference::{DType, Inputs, Layout, Problem, Tensor, TensorRef};
+pub use spotlight_reference::{
+    Broadcast, DType, Inputs, Layout, Problem, Tensor, TensorRef, Window,
+};
 pub use wgpu;

@@ -89,8 +89,31 @@ impl Engine {
         c.max_storage_binding.min(c.max_buffer_size)
     }
 
-    /// How to cut `p` so every piece fits, or why it cannot be cut.
-    pub(crate) fn split(&self, p: &Problem, opts: &RunOptions) -> Result<Split> {
+    /// The options each piece runs with: flash or split-k (key windows need their global key
+    /// numbering), the LSE (for the merge), f32 output.
+    fn piece_options(opts: &RunOptions) -> RunOptions {
+        let algorithm = match opts.algorithm {
+            Algorithm::SplitK => Algorithm::SplitK,
+            _ => Algorithm::Flash,
+        };
+        RunOptions {
+            lse: true,
+            probs: false,
+            out_dtype: Some(DType::F32),
+            algorithm,
+            ..*opts
+        }
+    }
+
+    /// How to cut `p` so every piece fits, or why it cannot be cut. Sizes count Q, K and V in
+    /// their storage dtypes; each candidate piece is then checked by the planner itself, so every
+    /// buffer a piece allocates (its key chunks' partial outputs included) fits.
+    pub(crate) fn split(
+        &self,
+        p: &Problem,
+        dtypes: [DType; 3],
+        opts: &RunOptions,
+    ) -> Result<Split> {
         let limit = self.binding_limit();
         let refuse = |why: String, bytes: u64| Error::LimitExceeded {
             what: why,
@@ -100,66 +123,114 @@ impl Engine {
         };
         if opts.probs || opts.algorithm == Algorithm::ThreePass {
             return Err(refuse(
-                "the three-pass score matrix cannot be split; use flash or split-k".into(),
+                "the three-pass score matrix, which cannot be split into pieces (flash and split-k can)".into(),
                 p.probs_elems() as u64 * 4,
             ));
         }
-        if p.bias.is_some() || p.mask.is_some() {
-            let b = p.bias.or(p.mask).expect("one is present");
+        if let Some((what, b, size)) = p
+            .bias
+            .map(|b| ("bias", b, 4))
+            .or(p.mask.map(|b| ("mask", b, 1)))
+        {
             return Err(refuse(
-                "a problem with a bias or mask that needs splitting (splitting those is not supported yet)".into(),
-                (b.batch * b.heads * p.q_len * p.kv_len) as u64 * 4,
+                format!(
+                    "a problem with a {what} past the limits (pieces do not cut biases or masks yet; \
+                     without one, the problem would run in pieces)"
+                ),
+                p.broadcast_elems(&b) as u64 * size,
             ));
         }
         // Per batch entry: Q and O (f32 scratch at worst) and the LSE; per key of one entry: K + V.
-        let per_b = ((p.q_len * p.q_heads * p.head_dim.max(p.v_head_dim)) as u64 * 4).max(1);
+        let q_bytes = (p.q_len * p.q_heads * p.head_dim * dtypes[0].size()) as u64;
+        let o_bytes = (p.q_len * p.q_heads * p.v_head_dim * 4) as u64;
+        let per_b = q_bytes.max(o_bytes).max(1);
         if per_b > limit {
             return Err(refuse(
                 format!(
-                    "one batch entry's queries or outputs ({} rows of {} heads); splitting rows is not supported",
+                    "one batch entry's queries or outputs ({} rows of {} heads), which pieces do \
+                     not cut (they cut batch entries and keys)",
                     p.q_len, p.q_heads
                 ),
                 per_b,
             ));
         }
-        let per_key = (p.kv_heads * p.head_dim.max(p.v_head_dim)) as u64 * 4;
-        let batch_group = ((limit / per_b) as usize).clamp(1, p.batch);
-        // Leave room for the fused kernel's partial outputs: windows of whole 64-key blocks.
-        let keys = (limit / (batch_group as u64 * per_key)) as usize;
-        let key_window = (keys / 64 * 64)
-            .min(p.kv_len.div_ceil(64) * 64)
-            .max(64)
-            .min(keys.max(1));
+        let per_key = ((p.kv_heads * p.head_dim * dtypes[1].size())
+            .max(p.kv_heads * p.v_head_dim * dtypes[2].size())) as u64;
+        let mut batch_group = ((limit / per_b) as usize).clamp(1, p.batch);
+        let keys = (limit / (batch_group as u64 * per_key.max(1))) as usize;
         if keys == 0 {
             return Err(refuse("one key of one batch entry".into(), per_key));
         }
-        Ok(Split {
-            batch_group,
-            key_window,
-        })
+        // Windows of whole 64-key blocks (or all keys).
+        let mut key_window = (keys / 64 * 64)
+            .min(p.kv_len.div_ceil(64) * 64)
+            .max(64)
+            .min(keys);
+        let piece_opts = Self::piece_options(opts);
+        loop {
+            let mut piece = p.clone();
+            piece.batch = batch_group;
+            piece.kv_len = key_window.min(p.kv_len);
+            match self.plan(&piece, dtypes, &piece_opts) {
+                Ok(_) => {
+                    return Ok(Split {
+                        batch_group,
+                        key_window,
+                    });
+                }
+                Err(e @ (Error::LimitExceeded { .. } | Error::GridTooLarge { .. })) => {
+                    // Something besides Q, K and V passes (the key chunks' partial outputs, a
+                    // grid): halve the window, then the batch group, until the piece fits.
+                    if key_window > 64 {
+                        key_window = (key_window / 2).div_ceil(64) * 64;
+                    } else if key_window > 1 && batch_group == 1 {
+                        key_window /= 2;
+                    } else if batch_group > 1 {
+                        batch_group /= 2;
+                    } else {
+                        return Err(match e {
+                            Error::LimitExceeded {
+                                what,
+                                bytes,
+                                limit_name,
+                                limit,
+                            } => Error::LimitExceeded {
+                                what: format!(
+                                    "{what} (even in a piece of one batch entry and one key)"
+                                ),
+                                bytes,
+                                limit_name,
+                                limit,
+                            },
+                            other => other,
+                        });
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
-    /// Device memory `p` needs with `opts`, and whether (and how) it would be split; nothing is
-    /// allocated. Errors when it cannot fit even in pieces, with the numbers.
-    pub fn estimate(&self, p: &Problem, opts: &RunOptions) -> Result<Estimate> {
+    /// Device memory `p` needs with Q, K, V stored as `dtypes` and `opts`, and whether (and how)
+    /// it would be split; nothing is allocated. Errors when it cannot fit even in pieces, with the
+    /// numbers.
+    pub fn estimate(&self, p: &Problem, dtypes: [DType; 3], opts: &RunOptions) -> Result<Estimate> {
         p.validate()?;
-        let bytes = |p: &Problem| -> Result<u64> {
-            let plan = self.plan(p, opts)?;
-            Ok(self.plan_bytes(p, plan, opts))
-        };
-        match self.plan(p, opts) {
-            Ok(_) => Ok(Estimate {
-                device_bytes: bytes(p)?,
+        match self.plan(p, dtypes, opts) {
+            Ok(plan) => Ok(Estimate {
+                device_bytes: self.plan_bytes(p, plan, dtypes, opts),
                 pieces: 1,
                 split: None,
             }),
-            Err(Error::LimitExceeded { .. }) => {
-                let split = self.split(p, opts)?;
+            Err(Error::LimitExceeded { .. } | Error::GridTooLarge { .. }) => {
+                let split = self.split(p, dtypes, opts)?;
                 let mut piece = p.clone();
                 piece.batch = split.batch_group;
                 piece.kv_len = split.key_window.min(p.kv_len);
+                let piece_opts = Self::piece_options(opts);
+                let plan = self.plan(&piece, dtypes, &piece_opts)?;
                 Ok(Estimate {
-                    device_bytes: bytes(&piece)?,
+                    device_bytes: self.plan_bytes(&piece, plan, dtypes, &piece_opts),
                     pieces: split.pieces(p),
                     split: Some(split),
                 })
@@ -177,18 +248,8 @@ impl Engine {
         split: Split,
     ) -> Result<Output> {
         let out_dtype = opts.out_dtype.unwrap_or(inputs.q.dtype());
-        // Key windows need the global key numbering of flash and split-k.
-        let algorithm = match opts.algorithm {
-            Algorithm::SplitK => Algorithm::SplitK,
-            _ => Algorithm::Flash,
-        };
-        let piece_opts = RunOptions {
-            lse: true,
-            probs: false,
-            out_dtype: Some(DType::F32),
-            algorithm,
-            ..*opts
-        };
+        let piece_opts = Self::piece_options(opts);
+        let algorithm = piece_opts.algorithm;
         let mut out = vec![0.0f32; p.o_elems()];
         let mut lse = vec![f32::NEG_INFINITY; p.lse_elems()];
         let mut algorithm = algorithm;
@@ -229,7 +290,7 @@ impl Engine {
                     q_seqlens: q_lens.as_deref(),
                     kv_seqlens: kv_lens.as_deref(),
                 };
-                let mut plan = self.plan(&piece, &piece_opts)?;
+                let mut plan = self.plan(&piece, inputs.dtypes(), &piece_opts)?;
                 plan.window = Some((j0 as u32, p.kv_len as u32));
                 let r = self.upload_unchecked(&piece, &piece_inputs, &piece_opts);
                 let o = self.run_into(&piece, plan, &r.inputs(), &r.outputs(), None)?;
