@@ -215,6 +215,7 @@ pub fn write(path: &Path, page: &str) -> anyhow::Result<()> {
 
 const BODY: &str = r###"<header><h1 id="title"></h1><p id="summary"></p>
 <nav id="layers" aria-label="layer"></nav></header>
+<section id="notable"><h2>Notable heads and layers</h2><ul id="notable-list"></ul></section>
 <section id="dilution"><h2>Dilution: how spread out is the attention?</h2>
 <table id="layer-table"><thead><tr><th>layer</th><th>normalized entropy</th><th>effective keys</th><th>first 10%</th><th>middle</th><th>last 10%</th><th>reading</th></tr></thead><tbody></tbody></table>
 <h3 id="heads-title"></h3>
@@ -235,7 +236,7 @@ h1{font-size:20px;margin:0 0 4px}h2{font-size:17px;margin:20px 0 6px}h3{font-siz
 nav button,#grid .card{cursor:pointer}nav button{margin:2px;padding:3px 10px;border:1px solid #888;background:#f4f4f4;border-radius:3px}
 nav button[aria-pressed=true]{background:#2a6;color:#fff;border-color:#2a6}
 table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ddd;padding:2px 6px;text-align:right}td:last-child{text-align:left}
-tr.current{background:#eef8ee}#grid{display:flex;flex-wrap:wrap;gap:8px}
+tr.current{background:#eef8ee}#notable-list button{all:unset;cursor:pointer;color:#14a}#notable-list button:hover{text-decoration:underline}#grid{display:flex;flex-wrap:wrap;gap:8px}
 .card{border:1px solid #ccc;padding:4px;border-radius:4px;font-size:11px;width:132px}.card.current{border-color:#2a6;box-shadow:0 0 0 2px #2a6}
 .card canvas{width:128px;height:128px;image-rendering:pixelated;display:block}.badge{display:inline-block;background:#eee;border-radius:3px;padding:0 3px;margin:1px}
 #mapbox{display:grid;grid-template-columns:auto auto;justify-content:start;overflow:auto;max-width:100%}
@@ -347,7 +348,25 @@ function renderProfile() {
     if (n === H) p.id = "profile-current"; svg.appendChild(p); });
   svg.appendChild(svg.querySelector("#profile-current"));
 }
-function render() { renderLayers(); renderHeads(); renderGrid(); renderHead(); }
+function renderNotable() {
+  const ul = $("notable-list"); ul.replaceChildren();
+  const best = (key) => { let at = null; D.layers.forEach((ly, l) => ly.heads.forEach((h, n) => { if (h[key] != null && (at === null || h[key] > D.layers[at[0]].heads[at[1]][key])) at = [l, n]; })); return at; };
+  const item = (text, l, n) => { const li = el("li"), b = el("button", text); b.onclick = () => { L = l; H = n; ROW = -1; render(); $("headview").scrollIntoView(); }; li.appendChild(b); ul.appendChild(li); };
+  const name = (l, n) => layerName(l) + " head " + D.layers[l].heads[n].head;
+  const saved = L;
+  for (const [key, what] of [["prev", "the previous token"], ["next", "the next token"], ["first", "the first token"]]) {
+    const at = best(key); if (at === null) continue; L = at[0];
+    const extra = key === "first" ? " (" + keyLabelRaw(0) + ")" : "";
+    item("Most weight on " + what + extra + ": " + name(at[0], at[1]) + ", " + pct(D.layers[at[0]].heads[at[1]][key]) + " of each row's weight on average.", at[0], at[1]);
+  }
+  L = saved;
+  if (D.layers.length > 1) {
+    const st = D.layers.map(layerStats); let lo = 0, hi = 0;
+    st.forEach((s, l) => { if (s.ne != null && s.ne < st[lo].ne) lo = l; if (s.ne != null && s.ne > st[hi].ne) hi = l; });
+    item("Most spread-out layer: " + layerName(hi) + " (normalized entropy " + fx(st[hi].ne, 2) + ", about " + fx(st[hi].eff, 1) + " of " + D.layers[hi].lk + " keys per row); most concentrated: " + layerName(lo) + " (" + fx(st[lo].ne, 2) + ", about " + fx(st[lo].eff, 1) + " keys).", hi, 0);
+  }
+}
+function render() { renderLayers(); renderNotable(); renderHeads(); renderGrid(); renderHead(); }
 const map = $("map"), tip = $("tip");
 map.addEventListener("mousemove", (e) => { const ly = D.layers[L], r = map.getBoundingClientRect();
   const j = Math.floor((e.clientX - r.left) / PX), i = Math.floor((e.clientY - r.top) / PX);
