@@ -512,4 +512,21 @@ fn hostile_tokens_are_text_and_hover_shows_the_reference_weight() {
         },
     )
     .unwrap();
+    // The generated readings quote tokens as text too.
+    let notable = b
+        .exec(
+            "return [...document.querySelectorAll('#notable-list li')].map(e => e.textContent)",
+            json!([]),
+        )
+        .unwrap();
+    assert!(
+        notable.as_array().unwrap().iter().any(|t| t
+            .as_str()
+            .unwrap()
+            .contains("the first token (\u{201c}[CLS]\u{201d}): layer")
+            || t.as_str()
+                .unwrap()
+                .contains("the first token (\u{201c}[CLS]\u{201d}): head")),
+        "{notable}"
+    );
 }
