@@ -102,6 +102,12 @@ impl Canvas {
     }
 }
 
+/// The left edge of a text `width` pixels wide centred on `x`, clamped at 0: a plot narrower
+/// than its label (a map of 4096 queries × 8 keys) must not underflow.
+fn centred(x: usize, width: usize) -> usize {
+    x.saturating_sub(width / 2)
+}
+
 /// Width in pixels of `s` in the font at `scale`.
 pub fn text_width(s: &str, scale: usize) -> usize {
     s.chars().count() * 6 * scale
@@ -193,9 +199,15 @@ pub fn heatmap(
     // Axes: x ticks at 0 and cols, y ticks at 0 and rows.
     cv.text(LEFT, TOP + h + 6, "0", 1, black);
     let xe = format!("{cols}");
-    cv.text(LEFT + w - text_width(&xe, 1), TOP + h + 6, &xe, 1, black);
     cv.text(
-        LEFT + w / 2 - text_width(x_label, 1) / 2,
+        (LEFT + w).saturating_sub(text_width(&xe, 1)),
+        TOP + h + 6,
+        &xe,
+        1,
+        black,
+    );
+    cv.text(
+        centred(LEFT + w / 2, text_width(x_label, 1)),
         TOP + h + 24,
         x_label,
         1,
@@ -203,7 +215,13 @@ pub fn heatmap(
     );
     cv.text(LEFT - 14, TOP, "0", 1, black);
     let ye = format!("{rows}");
-    cv.text(LEFT - 8 - text_width(&ye, 1), TOP + h - 7, &ye, 1, black);
+    cv.text(
+        (LEFT - 8).saturating_sub(text_width(&ye, 1)),
+        (TOP + h).saturating_sub(7),
+        &ye,
+        1,
+        black,
+    );
     cv.text_up(16, TOP + h / 2 + text_width(y_label, 1) / 2, y_label, black);
     // Colour bar.
     let bx = LEFT + w + 16;
@@ -212,7 +230,13 @@ pub fn heatmap(
         cv.rect(bx, TOP + y, 14, 1, viridis(t));
     }
     cv.text(bx + 18, TOP, &format!("{hi:.3}"), 1, black);
-    cv.text(bx + 18, TOP + h - 7, &format!("{lo:.3}"), 1, black);
+    cv.text(
+        bx + 18,
+        (TOP + h).saturating_sub(7),
+        &format!("{lo:.3}"),
+        1,
+        black,
+    );
     cv
 }
 
@@ -238,8 +262,8 @@ pub fn line_chart(
         let y = TOP + h - h * k / 4;
         cv.rect(LEFT + 1, y, w - 1, 1, grey);
         cv.text(
-            LEFT - 8 - text_width(&format!("{:.2}", hi * k as f64 / 4.0), 1),
-            y - 3,
+            (LEFT - 8).saturating_sub(text_width(&format!("{:.2}", hi * k as f64 / 4.0), 1)),
+            y.saturating_sub(3),
             &format!("{:.2}", hi * k as f64 / 4.0),
             1,
             black,
@@ -266,14 +290,14 @@ pub fn line_chart(
     cv.text(LEFT, 10, title, 2, black);
     cv.text(LEFT, TOP + h + 6, "START", 1, black);
     cv.text(
-        LEFT + w - text_width("END", 1),
+        (LEFT + w).saturating_sub(text_width("END", 1)),
         TOP + h + 6,
         "END",
         1,
         black,
     );
     cv.text(
-        LEFT + w / 2 - text_width(x_label, 1) / 2,
+        centred(LEFT + w / 2, text_width(x_label, 1)),
         TOP + h + 24,
         x_label,
         1,
@@ -335,5 +359,39 @@ fn glyph(c: char) -> [u8; 7] {
         '%' => [0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03],
         '_' => [0, 0, 0, 0, 0, 0, 0x1F],
         _ => [0x1F, 0x11, 0x11, 0x11, 0x11, 0x11, 0x1F],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every label of a heatmap stays in unsigned range whatever the map's aspect ratio (a
+    /// narrow map once underflowed `LEFT + w/2 - text_width/2` and panicked in a debug build).
+    #[test]
+    fn heatmaps_of_extreme_aspect_ratios_draw_without_panicking() {
+        let label = "KEY (MEAN OF 16X16 BLOCKS)";
+        for (rows, cols, max_cells) in [
+            (4096, 8, 256),
+            (8, 4096, 256),
+            (4096, 1, 4096),
+            (1, 4096, 4096),
+            (1, 1, 1),
+            (3, 100_000, 1),
+        ] {
+            let v: Vec<f32> = (0..rows * cols).map(|x| (x % 7) as f32).collect();
+            let (d, r, c, _) = downsample(&v, rows, cols, max_cells);
+            let cv = heatmap(&d, r, c, "A LONG TITLE FOR A NARROW MAP", label, label);
+            assert_eq!(cv.pixels.len(), cv.width * cv.height);
+            assert!(cv.width >= LEFT + RIGHT && cv.height >= TOP + BOTTOM);
+            // The map's cells are drawn: the top-left cell has the colour of its value's place
+            // between the scale's ends (0 and the largest value).
+            let hi = d.iter().copied().fold(0.0f32, f32::max).max(1e-12);
+            let want = viridis((d[0] / hi) as f64);
+            assert_eq!(cv.pixels[TOP * cv.width + LEFT], want, "{rows}x{cols}");
+        }
+        let flat = vec![(String::from("H0"), vec![0.5; 3])];
+        let cv = line_chart(&flat, "T", label, label);
+        assert!(cv.width > LEFT + RIGHT);
     }
 }

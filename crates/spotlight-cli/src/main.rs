@@ -3,7 +3,8 @@
 //! - `spotlight info`: every adapter wgpu sees, the one chosen and why, its capabilities.
 //! - `spotlight demo`: a realistic problem on the GPU, checked against the CPU reference.
 //! - `spotlight run IN.safetensors -o OUT.safetensors [options]`: attention on tensors from a file.
-//! - `spotlight lens IN.safetensors --out-dir DIR`: attention statistics and pictures.
+//! - `spotlight lens IN.safetensors --out-dir DIR [--html REPORT.html]`: attention statistics,
+//!   pictures and an interactive report.
 //! - `spotlight bench`: validated timings, side by side with `torch_sdpa.py`'s output format.
 
 use spotlight_cli::run;
@@ -13,6 +14,7 @@ mod demo;
 mod draw;
 mod info;
 mod lens;
+mod report;
 
 use std::process::ExitCode;
 

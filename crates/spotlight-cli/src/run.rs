@@ -13,14 +13,15 @@ use spotlight::{Algorithm, DType, Engine, Inputs, Layout, Problem, RunOptions, T
 use crate::files::{self, OutTensor, Tensors};
 
 /// Where the problem comes from and its options: shared by `run` and `lens`.
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct ProblemArgs {
     /// Input safetensors file with tensors q, k, v (and optionally bias, mask, alibi_slopes,
     /// q_seqlens, kv_seqlens).
     pub input: PathBuf,
-    /// Read tensors PREFIXq, PREFIXk, ... instead of q, k, ...
-    #[arg(long, default_value = "")]
-    pub prefix: String,
+    /// Read tensors PREFIXq, PREFIXk, ... instead of q, k, ... (`lens` takes several: one report
+    /// with a layer each).
+    #[arg(long)]
+    pub prefix: Vec<String>,
     /// Causal mask, aligned to the bottom-right corner (query i sees key j iff j <= i + Lk - Lq).
     #[arg(long)]
     pub causal: bool,
@@ -153,7 +154,15 @@ pub fn load(a: &ProblemArgs) -> anyhow::Result<Loaded> {
 
 /// [`load`] on the bytes of a file (`a.input` names it in messages).
 pub fn load_bytes(bytes: &[u8], a: &ProblemArgs) -> anyhow::Result<Loaded> {
-    let t = Tensors::parse(bytes, &a.input, &a.prefix)?;
+    let prefix = match a.prefix.as_slice() {
+        [] => "",
+        [one] => one.as_str(),
+        many => bail!(
+            "--prefix given {} times; this command reads one problem (only `lens` takes several)",
+            many.len()
+        ),
+    };
+    let t = Tensors::parse(bytes, &a.input, prefix)?;
     let (qn, qv) = t.require("q")?;
     let (kn, kv) = t.require("k")?;
     let (vn, vv) = t.require("v")?;

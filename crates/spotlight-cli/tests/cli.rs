@@ -916,6 +916,9 @@ fn lens_draws_a_diagonal_mask_where_it_should_be() {
         serde_json::from_slice(&std::fs::read(out_dir.join("stats.json")).unwrap()).unwrap();
     let heads = stats["heads"].as_array().unwrap();
     assert_eq!(heads.len(), 2);
+    // Issue 12 item 15: the statistics and both heads' maps come from one GPU pass (it was one
+    // full pass per head), counted by the library itself.
+    assert_eq!(stats["lens_passes"], 1, "{}", stats["lens_passes"]);
     for h in heads {
         // One visible key per row: a certain distribution.
         assert!(h["entropy_max"].as_f64().unwrap().abs() < 1e-6, "{h}");

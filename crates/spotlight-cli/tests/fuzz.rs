@@ -224,7 +224,7 @@ fn ten_thousand_malformed_inputs_end_in_clean_errors() {
 fn args(bhsd: bool) -> ProblemArgs {
     ProblemArgs {
         input: PathBuf::from("fuzz.safetensors"),
-        prefix: String::new(),
+        prefix: Vec::new(),
         causal: bhsd,
         window: None,
         scale: None,

@@ -36,7 +36,7 @@ pub use attention::{Algorithm, GpuInputs, GpuOutputs, Output, Resident, RunOptio
 pub use cache::{DecodeOptions, KvCache, KvCacheConfig, SeqId};
 pub use context::{Capabilities, Engine, EngineOptions, TimerSource, Timing, adapter_report};
 pub use error::{Error, Result};
-pub use lens::{LensOptions, LensStats};
+pub use lens::{LensOptions, LensStats, lens_passes};
 pub use pieces::{Estimate, Split};
 pub use spotlight_reference as reference;
 pub use spotlight_reference::{
