@@ -6,6 +6,7 @@ mod common;
 mod bad_input;
 mod decode;
 mod engine;
+mod layer;
 mod lens;
 mod limits;
 

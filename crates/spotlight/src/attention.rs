@@ -813,7 +813,7 @@ impl Engine {
         Ok(())
     }
 
-    fn encode(
+    pub(crate) fn encode(
         &self,
         enc: &mut wgpu::CommandEncoder,
         p: &Problem,
@@ -989,7 +989,7 @@ impl Engine {
     }
 
     /// Converts `count` f32 values in `src` to packed `dtype` in `dst`.
-    fn pack(
+    pub(crate) fn pack(
         &self,
         enc: &mut wgpu::CommandEncoder,
         src: &wgpu::Buffer,
