@@ -7,6 +7,7 @@ mod bad_input;
 mod decode;
 mod engine;
 mod hardening;
+mod layer;
 mod lens;
 mod limits;
 

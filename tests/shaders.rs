@@ -37,6 +37,7 @@ fn variants() -> Vec<Variant> {
         out.push(Variant::pv(a));
         out.push(Variant::pack(a));
         for b in dts {
+            out.push(Variant::linear(a, b));
             out.push(Variant::scores(a, b));
         }
     }

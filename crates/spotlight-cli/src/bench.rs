@@ -43,6 +43,11 @@ pub struct BenchArgs {
     /// read per second, beside a plain streaming read of the same adapter.
     #[arg(long)]
     decode: bool,
+    /// A whole attention layer instead (hidden 2048, 32/8 heads, D = 128, rotary; shrunk on a
+    /// CPU adapter): time of the projections vs attention. Takes --lens, --repeats (see
+    /// `layer.rs`).
+    #[arg(long)]
+    layer: bool,
     /// Decode grid: cache lengths (default 1k..128k; 512,2048 on a CPU adapter).
     #[arg(long, value_delimiter = ',')]
     cache_lens: Option<Vec<usize>>,
@@ -301,6 +306,9 @@ fn measure(
 }
 
 pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
+    if a.layer {
+        return crate::layer::bench(a.lens.as_deref(), a.repeats, true);
+    }
     let engine = Engine::new()?;
     let info = engine.adapter_info();
     let software = info.device_type == spotlight::wgpu::DeviceType::Cpu;

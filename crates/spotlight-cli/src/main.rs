@@ -5,6 +5,7 @@
 //! - `spotlight run IN.safetensors -o OUT.safetensors [options]`: attention on tensors from a file.
 //! - `spotlight lens IN.safetensors --out-dir DIR [--html REPORT.html]`: attention statistics,
 //!   pictures and an interactive report.
+//! - `spotlight layer WEIGHTS IN -o OUT --heads H`: an attention layer with projections.
 //! - `spotlight bench`: validated timings, side by side with `torch_sdpa.py`'s output format.
 
 use spotlight_cli::run;
@@ -13,6 +14,7 @@ mod bench;
 mod demo;
 mod draw;
 mod info;
+mod layer;
 mod lens;
 mod report;
 
@@ -43,6 +45,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Where the model looks: attention statistics on the GPU, stats.json and PNG pictures.
     Lens(lens::LensArgs),
+    /// An attention layer (projections, rotary, attention, Wo) on hidden states from a file.
+    Layer(layer::LayerArgs),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +58,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::main(&args),
         Command::Bench(args) => bench::main(&args),
         Command::Lens(args) => lens::main(&args),
+        Command::Layer(args) => layer::main(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

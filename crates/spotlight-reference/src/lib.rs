@@ -17,13 +17,17 @@
 
 pub mod compare;
 mod error;
+pub mod layer;
 pub mod lens;
 mod problem;
 pub mod random;
 mod reference;
+pub mod rope;
 mod tensor;
 
 pub use error::ProblemError;
+pub use layer::{LayerConfig, LayerExtras, LayerWeights};
 pub use problem::{Broadcast, Inputs, Layout, Problem, Strides, Window};
 pub use reference::{Reference, Row, attention, attention_rows, check_parts, merge};
+pub use rope::{Rope, RopeStyle};
 pub use tensor::{DType, Tensor, TensorRef};

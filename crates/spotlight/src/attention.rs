@@ -1059,7 +1059,7 @@ impl Engine {
         Ok(())
     }
 
-    fn encode(
+    pub(crate) fn encode(
         &self,
         enc: &mut wgpu::CommandEncoder,
         p: &Problem,
@@ -1235,7 +1235,7 @@ impl Engine {
     }
 
     /// Converts `count` f32 values in `src` to packed `dtype` in `dst`.
-    fn pack(
+    pub(crate) fn pack(
         &self,
         enc: &mut wgpu::CommandEncoder,
         src: &wgpu::Buffer,

@@ -183,7 +183,7 @@ impl KvCache {
 
     /// Refuses an engine other than the one that made this cache: its pools are buffers of that
     /// engine's device, which another device cannot bind.
-    fn check_engine(&self, engine: &Engine) -> Result<()> {
+    pub(crate) fn check_engine(&self, engine: &Engine) -> Result<()> {
         if engine.id() != self.engine_id {
             return Err(cache_err(
                 "this cache was made by another Engine; use the engine that created it (its pages live on that engine's device)",
@@ -291,6 +291,61 @@ impl KvCache {
             row += count;
         }
         seq.len += n;
+        Ok(())
+    }
+}
+
+impl KvCache {
+    /// The pages of sequence `id`, in order (for the layer's decode, which appends on the GPU).
+    pub(crate) fn pages(&self, id: SeqId) -> Result<&[u32]> {
+        Ok(&self.seq(id)?.pages)
+    }
+
+    /// New pages sequence `id` needs to grow by `n` rows.
+    pub(crate) fn pages_needed(&self, id: SeqId, n: usize) -> Result<usize> {
+        let (len, ps) = (self.seq(id)?.len, self.cfg.page_size);
+        Ok((len + n).div_ceil(ps) - len.div_ceil(ps))
+    }
+
+    /// Grows sequence `id` by `n` rows without writing them: returns the `(first slot, rows)`
+    /// spans (slot = page · page_size + row) the caller must fill. Refused, changing nothing,
+    /// when the pool has too few free pages. Undo with [`KvCache::truncate`].
+    pub(crate) fn reserve(&mut self, id: SeqId, n: usize) -> Result<Vec<(usize, usize)>> {
+        let needed = self.pages_needed(id, n)?;
+        if needed > self.free.len() {
+            return Err(cache_err(format!(
+                "out of pages: appending {n} rows to sequence {id} needs {needed} new pages, {} are free",
+                self.free.len()
+            )));
+        }
+        let ps = self.cfg.page_size;
+        let mut free = std::mem::take(&mut self.free);
+        let seq = self.seqs[id].as_mut().expect("checked above");
+        for _ in 0..needed {
+            seq.pages.push(free.pop().expect("counted above"));
+        }
+        self.free = free;
+        let mut spans = Vec::new();
+        let mut row = 0;
+        while row < n {
+            let pos = seq.len + row;
+            let count = (ps - pos % ps).min(n - row);
+            spans.push((seq.pages[pos / ps] as usize * ps + pos % ps, count));
+            row += count;
+        }
+        seq.len += n;
+        Ok(spans)
+    }
+
+    /// Shrinks sequence `id` back to `len` rows, returning pages it no longer needs.
+    pub(crate) fn truncate(&mut self, id: SeqId, len: usize) -> Result<()> {
+        self.seq(id)?;
+        let keep = len.div_ceil(self.cfg.page_size);
+        let seq = self.seqs[id].as_mut().expect("checked above");
+        seq.len = seq.len.min(len);
+        while seq.pages.len() > keep {
+            self.free.push(seq.pages.pop().expect("non-empty"));
+        }
         Ok(())
     }
 }

@@ -23,6 +23,7 @@ pub mod source {
     pub const STREAM: &str = include_str!("../../../shaders/stream.wgsl");
     pub const LENS: &str = include_str!("../../../shaders/lens.wgsl");
     pub const FLASH_COOP: &str = include_str!("../../../shaders/flash_coop.wgsl");
+    pub const LINEAR: &str = include_str!("../../../shaders/linear.wgsl");
 
     /// Every file, by name, for tests that check each one.
     pub const FILES: &[(&str, &str)] = &[
@@ -38,6 +39,7 @@ pub mod source {
         ("stream.wgsl", STREAM),
         ("lens.wgsl", LENS),
         ("flash_coop.wgsl", FLASH_COOP),
+        ("linear.wgsl", LINEAR),
     ];
 }
 
@@ -62,6 +64,8 @@ pub enum Shader {
     Lens,
     /// The fused kernel on matrix units (cooperative matrices, 16x16x16 f16 -> f32).
     FlashCoop,
+    /// The layer's projections: tiled `X·Wᵀ + b` with the rotary epilogue (`layer.rs`).
+    Linear,
 }
 
 /// How a kernel binds a buffer.
@@ -73,7 +77,7 @@ pub enum Binding {
 }
 
 impl Shader {
-    pub const ALL: [Shader; 9] = [
+    pub const ALL: [Shader; 10] = [
         Shader::Scores,
         Shader::Softmax,
         Shader::Pv,
@@ -83,6 +87,7 @@ impl Shader {
         Shader::Stream,
         Shader::Lens,
         Shader::FlashCoop,
+        Shader::Linear,
     ];
 
     pub fn name(self) -> &'static str {
@@ -96,6 +101,7 @@ impl Shader {
             Shader::Stream => "stream",
             Shader::Lens => "lens",
             Shader::FlashCoop => "flash_coop",
+            Shader::Linear => "linear",
         }
     }
 
@@ -110,6 +116,7 @@ impl Shader {
             Shader::Pack => PACK.to_string(),
             Shader::Merge => [COMMON, MERGE].concat(),
             Shader::Stream => STREAM.to_string(),
+            Shader::Linear => LINEAR.to_string(),
             Shader::Lens => [COMMON, LOGITS, QK_TILE, LENS].concat(),
             Shader::FlashCoop => [
                 "enable f16;\nenable wgpu_cooperative_matrix;\n",
@@ -155,6 +162,16 @@ impl Shader {
                 (8, ReadWrite),
             ],
             Shader::Pack => &[(0, Uniform), (1, Read), (2, ReadWrite)],
+            Shader::Linear => &[
+                (0, Uniform),
+                (1, Read),
+                (2, Read),
+                (3, Read),
+                (4, Read),
+                (5, ReadWrite),
+                (6, ReadWrite),
+                (7, ReadWrite),
+            ],
             Shader::Merge => &[
                 (0, Uniform),
                 (4, Read),
@@ -363,6 +380,15 @@ impl Variant {
         }
     }
 
+    /// The layer's projection `X·Wᵀ + b` (X and W in any storage dtype, read packed).
+    pub fn linear(x: DType, w: DType) -> Self {
+        Variant {
+            shader: Shader::Linear,
+            native_f16: false,
+            constants: vec![("X_DT", dtype_code(x)), ("W_DT", dtype_code(w))],
+        }
+    }
+
     pub fn stream() -> Self {
         Variant {
             shader: Shader::Stream,
@@ -466,7 +492,7 @@ impl Variant {
         let mut name = self.shader.name().to_string();
         for (k, v) in &self.constants {
             let part = match *k {
-                "Q_DT" | "K_DT" | "V_DT" | "OUT_DT" => {
+                "Q_DT" | "K_DT" | "V_DT" | "OUT_DT" | "X_DT" | "W_DT" => {
                     let dt = ["f32", "f16", "bf16"][*v as usize % 3];
                     format!("{}-{dt}", k.trim_end_matches("_DT").to_ascii_lowercase())
                 }

@@ -103,7 +103,7 @@ impl Engine {
             ..Default::default()
         };
         let run = self.resolve_coop(p, inputs.dtypes(), &run)?;
-        let plan = self.plan(p, &run)?;
+        let plan = self.plan(p, inputs.dtypes(), &run)?;
         let n_rows = p.lse_elems();
         let tiles_i = p.q_len.div_ceil(16);
         let too_big = || Error::LimitExceeded {

@@ -28,6 +28,7 @@ mod context;
 mod coop;
 mod error;
 pub mod kernels;
+mod layer;
 mod lens;
 mod params;
 mod pieces;
@@ -36,10 +37,12 @@ pub use attention::{Algorithm, GpuInputs, GpuOutputs, Output, Resident, RunOptio
 pub use cache::{DecodeOptions, KvCache, KvCacheConfig, SeqId};
 pub use context::{Capabilities, Engine, EngineOptions, TimerSource, Timing, adapter_report};
 pub use error::{Error, Result};
+pub use layer::{AttentionLayer, LayerTimings};
 pub use lens::{LensOptions, LensStats, lens_passes};
 pub use pieces::{Estimate, Split};
 pub use spotlight_reference as reference;
 pub use spotlight_reference::{
     Broadcast, DType, Inputs, Layout, Problem, Tensor, TensorRef, Window,
 };
+pub use spotlight_reference::{LayerConfig, LayerExtras, LayerWeights, Rope, RopeStyle};
 pub use wgpu;
