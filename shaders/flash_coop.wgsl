@@ -1,21 +1,49 @@
-// flash_coop.wgsl — fused attention on matrix units (tensor cores) through cooperative matrices:
-// Q·Kᵀ and P·V as 16x16x16 f16 products with f32 accumulation, the online softmax in scalar code
-// through workgroup memory (cooperative matrices have no per-element access).
+// flash_coop.wgsl — fused attention on matrix units through cooperative matrices: Q·Kᵀ and P·V as
+// EDGE x EDGE x EDGE f16 products with f32 accumulation (EDGE = 8: Apple's simdgroup matrices and
+// Mesa >= 26 lavapipe; 16: NVIDIA, AMD, Intel), the online softmax in scalar code through
+// workgroup memory (cooperative matrices have no per-element access).
 //
-// One workgroup is one subgroup (WG = the adapter's subgroup size) and owns 16 query rows of one
-// (batch, head). Per 16-key tile: K and V are staged as f16, S = Q·Kᵀ goes through the matrix
-// units into workgroup memory, 16 threads apply the semantics (logits.wgsl) and the online softmax
-// to their rows and rescale their rows of the f32 output accumulator, and O += P·V goes through
-// the matrix units again. Key tiles outside the causal/window band are skipped as in flash.wgsl.
+// Structure (FlashAttention-2's, in WGSL's matrix model), with the reasons:
+// - A workgroup is NS subgroups; subgroup `sg` owns EDGE query rows, so the workgroup owns
+//   BQ = NS * EDGE rows of one (batch, head) and all NS subgroups share each staged K/V tile of
+//   BK keys: global K/V traffic and staging work fall by NS against one subgroup per workgroup.
+// - Q is staged once (f16) and stays in workgroup memory for the whole key loop. It is not held
+//   in matrix registers: WGSL cannot size an array of cooperative matrices by an override (the
+//   head dim), so each product reloads its Q fragment from workgroup memory.
+// - O lives in f32 workgroup memory and is loaded into an accumulator once per BK keys per
+//   EDGE-column block (not once per EDGE keys): BK/EDGE products accumulate in the matrix
+//   registers between the load and the store. Keeping all of O in accumulators across key tiles
+//   needs that same array of matrices.
+// - Lazy rescale: a row's reference max m moves only when a tile's max exceeds it by more than
+//   TAU (e^8 ≈ 2981 keeps P well inside f16 and l inside f32); otherwise P = exp(s − m) with the
+//   stale m is exact algebra, and the O row is not touched. The rescale is scalar on workgroup
+//   memory, per row, so it needs no workgroup-uniform flag (coop operations do; none is inside
+//   a branch here).
+// - Logits and P are computed by all NS * WG lanes (one element each), only the per-row max and
+//   sum by one lane per row.
+// - Row strides of the workgroup arrays are padded by 16 bytes (8 f16 or 4 f32): rows of
+//   2·D bytes with D a multiple of 64 would otherwise start on the same bank; 16 bytes keeps the
+//   alignment cooperative loads want.
+// - Staging loads 4 consecutive elements per lane per step (one 16-byte load for f32, two words
+//   for packed f16/bf16).
+// Semantics: a key a row cannot see contributes nothing. Its P entry is exactly 0, and V is
+// staged with non-finite values replaced by 0 (a flag per subgroup records that this happened),
+// so 0 · V is 0; when a tile had any, each row adds p · v for the non-finite values of its
+// visible keys afterwards in scalar code (so inf and NaN in V still reach the rows that see
+// them, as in the reference). Keys past the valid length are staged as 0.
 // Known naga 30 bug: a cooperative load or store whose index is an inline expression panics the
 // SPIR-V writer, so every index is bound to a `let` first.
+// The host rewrites `coop_mat16x16` to `coop_mat8x8` for EDGE = 8 (a type cannot be overridden).
 
 override Q_DT: u32 = 1u;
 override K_DT: u32 = 1u;
 override V_DT: u32 = 1u;
-override HEAD_DIM: u32 = 64u; // a multiple of 16
-override V_DIM: u32 = 64u; // a multiple of 16
-override WG: u32 = 32u; // the subgroup size: one subgroup per workgroup
+override HEAD_DIM: u32 = 64u; // a multiple of EDGE
+override V_DIM: u32 = 64u; // a multiple of EDGE
+override WG: u32 = 32u; // the subgroup size
+override NS: u32 = 4u; // subgroups per workgroup
+override BK: u32 = 32u; // keys per tile, a multiple of EDGE
+override EDGE: u32 = 16u; // the matrix edge
 
 @group(0) @binding(4) var<storage, read> q: array<u32>; // tensor q
 @group(0) @binding(5) var<storage, read> k: array<u32>; // tensor k
@@ -28,161 +56,307 @@ fn load_q(idx: u32) -> f32 { return elem_value(q[elem_word(idx, Q_DT)], idx, Q_D
 fn load_k(idx: u32) -> f32 { return elem_value(k[elem_word(idx, K_DT)], idx, K_DT); } // load k
 fn load_v(idx: u32) -> f32 { return elem_value(v[elem_word(idx, V_DT)], idx, V_DT); } // load v
 
-const T: u32 = 16u;
+fn load_q4(idx: u32) -> vec4<f32> {
+    return vec4<f32>(load_q(idx), load_q(idx + 1u), load_q(idx + 2u), load_q(idx + 3u));
+}
+fn load_k4(idx: u32) -> vec4<f32> {
+    return vec4<f32>(load_k(idx), load_k(idx + 1u), load_k(idx + 2u), load_k(idx + 3u));
+}
+fn load_v4(idx: u32) -> vec4<f32> {
+    return vec4<f32>(load_v(idx), load_v(idx + 1u), load_v(idx + 2u), load_v(idx + 3u));
+}
 
-var<workgroup> q_h: array<f16, T * HEAD_DIM>;
-var<workgroup> k_h: array<f16, T * HEAD_DIM>;
-var<workgroup> v_h: array<f16, T * V_DIM>;
-var<workgroup> s_f: array<f32, 256>;
-var<workgroup> p_h: array<f16, 256>;
-var<workgroup> o_f: array<f32, T * V_DIM>;
-var<workgroup> zero_f: array<f32, 256>;
+fn finite(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800000u;
+}
 
-@compute @workgroup_size(WG)
+const TAU: f32 = 8.0;
+
+override BQ: u32 = NS * EDGE; // query rows per workgroup
+override QS: u32 = HEAD_DIM + 8u; // f16 row stride of Q and K
+override VS: u32 = V_DIM + 8u; // f16 row stride of V
+override SS: u32 = BK + 4u; // f32 row stride of S
+override PS: u32 = BK + 8u; // f16 row stride of P
+override OS: u32 = V_DIM + 4u; // f32 row stride of O
+
+var<workgroup> q_h: array<f16, BQ * QS>;
+var<workgroup> k_h: array<f16, BK * QS>;
+var<workgroup> v_h: array<f16, BK * VS>;
+var<workgroup> s_f: array<f32, BQ * SS>;
+var<workgroup> p_h: array<f16, BQ * PS>;
+var<workgroup> o_f: array<f32, BQ * OS>;
+var<workgroup> zero_f: array<f32, EDGE * EDGE>;
+var<workgroup> m_w: array<f32, BQ>; // each row's reference max for this tile
+var<workgroup> l_w: array<f32, BQ>; // each row's final sum
+var<workgroup> bad_sg: array<u32, NS>; // a subgroup staged a non-finite V value as 0
+var<workgroup> bad_any: u32;
+
+@compute @workgroup_size(NS * WG)
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(subgroup_invocation_id) lane: u32,
 ) {
-    let tiles_i = (params.q_len + T - 1u) / T;
+    let nt = NS * WG;
+    let tiles_i = (params.q_len + BQ - 1u) / BQ;
+    let units = params.batch * params.q_heads;
     // No early return: cooperative-matrix operations need uniform control flow all the way, so
     // a workgroup past the grid runs an empty key range and writes nothing.
-    let groups = tiles_i * params.batch * params.q_heads;
+    let groups = tiles_i * units * params.num_chunks;
     let live = folded_group(wg, nwg) < groups;
     let flat = min(folded_group(wg, nwg), groups - 1u);
     let ti = flat % tiles_i;
-    let bh = flat / tiles_i;
-    let h = bh % params.q_heads;
-    let b = bh / params.q_heads;
+    let unit = (flat / tiles_i) % units;
+    let chunk = flat / (tiles_i * units);
+    let h = unit % params.q_heads;
+    let b = unit / params.q_heads;
     let kvh = h / params.group;
-    let i0 = ti * T;
+    let i0 = ti * BQ;
     let lq = q_valid(b);
     let lk = kv_valid(b);
     let off = i32(lk) - i32(lq);
     let ninf = neg_inf();
 
-    for (var x = lid; x < T * HEAD_DIM; x += WG) {
-        let ii = i0 + x / HEAD_DIM;
-        var val = 0.0;
+    for (var x = lid * 4u; x < BQ * HEAD_DIM; x += nt * 4u) {
+        let rr = x / HEAD_DIM;
+        let c = x % HEAD_DIM;
+        let ii = i0 + rr;
+        var val = vec4<f32>(0.0);
         if ii < lq {
-            let idx = b * params.q_sb + ii * params.q_ss + h * params.q_sh + x % HEAD_DIM;
-            val = load_q(idx);
+            val = load_q4(b * params.q_sb + ii * params.q_ss + h * params.q_sh + c);
         }
-        q_h[x] = f16(val);
+        let o = rr * QS + c;
+        q_h[o] = f16(val.x);
+        q_h[o + 1u] = f16(val.y);
+        q_h[o + 2u] = f16(val.z);
+        q_h[o + 3u] = f16(val.w);
     }
-    for (var x = lid; x < T * V_DIM; x += WG) {
+    for (var x = lid; x < BQ * OS; x += nt) {
         o_f[x] = 0.0;
     }
-    for (var x = lid; x < 256u; x += WG) {
+    for (var x = lid; x < EDGE * EDGE; x += nt) {
         zero_f[x] = 0.0;
     }
+    workgroupBarrier();
+    let z = 0u;
+    let zero = coopLoadT<coop_mat16x16<f32, C>>(&zero_f[z], EDGE);
 
-    let band = visible_key_range(i0, i0 + T - 1u, lq, lk, off);
-    let j_lo = band.x;
-    var j_hi = band.y;
+    // Keys visible to at least one row of this tile: [j_lo, j_hi); this dispatch holds keys
+    // [key_base, key_base + kv_len); with num_chunks > 1 this workgroup takes one chunk of them.
+    let band = visible_key_range(i0, min(i0 + BQ, params.q_len) - 1u, lq, lk, off);
+    var j_lo = max(band.x, i32(params.key_base));
+    var j_hi = min(band.y, i32(params.key_base + params.kv_len));
+    if params.num_chunks > 1u {
+        j_lo = max(j_lo, i32(params.key_base + chunk * params.chunk_keys));
+        j_hi = min(j_hi, i32(params.key_base + (chunk + 1u) * params.chunk_keys));
+    }
     if !live {
-        j_hi = 0;
+        j_hi = j_lo;
     }
 
-    // Row statistics live in the thread that owns the row (lid < 16).
+    // Row statistics live in the lane that owns the row (lid < BQ).
     let r = lid;
     let i = i0 + r;
     var m = ninf;
     var l = 0.0;
-    let z = 0u;
-    var j0 = (j_lo / i32(T)) * i32(T);
-    for (; j0 < j_hi; j0 += i32(T)) {
+    let sq = sg * EDGE; // this subgroup's first row in the tile
+    var j0 = (j_lo / i32(BK)) * i32(BK);
+    for (; j0 < j_hi; j0 += i32(BK)) {
         let ju = u32(j0);
-        workgroupBarrier();
-        for (var x = lid; x < T * HEAD_DIM; x += WG) {
-            let jj = ju + x / HEAD_DIM;
-            var val = 0.0;
-            if jj < lk {
-                val = load_k(b * params.k_sb + jj * params.k_ss + kvh * params.k_sh + x % HEAD_DIM);
+        workgroupBarrier(); // everyone is done with the previous tile
+        for (var x = lid * 4u; x < BK * HEAD_DIM; x += nt * 4u) {
+            let kk = x / HEAD_DIM;
+            let c = x % HEAD_DIM;
+            let jj = ju + kk;
+            var val = vec4<f32>(0.0);
+            if jj < lk && jj - params.key_base < params.kv_len {
+                let jl = jj - params.key_base;
+                val = load_k4(b * params.k_sb + jl * params.k_ss + kvh * params.k_sh + c);
             }
-            k_h[x] = f16(val);
+            let o = kk * QS + c;
+            k_h[o] = f16(val.x);
+            k_h[o + 1u] = f16(val.y);
+            k_h[o + 2u] = f16(val.z);
+            k_h[o + 3u] = f16(val.w);
         }
-        for (var x = lid; x < T * V_DIM; x += WG) {
-            let jj = ju + x / V_DIM;
-            var val = 0.0;
-            if jj < lk {
-                val = load_v(b * params.v_sb + jj * params.v_ss + kvh * params.v_sh + x % V_DIM);
+        var bad = false;
+        for (var x = lid * 4u; x < BK * V_DIM; x += nt * 4u) {
+            let kk = x / V_DIM;
+            let c = x % V_DIM;
+            let jj = ju + kk;
+            var val = vec4<f32>(0.0);
+            if jj < lk && jj - params.key_base < params.kv_len {
+                let jl = jj - params.key_base;
+                val = load_v4(b * params.v_sb + jl * params.v_ss + kvh * params.v_sh + c);
             }
-            v_h[x] = f16(val);
+            let fin = vec4<bool>(finite(val.x), finite(val.y), finite(val.z), finite(val.w));
+            bad = bad || !all(fin);
+            val = select(vec4<f32>(0.0), val, fin);
+            let o = kk * VS + c;
+            v_h[o] = f16(val.x);
+            v_h[o + 1u] = f16(val.y);
+            v_h[o + 2u] = f16(val.z);
+            v_h[o + 3u] = f16(val.w);
+        }
+        let sg_bad = subgroupAny(bad);
+        if lane == 0u {
+            bad_sg[sg] = u32(sg_bad);
         }
         workgroupBarrier();
 
-        // S = Q·Kᵀ: A = Q[:, d0..d0+16] row-major, B = K[:, d0..d0+16]ᵀ (K row-major is Kᵀ
-        // column-major), C accumulates in f32.
-        var acc = coopLoadT<coop_mat16x16<f32, C>>(&zero_f[z], 16u);
-        for (var d0 = 0u; d0 < HEAD_DIM; d0 += 16u) {
-            let at = d0;
-            let qa = coopLoadT<coop_mat16x16<f16, A>>(&q_h[at], HEAD_DIM);
-            let kb = coopLoad<coop_mat16x16<f16, B>>(&k_h[at], HEAD_DIM);
-            acc = coopMultiplyAdd(qa, kb, acc);
+        // S = Q·Kᵀ for this subgroup's rows: A = Q rows (row-major), B = Kᵀ (K row-major is Kᵀ
+        // column-major), f32 accumulation.
+        for (var kb = 0u; kb < BK; kb += EDGE) {
+            var acc = zero;
+            for (var d0 = 0u; d0 < HEAD_DIM; d0 += EDGE) {
+                let qo = sq * QS + d0;
+                let ko = kb * QS + d0;
+                let qa = coopLoadT<coop_mat16x16<f16, A>>(&q_h[qo], QS);
+                let kt = coopLoad<coop_mat16x16<f16, B>>(&k_h[ko], QS);
+                acc = coopMultiplyAdd(qa, kt, acc);
+            }
+            let so = sq * SS + kb;
+            coopStoreT(acc, &s_f[so], SS);
         }
-        coopStoreT(acc, &s_f[z], 16u);
         workgroupBarrier();
 
-        if lid < T {
+        // The semantics of each logit (logits.wgsl), one element per lane; invisible = −inf.
+        for (var x = lid; x < BQ * BK; x += nt) {
+            let rr = x / BK;
+            let kk = x % BK;
+            let ii = i0 + rr;
+            let j = ju + kk;
+            let o = rr * SS + kk;
+            var s = ninf;
+            // [j_lo, j_hi) bounds this workgroup's keys; tiles are aligned to BK.
+            let mine = i32(j) >= j_lo && i32(j) < j_hi;
+            if mine && ii < lq && visible(b, h, ii, j, off, lk) {
+                s = finish_logit(b, h, ii, j, off, s_f[o]);
+            }
+            s_f[o] = s;
+        }
+        workgroupBarrier();
+
+        // Per row: the tile's max, and the lazy rescale (see the header).
+        if lid < BQ {
             var m_tile = ninf;
-            for (var jj = 0u; jj < T; jj++) {
-                let j = ju + jj;
-                var s = ninf;
-                let mine = i32(j) >= j_lo && i32(j) < j_hi;
-                if mine && i < lq && visible(b, h, i, j, off, lk) {
-                    s = finish_logit(b, h, i, j, off, s_f[r * T + jj]);
+            for (var kk = 0u; kk < BK; kk++) {
+                m_tile = max(m_tile, s_f[r * SS + kk]);
+            }
+            if m_tile > m + TAU {
+                var alpha = 0.0;
+                if !(m == ninf) {
+                    alpha = exp(m - m_tile);
                 }
-                s_f[r * T + jj] = s;
-                m_tile = max(m_tile, s);
-            }
-            let m_new = max(m, m_tile);
-            var alpha = 0.0;
-            if !(m == ninf) {
-                alpha = exp(m - m_new);
-            }
-            var row_sum = 0.0;
-            for (var jj = 0u; jj < T; jj++) {
-                let s = s_f[r * T + jj];
-                var p = 0.0;
-                if is_nan(s) {
-                    p = s;
-                } else if !(m_new == ninf) && !(s == ninf) {
-                    p = exp(s - m_new);
+                l *= alpha;
+                for (var c = 0u; c < V_DIM; c++) {
+                    o_f[r * OS + c] *= alpha;
                 }
-                let ph = f16(p);
-                p_h[r * T + jj] = ph;
-                row_sum += f32(ph); // the sum of what P·V multiplies, so O stays normalised
+                m = m_tile;
             }
-            l = l * alpha + row_sum;
-            for (var c = 0u; c < V_DIM; c++) {
-                o_f[r * V_DIM + c] *= alpha;
+            m_w[r] = m;
+            if lid == 0u {
+                var flag = 0u;
+                for (var s = 0u; s < NS; s++) {
+                    flag |= bad_sg[s];
+                }
+                bad_any = flag;
             }
-            m = m_new;
         }
         workgroupBarrier();
 
-        // O += P·V, 16 output columns at a time.
-        for (var dv0 = 0u; dv0 < V_DIM; dv0 += 16u) {
-            let at = dv0;
-            var oc = coopLoadT<coop_mat16x16<f32, C>>(&o_f[at], V_DIM);
-            let pa = coopLoadT<coop_mat16x16<f16, A>>(&p_h[z], 16u);
-            let vb = coopLoadT<coop_mat16x16<f16, B>>(&v_h[at], V_DIM);
-            oc = coopMultiplyAdd(pa, vb, oc);
-            coopStoreT(oc, &o_f[at], V_DIM);
+        // P = exp(s − m) in f16, one element per lane. Invisible keys give exactly 0; a NaN
+        // logit gives NaN (it poisons its row through l and O, semantics item 7).
+        for (var x = lid; x < BQ * BK; x += nt) {
+            let rr = x / BK;
+            let kk = x % BK;
+            let s = s_f[rr * SS + kk];
+            let mr = m_w[rr];
+            var p = 0.0;
+            if is_nan(s) {
+                p = s;
+            } else if !(s == ninf) && !(mr == ninf) {
+                p = exp(s - mr);
+            }
+            p_h[rr * PS + kk] = f16(p);
+        }
+        workgroupBarrier();
+
+        // The row sums of what P·V multiplies (the f16 P), so O stays normalised.
+        if lid < BQ {
+            var row_sum = 0.0;
+            for (var kk = 0u; kk < BK; kk++) {
+                row_sum += f32(p_h[r * PS + kk]);
+            }
+            l += row_sum;
+        }
+        // O += P·V for this subgroup's rows, EDGE output columns at a time: one accumulator
+        // load and store per BK keys.
+        for (var c0 = 0u; c0 < V_DIM; c0 += EDGE) {
+            let oo = sq * OS + c0;
+            var oc = coopLoadT<coop_mat16x16<f32, C>>(&o_f[oo], OS);
+            for (var kb = 0u; kb < BK; kb += EDGE) {
+                let po = sq * PS + kb;
+                let vo = kb * VS + c0;
+                let pa = coopLoadT<coop_mat16x16<f16, A>>(&p_h[po], PS);
+                let vb = coopLoadT<coop_mat16x16<f16, B>>(&v_h[vo], VS);
+                oc = coopMultiplyAdd(pa, vb, oc);
+            }
+            coopStoreT(oc, &o_f[oo], OS);
+        }
+        workgroupBarrier();
+
+        // Non-finite V values were staged as 0; the rows that see their keys add them here.
+        if lid < BQ && bad_any != 0u {
+            for (var kk = 0u; kk < BK; kk++) {
+                let s = s_f[r * SS + kk];
+                if s == ninf {
+                    continue;
+                }
+                var p = s;
+                if !is_nan(s) {
+                    p = exp(s - m_w[r]);
+                }
+                let jl = ju + kk - params.key_base;
+                let base = b * params.v_sb + jl * params.v_ss + kvh * params.v_sh;
+                for (var c = 0u; c < V_DIM; c++) {
+                    let val = load_v(base + c);
+                    if !finite(val) {
+                        o_f[r * OS + c] += p * val;
+                    }
+                }
+            }
         }
     }
-    workgroupBarrier();
 
-    if live && lid < T && i < params.q_len {
+    // Unsplit: O in the problem's layout. Split: partial O as [chunk][b][h][i][Dv] and partial
+    // LSE as [chunk][b][h][i], for the merge pass.
+    let rows = params.batch * params.q_heads * params.q_len;
+    if live && lid < BQ && i < params.q_len {
+        // l is 0 exactly when no key was visible; NaN when a logit was NaN.
         let valid = i < lq && !(l == 0.0);
-        for (var d = 0u; d < V_DIM; d++) {
+        let row = chunk * rows + (b * params.q_heads + h) * params.q_len + i;
+        lse[row] = select(ninf, m + log(l), valid);
+        l_w[r] = select(0.0, l, valid);
+    }
+    workgroupBarrier();
+    for (var x = lid; x < BQ * V_DIM; x += nt) {
+        let rr = x / V_DIM;
+        let c = x % V_DIM;
+        let ii = i0 + rr;
+        if live && ii < params.q_len {
+            let lr = l_w[rr];
             var o = 0.0;
-            if valid {
-                o = o_f[r * V_DIM + d] / l;
+            if !(lr == 0.0) {
+                o = o_f[rr * OS + c] / lr;
             }
-            out[b * params.o_sb + i * params.o_ss + h * params.o_sh + d] = o;
+            var o_base = b * params.o_sb + ii * params.o_ss + h * params.o_sh;
+            if params.num_chunks > 1u {
+                o_base = (chunk * rows + (b * params.q_heads + h) * params.q_len + ii) * V_DIM;
+            }
+            out[o_base + c] = o;
         }
-        lse[(b * params.q_heads + h) * params.q_len + i] = select(ninf, m + log(l), valid);
     }
 }

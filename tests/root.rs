@@ -14,3 +14,5 @@ mod limits;
 mod differential;
 mod edge_cases;
 mod shaders;
+
+mod coop;

@@ -1,7 +1,7 @@
 //! Every WGSL module parses and validates with naga, and every variant the engine builds
 //! translates to SPIR-V (with the bounds-check policy wgpu uses), MSL, HLSL and GLSL. No GPU needed.
 
-use spotlight::kernels::{FlashTiles, Shader, Variant, source};
+use spotlight::kernels::{CoopTiles, FlashTiles, Shader, Variant, source};
 use spotlight::reference::DType;
 
 fn module(src: &str, name: &str) -> (naga::Module, naga::valid::ModuleInfo) {
@@ -79,11 +79,25 @@ fn variants() -> Vec<Variant> {
         .collect();
     assert!(sg.len() > 20);
     out.extend(sg);
-    // The cooperative-matrix kernel: head dims that are multiples of 16, subgroups of 32 and 64.
-    for (d, dv) in [(16, 16), (64, 64), (128, 128), (96, 64), (256, 256)] {
-        for wg in [32, 64] {
+    // The cooperative-matrix kernel at both matrix edges, with the tiles the chooser gives on
+    // lavapipe (edge 8, subgroups of 8, 32 KiB), NVIDIA (16, 32, 48 KiB) and AMD (16, 64).
+    for (edge, wg, mem) in [(8, 8, 32768), (16, 32, 49152), (16, 64, 65536)] {
+        for (d, dv) in [
+            (16, 16),
+            (64, 64),
+            (128, 128),
+            (96, 64),
+            (256, 256),
+            (8, 24),
+        ] {
+            if d % edge != 0 || dv % edge != 0 {
+                continue;
+            }
+            let tiles = CoopTiles::choose(edge, wg, d, dv, mem, 1024)
+                .unwrap_or_else(|| panic!("no coop tiles for edge {edge} D={d} Dv={dv}"));
+            assert!(tiles.bytes(d, dv) <= mem && tiles.bk.is_multiple_of(edge));
             for dt in [DType::F16, DType::Bf16, DType::F32] {
-                let v = Variant::flash_coop([dt, dt, dt], d, dv, wg);
+                let v = Variant::flash_coop([dt, dt, dt], d, dv, tiles);
                 out.push(v.clone().native_f16(true));
                 out.push(v);
             }

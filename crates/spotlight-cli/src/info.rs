@@ -32,6 +32,13 @@ pub fn main() -> anyhow::Result<()> {
         c.subgroups, c.subgroup_min_size, c.subgroup_max_size
     );
     println!("  cooperative matrices:  {}", c.cooperative_matrix);
+    match c.coop_edge {
+        0 => println!("  flash-coop:            no (needs 16x16x16 or 8x8x8 f16 -> f32 matrices)"),
+        e => println!(
+            "  flash-coop:            {e}x{e}x{e} f16 -> f32 matrices, subgroups of {}",
+            c.subgroup_max_size
+        ),
+    }
     println!("  timestamp queries:     {}", c.timestamp_query);
     println!("Limits:");
     println!("  storage binding:       {} bytes", c.max_storage_binding);

@@ -408,17 +408,16 @@ impl Engine {
         }
         let plan = match opts.algorithm {
             Algorithm::FlashCoop => {
-                if let Some(reason) = self.coop_unavailable(p, opts) {
-                    return Err(Error::Unsupported {
-                        algorithm: "flash-coop",
-                        reason,
-                    });
-                }
+                let tiles = self.coop_tiles(p).map_err(|reason| Error::Unsupported {
+                    algorithm: "flash-coop",
+                    reason,
+                })?;
+                let (chunks, chunk_keys) = self.coop_chunks(p, tiles, opts);
                 Plan {
                     algorithm: Algorithm::FlashCoop,
                     tiles: None,
-                    chunks: 1,
-                    chunk_keys: 0,
+                    chunks,
+                    chunk_keys,
                     window: None,
                 }
             }
@@ -655,7 +654,11 @@ impl Engine {
                 let flash = units * rows.div_ceil(bq) as u64 * plan.chunks as u64;
                 vec![("flash", flash), ("merge", bh * p.q_len as u64)]
             }
-            Algorithm::FlashCoop => vec![("flash-coop", bh * t16(p.q_len))],
+            Algorithm::FlashCoop => {
+                let bq = self.coop_tiles(p).map_or(16, |t| t.rows()) as usize;
+                let groups = bh * p.q_len.div_ceil(bq) as u64 * plan.chunks as u64;
+                vec![("flash-coop", groups), ("merge", bh * p.q_len as u64)]
+            }
             _ => vec![
                 ("scores", bh * t16(p.q_len) * t16(p.kv_len)),
                 ("softmax", bh * p.q_len as u64),
@@ -735,6 +738,7 @@ impl Engine {
         let _gl = self.exclusive();
         p.check_inputs(inputs)?;
         let opts = self.resolve_coop(p, inputs.dtypes(), opts)?;
+        self.coop_check_range(inputs, &opts)?;
         self.scoped(|| self.attention_checked(p, inputs, &opts))
     }
 
@@ -1124,12 +1128,33 @@ impl Engine {
                 }
             }
             Algorithm::FlashCoop => {
-                let wg = self.capabilities().subgroup_max_size;
+                let tiles = self.coop_tiles(p).map_err(|reason| Error::Unsupported {
+                    algorithm: "flash-coop",
+                    reason,
+                })?;
                 let variant =
-                    Variant::flash_coop(i.dtypes, p.head_dim as u32, p.v_head_dim as u32, wg)
+                    Variant::flash_coop(i.dtypes, p.head_dim as u32, p.v_head_dim as u32, tiles)
                         .native_f16(self.native_f16());
                 let kernel = self.cache.get(dev, &variant)?;
-                self.dispatch(enc, &kernel, &fused_binds(out32, lse), grids[0].1)?;
+                // Split over the key range (llvmpipe's loop bound, max_chunk_keys): partial O
+                // and LSE to scratch, merged like flash's.
+                let split = (plan.chunks > 1).then(|| {
+                    let c = plan.chunks as u64;
+                    (
+                        self.scratch("partial out", c * p.o_elems() as u64 * 4),
+                        self.scratch("partial lse", c * p.lse_elems() as u64 * 4),
+                    )
+                });
+                let (o_dst, lse_dst) = match &split {
+                    Some((po, pl)) => (po, pl),
+                    None => (out32, lse),
+                };
+                self.dispatch(enc, &kernel, &fused_binds(o_dst, lse_dst), grids[0].1)?;
+                if let Some((po, pl)) = &split {
+                    let merge = self.cache.get(dev, &Variant::merge())?;
+                    let binds = [(0, &params), (4, po), (5, pl), (6, out32), (7, lse)];
+                    self.dispatch(enc, &merge, &binds, grids[1].1)?;
+                }
             }
             _ => {
                 let probs_scratch = o

@@ -31,10 +31,11 @@ pub struct Capabilities {
     pub max_workgroups_per_dim: u32,
     pub max_storage_buffers_per_stage: u32,
     pub max_uniform_buffers_per_stage: u32,
-    /// The device can multiply 16x16x16 f16 matrices into f32 on its matrix units (the
-    /// cooperative-matrix kernel's configuration). Known only for engines made by
-    /// [`Engine::with_options`] / [`Engine::new`], which query the adapter.
-    pub coop_f16_16x16: bool,
+    /// Edge of the square f16 x f16 -> f32 cooperative-matrix configuration the matrix-unit
+    /// kernel uses: 16 (NVIDIA, AMD, Intel) or 8 (Apple, Mesa >= 26 lavapipe), the larger where
+    /// both are offered; 0 = none. Known only for engines made by [`Engine::with_options`] /
+    /// [`Engine::new`], which query the adapter.
+    pub coop_edge: u32,
     /// Key tiles one fused-kernel workgroup may stream before the key range must be split into
     /// chunks (merged afterwards); `None` = no limit. Mesa's llvmpipe/lavapipe (22.x) ends every
     /// loop once an invocation has run about 65 535 loop iterations in total, silently: measured
@@ -59,7 +60,7 @@ impl Capabilities {
             max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
             max_storage_buffers_per_stage: limits.max_storage_buffers_per_shader_stage,
             max_uniform_buffers_per_stage: limits.max_uniform_buffers_per_shader_stage,
-            coop_f16_16x16: false,
+            coop_edge: 0,
             max_key_tiles_per_workgroup: (info.driver.contains("llvmpipe")
                 || info.name.contains("llvmpipe"))
             .then_some(64),
@@ -183,15 +184,11 @@ impl Engine {
             wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
         let features = adapter.features() & wanted;
         let limits = adapter.limits();
-        // Matrix units: only when the adapter offers the experimental feature with f16 and the
-        // 16x16x16 f16 -> f32 configuration the kernel uses.
+        // Matrix units: only when the adapter offers the experimental feature with f16 and a
+        // square f16 x f16 -> f32 configuration WGSL can spell (16x16x16 or 8x8x8).
         let coop = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
-        let coop_config = adapter.cooperative_matrix_properties().iter().any(|c| {
-            (c.m_size, c.n_size, c.k_size) == (16, 16, 16)
-                && c.ab_type == wgpu::CooperativeScalarType::F16
-                && c.cr_type == wgpu::CooperativeScalarType::F32
-        });
-        let want_coop = coop_config
+        let coop_edge = crate::coop::coop_edge(&adapter.cooperative_matrix_properties());
+        let want_coop = coop_edge != 0
             && adapter.features().contains(coop)
             && features.contains(wgpu::Features::SHADER_F16);
         let request = |with_coop: bool| {
@@ -223,7 +220,9 @@ impl Engine {
             reason: e.to_string(),
         })?;
         let mut engine = Self::build(device, queue, info, why);
-        engine.caps.coop_f16_16x16 = want_coop && engine.device.features().contains(coop);
+        if want_coop && engine.device.features().contains(coop) {
+            engine.caps.coop_edge = coop_edge;
+        }
         // We own this device, so errors that escape a scope are recorded, not panicked on.
         let slot = engine.gpu_error.clone();
         engine

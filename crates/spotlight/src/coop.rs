@@ -1,13 +1,25 @@
-//! When the matrix-unit (cooperative-matrix) kernel may run, and the self-test that guards it.
+//! When the matrix-unit (cooperative-matrix) kernel may run, its tiles, and the self-test that
+//! guards it.
 //!
-//! `auto` picks `flash-coop` only where the adapter offers 16x16x16 f16 → f32 cooperative
-//! matrices, the problem fits the kernel, the inputs are half precision (or the caller allows
-//! rounding f32 to f16), and a self-test of that configuration on this device (a small random
-//! problem against the f64 reference) passed. A failed self-test is logged and remembered, and
-//! `auto` uses `flash` instead.
+//! The kernel is generic over the matrix edge: 16x16x16 (NVIDIA, AMD, Intel) or 8x8x8 (Apple's
+//! simdgroup matrices, Mesa >= 26 lavapipe), f16 x f16 -> f32, the larger where both exist.
+//!
+//! Precision and range (decision): the matrix units multiply f16, so Q, K and V are staged as
+//! f16. f16 inputs lose nothing there; f32 and bf16 inputs are rounded, and finite values beyond
+//! f16's range (|x| > 65504) would become infinite. Therefore `auto` picks `flash-coop` only for
+//! f16 inputs; a forced `flash-coop` on f32 or bf16 needs `allow_reduced_precision`, and on host
+//! inputs ([`Engine::attention`]) it refuses values beyond f16's range with a clear error before
+//! any GPU work (on buffers the caller promised the range by asking for reduced precision).
+//! Scaling instead (a power of two per Q row and K row, exact) would keep Q·Kᵀ in range but not
+//! P·V without a pre-pass over V; `flash` handles every range exactly in f32, so it is the answer.
+//!
+//! `auto` also needs a self-test of that configuration on this device (a small random problem
+//! against the f64 reference, with values that f16 must round and logits that grow along the
+//! keys so the lazy rescale runs) to pass; a failed self-test is logged and remembered, and `auto`
+//! uses `flash` instead.
 
 use spotlight_reference::{
-    self as reference, DType, Inputs, Problem, Tensor, compare, random::Rng,
+    self as reference, DType, Inputs, Problem, Tensor, TensorRef, compare, random::Rng,
 };
 
 use crate::attention::{Algorithm, RunOptions};
@@ -17,63 +29,202 @@ use crate::error::{Error, Result};
 /// Relative error the self-test accepts (f16 products, f32 accumulation, f16 P).
 const SELF_TEST_BUDGET: f64 = 5e-3;
 
+/// Largest finite f16.
+const F16_MAX: f32 = 65504.0;
+
+/// The edge of the square f16 x f16 -> f32 configuration to use from an adapter's list: 16, else
+/// 8, else 0 (none). WGSL spells only these two (`coop_mat16x16`, `coop_mat8x8`).
+pub(crate) fn coop_edge(props: &[wgpu::CooperativeMatrixProperties]) -> u32 {
+    let has = |e: u32| {
+        props.iter().any(|c| {
+            (c.m_size, c.n_size, c.k_size) == (e, e, e)
+                && c.ab_type == wgpu::CooperativeScalarType::F16
+                && c.cr_type == wgpu::CooperativeScalarType::F32
+        })
+    };
+    [16, 8].into_iter().find(|&e| has(e)).unwrap_or(0)
+}
+
+/// Tile configuration of the matrix-unit kernel (shaders/flash_coop.wgsl).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CoopTiles {
+    /// Matrix edge (8 or 16).
+    pub edge: u32,
+    /// Subgroup size (lanes per subgroup).
+    pub wg: u32,
+    /// Subgroups per workgroup; each owns `edge` query rows.
+    pub ns: u32,
+    /// Keys per staged K/V tile (a multiple of `edge`).
+    pub bk: u32,
+}
+
+impl CoopTiles {
+    /// Query rows per workgroup.
+    pub fn rows(&self) -> u32 {
+        self.ns * self.edge
+    }
+
+    /// Workgroup memory the kernel declares for head dims `d`, `dv` (the padded strides of
+    /// flash_coop.wgsl: 8 f16 or 4 f32 per row).
+    pub fn bytes(&self, d: u32, dv: u32) -> u32 {
+        let (bq, bk, e) = (self.rows(), self.bk, self.edge);
+        let f16s = bq * (d + 8) + bk * (d + 8) + bk * (dv + 8) + bq * (bk + 8);
+        let f32s = bq * (bk + 4) + bq * (dv + 4) + e * e + 2 * bq + self.ns + 1;
+        2 * f16s + 4 * f32s
+    }
+
+    /// The largest tile that fits: most query rows × keys per workgroup (both amortise the
+    /// staging and the barriers), ties to more rows (more subgroups share each K/V tile). Up to 4
+    /// subgroups (64 rows at edge 16) and 64 keys.
+    pub fn choose(edge: u32, wg: u32, d: u32, dv: u32, max_mem: u32, max_inv: u32) -> Option<Self> {
+        let mut best: Option<CoopTiles> = None;
+        for ns in [4, 2, 1] {
+            for bk in [64, 32, 16, 8] {
+                let t = CoopTiles { edge, wg, ns, bk };
+                if bk % edge != 0 || ns * wg > max_inv || t.bytes(d, dv) > max_mem {
+                    continue;
+                }
+                let size = |t: &CoopTiles| t.rows() * t.bk;
+                if best.is_none_or(|b| size(&t) > size(&b)) {
+                    best = Some(t);
+                }
+            }
+        }
+        best
+    }
+}
+
 impl Engine {
-    /// Why the cooperative-matrix kernel cannot run `p` here, or `None`.
-    pub(crate) fn coop_unavailable(&self, p: &Problem, opts: &RunOptions) -> Option<String> {
+    /// The matrix-unit kernel's tiles for `p` here, or why it cannot run `p`.
+    pub(crate) fn coop_tiles(&self, p: &Problem) -> std::result::Result<CoopTiles, String> {
         let c = self.capabilities();
-        if !c.coop_f16_16x16 {
-            return Some("the adapter offers no 16x16x16 f16 -> f32 cooperative matrices (or the engine was made from an application's device)".into());
+        let e = c.coop_edge;
+        if e == 0 {
+            return Err("the adapter offers no 16x16x16 or 8x8x8 f16 -> f32 cooperative matrices (or the engine was made from an application's device)".into());
         }
         if !(c.subgroups
             && c.subgroup_min_size == c.subgroup_max_size
             && c.subgroup_max_size <= c.max_invocations)
         {
-            return Some("the kernel needs one fixed subgroup size per workgroup".into());
+            return Err("the kernel needs one fixed subgroup size per workgroup".into());
         }
         for (name, d) in [("D", p.head_dim), ("Dv", p.v_head_dim)] {
-            if d % 16 != 0 || d > 256 {
-                return Some(format!("{name}={d} must be a multiple of 16 up to 256"));
+            if d % e as usize != 0 || d > 256 {
+                return Err(format!(
+                    "{name}={d} must be a multiple of {e} (the matrix edge) up to 256"
+                ));
             }
         }
-        let bytes =
-            2 * 16 * (2 * p.head_dim + p.v_head_dim) + 4 * 16 * p.v_head_dim + 1024 + 512 + 1024;
-        if bytes as u32 > c.max_workgroup_memory {
-            return Some(format!(
-                "needs {bytes} bytes of workgroup memory, {} available",
+        let (d, dv) = (p.head_dim as u32, p.v_head_dim as u32);
+        CoopTiles::choose(
+            e,
+            c.subgroup_max_size,
+            d,
+            dv,
+            c.max_workgroup_memory,
+            c.max_invocations,
+        )
+        .ok_or_else(|| {
+            let least = CoopTiles {
+                edge: e,
+                wg: c.subgroup_max_size,
+                ns: 1,
+                bk: e,
+            };
+            format!(
+                "needs {} bytes of workgroup memory at D={d} Dv={dv}, {} available",
+                least.bytes(d, dv),
                 c.max_workgroup_memory
-            ));
+            )
+        })
+    }
+
+    /// Why the cooperative-matrix kernel cannot run `p` here, or `None`.
+    pub(crate) fn coop_unavailable(&self, p: &Problem, _opts: &RunOptions) -> Option<String> {
+        self.coop_tiles(p).err()
+    }
+
+    /// Key chunks for the matrix-unit kernel (merged by LSE like flash's): where the adapter
+    /// bounds the key tiles one workgroup may stream (llvmpipe) or the caller bounds the keys.
+    /// Returns `(chunks, keys per chunk)`, `(1, 0)` when unsplit.
+    pub(crate) fn coop_chunks(&self, p: &Problem, t: CoopTiles, opts: &RunOptions) -> (u32, u32) {
+        let mut limit = self
+            .capabilities()
+            .max_key_tiles_per_workgroup
+            .map(|n| n * t.bk);
+        if let Some(k) = opts.max_chunk_keys {
+            let k = (k / t.bk).max(1) * t.bk;
+            limit = Some(limit.map_or(k, |l| l.min(k)));
         }
-        if opts.max_chunk_keys.is_some() {
-            return Some("the kernel does not split the key range (max_chunk_keys)".into());
+        let lk = p.kv_len as u32;
+        match limit {
+            Some(keys) if lk > keys => (lk.div_ceil(keys), keys),
+            _ => (1, 0),
         }
-        None
     }
 
     /// The options to run with: `auto` becomes `flash-coop` where it may (see the module docs);
-    /// a forced `flash-coop` on f32 inputs needs `allow_reduced_precision`.
+    /// a forced `flash-coop` on f32 or bf16 inputs needs `allow_reduced_precision`.
     pub(crate) fn resolve_coop(
         &self,
         p: &Problem,
         dtypes: [DType; 3],
         opts: &RunOptions,
     ) -> Result<RunOptions> {
-        let half = dtypes.iter().all(|&d| d != DType::F32) || opts.allow_reduced_precision;
+        let all_f16 = dtypes.iter().all(|&d| d == DType::F16);
         match opts.algorithm {
-            Algorithm::FlashCoop if !half => Err(Error::Unsupported {
-                algorithm: "flash-coop",
-                reason: "f32 inputs would be rounded to f16 on the matrix units: set allow_reduced_precision (--reduced-precision)".into(),
-            }),
+            Algorithm::FlashCoop if !all_f16 && !opts.allow_reduced_precision => {
+                Err(Error::Unsupported {
+                    algorithm: "flash-coop",
+                    reason: "f32 and bf16 inputs would be rounded to f16 on the matrix units (and values beyond ±65504 would overflow): set allow_reduced_precision (--reduced-precision)".into(),
+                })
+            }
             Algorithm::Auto
-                if half
+                if all_f16
                     && !opts.probs
                     && !(p.q_len <= 16 && p.kv_len >= 1024)
                     && self.coop_unavailable(p, opts).is_none()
                     && self.coop_self_test(p.head_dim, p.v_head_dim, dtypes) =>
             {
-                Ok(RunOptions { algorithm: Algorithm::FlashCoop, ..*opts })
+                Ok(RunOptions {
+                    algorithm: Algorithm::FlashCoop,
+                    ..*opts
+                })
             }
             _ => Ok(*opts),
         }
+    }
+
+    /// A forced `flash-coop` on host inputs: refuses finite values that f16 cannot hold (they
+    /// would become infinite on the matrix units). f16 inputs always pass.
+    pub(crate) fn coop_check_range(&self, inputs: &Inputs<'_>, opts: &RunOptions) -> Result<()> {
+        if opts.algorithm != Algorithm::FlashCoop {
+            return Ok(());
+        }
+        for (name, t) in [("Q", inputs.q), ("K", inputs.k), ("V", inputs.v)] {
+            let worst = match t {
+                TensorRef::F32(x) => x
+                    .iter()
+                    .copied()
+                    .filter(|x| x.is_finite())
+                    .fold(0.0f32, |m, x| m.max(x.abs())),
+                TensorRef::Bf16(x) => x
+                    .iter()
+                    .map(|b| b.to_f32())
+                    .filter(|x| x.is_finite())
+                    .fold(0.0f32, |m, x| m.max(x.abs())),
+                TensorRef::F16(_) => 0.0,
+            };
+            if worst > F16_MAX {
+                return Err(Error::Unsupported {
+                    algorithm: "flash-coop",
+                    reason: format!(
+                        "{name} holds {worst:e}, beyond f16's range (±65504) that the matrix units multiply in; use flash or auto"
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Runs the cooperative-matrix kernel once on a small random problem with these head dims
@@ -88,21 +239,25 @@ impl Engine {
         {
             return ok;
         }
-        let p = Problem::new(1, 40, 70, 2, 1, d).v_head_dim(dv).causal(true);
+        // Several key tiles, a partial row tile, GQA and causal; values that f16 must round (not
+        // f16-exact), K growing along the keys so each tile raises the row max past the lazy
+        // rescale's threshold and the rescale runs.
+        let p = Problem::new(1, 40, 150, 2, 1, d)
+            .v_head_dim(dv)
+            .causal(true);
         let mut rng = Rng::new(0xC00B);
-        // Values that f16 represents exactly, stored in each dtype.
-        let mut make = |n: usize, dt: DType| {
-            let v: Vec<f32> = rng
-                .vec(n)
-                .iter()
-                .map(|&x| DType::Bf16.round(DType::F16.round(x)))
-                .collect();
-            Tensor::from_f32(&v, dt)
-        };
+        let q: Vec<f32> = rng.vec(p.q_elems()).iter().map(|x| 2.0 * x).collect();
+        let k: Vec<f32> = rng
+            .vec(p.k_elems())
+            .iter()
+            .enumerate()
+            .map(|(n, x)| x * (1.0 + 6.0 * (n / d) as f32 / p.kv_len as f32))
+            .collect();
+        let v = rng.vec(p.v_elems());
         let (q, k, v) = (
-            make(p.q_elems(), dtypes[0]),
-            make(p.k_elems(), dtypes[1]),
-            make(p.v_elems(), dtypes[2]),
+            Tensor::from_f32(&q, dtypes[0]),
+            Tensor::from_f32(&k, dtypes[1]),
+            Tensor::from_f32(&v, dtypes[2]),
         );
         let inputs = Inputs::new(q.as_ref(), k.as_ref(), v.as_ref());
         let opts = RunOptions {

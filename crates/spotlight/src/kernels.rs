@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use spotlight_reference::DType;
 
+pub use crate::coop::CoopTiles;
+
 /// Raw sources, one per file in `shaders/`.
 pub mod source {
     pub const COMMON: &str = include_str!("../../../shaders/common.wgsl");
@@ -62,7 +64,7 @@ pub enum Shader {
     Stream,
     /// Attention statistics (entropy, max weight, received mass, selected maps) from the LSE.
     Lens,
-    /// The fused kernel on matrix units (cooperative matrices, 16x16x16 f16 -> f32).
+    /// The fused kernel on matrix units (cooperative matrices, 16x16x16 or 8x8x8 f16 -> f32).
     FlashCoop,
     /// The layer's projections: tiled `X·Wᵀ + b` with the rotary epilogue (`layer.rs`).
     Linear,
@@ -355,9 +357,9 @@ impl Variant {
         }
     }
 
-    /// The cooperative-matrix kernel; `wg` is the adapter's subgroup size (one subgroup per
-    /// workgroup).
-    pub fn flash_coop(dtypes: [DType; 3], d: u32, dv: u32, wg: u32) -> Self {
+    /// The cooperative-matrix kernel with its tiles (matrix edge, subgroup size, subgroups per
+    /// workgroup, keys per tile: [`CoopTiles`]).
+    pub fn flash_coop(dtypes: [DType; 3], d: u32, dv: u32, tiles: CoopTiles) -> Self {
         Variant {
             shader: Shader::FlashCoop,
             native_f16: false,
@@ -367,7 +369,10 @@ impl Variant {
                 ("V_DT", dtype_code(dtypes[2])),
                 ("HEAD_DIM", d),
                 ("V_DIM", dv),
-                ("WG", wg),
+                ("WG", tiles.wg),
+                ("NS", tiles.ns),
+                ("BK", tiles.bk),
+                ("EDGE", tiles.edge),
             ],
         }
     }
@@ -441,6 +446,10 @@ impl Variant {
     /// f16 tensors rewritten when they are read natively.
     pub fn source(&self) -> String {
         let mut src = self.shader.source();
+        if self.constants.contains(&("EDGE", 8)) {
+            // A cooperative-matrix type cannot be overridden: the 8x8 variant is spelled so.
+            src = src.replace("coop_mat16x16", "coop_mat8x8");
+        }
         if self.uses_subgroups() {
             for (name, op) in [
                 ("row_max", "y = max(y, subgroupShuffleXor(y, o));"),

@@ -97,8 +97,13 @@ impl Engine {
             }
             .into());
         }
+        // The lens turns its exact f32 logits into probabilities with this LSE, so where `auto`
+        // could pick the matrix units (whose f16 P leaves the LSE about 1e-3 off) it means flash.
         let run = RunOptions {
-            algorithm: opts.algorithm,
+            algorithm: match opts.algorithm {
+                Algorithm::Auto if self.coop_tiles(p).is_ok() => Algorithm::Flash,
+                a => a,
+            },
             lse: true,
             ..Default::default()
         };
