@@ -81,6 +81,7 @@ fn caller_owned_buffers_poisoned_with_nan_are_fully_written() {
                 &gout,
                 &RunOptions {
                     algorithm: alg,
+                    lse: true,
                     ..Default::default()
                 },
             )
@@ -105,7 +106,16 @@ fn caller_owned_buffers_poisoned_with_nan_are_fully_written() {
         };
         let mut enc = dev.create_command_encoder(&Default::default());
         let err = engine
-            .attention_on_buffers(&mut enc, &p, &gin, &gout, &Default::default())
+            .attention_on_buffers(
+                &mut enc,
+                &p,
+                &gin,
+                &gout,
+                &RunOptions {
+                    lse: true,
+                    ..Default::default()
+                },
+            )
             .unwrap_err();
         assert!(matches!(err, Error::BadBuffer { what: "out", .. }), "{err}");
     }

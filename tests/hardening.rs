@@ -618,10 +618,10 @@ fn pieces_include_the_key_chunk_scratch() {
     check_opts(&small, &p, &data, &opts, None).unwrap();
 }
 
-/// Item 13: decode and merge run inside the error scopes that turn an allocation failure into
-/// `OutOfMemory` (as `attention` does).
+/// Item 13: decode, merge and lens run inside the error scopes that turn an allocation failure
+/// into `OutOfMemory` (as `attention` does).
 #[test]
-fn decode_and_merge_run_inside_the_out_of_memory_scope() {
+fn decode_merge_and_lens_run_inside_the_out_of_memory_scope() {
     if engine().is_none() {
         return;
     }
@@ -649,6 +649,12 @@ fn decode_and_merge_run_inside_the_out_of_memory_scope() {
     )
     .unwrap();
     assert_eq!(e.error_scopes_entered(), before + 1, "decode");
+    let p = Problem::new(1, 5, 6, 2, 1, 8);
+    let data = Data::random(&p, [DType::F32; 3], 1.0, &mut Rng::new(13));
+    let before = e.error_scopes_entered();
+    e.lens(&p, &data.inputs(), &spotlight::LensOptions::default())
+        .unwrap();
+    assert_eq!(e.error_scopes_entered(), before + 1, "lens");
 }
 
 /// Item 14: grid limits are reported in workgroups, byte limits in bytes, and no message
