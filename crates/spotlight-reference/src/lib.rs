@@ -15,6 +15,7 @@
 //! assert_eq!(out.out.len(), p.o_elems());
 //! ```
 
+mod backward;
 pub mod compare;
 mod error;
 pub mod lens;
@@ -23,6 +24,7 @@ pub mod random;
 mod reference;
 mod tensor;
 
+pub use backward::{Gradients, attention_backward, check_backward_inputs};
 pub use error::ProblemError;
 pub use problem::{Broadcast, Inputs, Layout, Problem, Strides, Window};
 pub use reference::{Reference, Row, attention, attention_rows, check_parts, merge};
