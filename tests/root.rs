@@ -9,6 +9,7 @@ mod engine;
 mod lens;
 mod limits;
 
+mod backward;
 mod differential;
 mod edge_cases;
 mod shaders;

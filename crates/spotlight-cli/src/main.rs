@@ -4,6 +4,7 @@
 //! - `spotlight demo`: a realistic problem on the GPU, checked against the CPU reference.
 //! - `spotlight run IN.safetensors -o OUT.safetensors [options]`: attention on tensors from a file.
 //! - `spotlight lens IN.safetensors --out-dir DIR`: attention statistics and pictures.
+//! - `spotlight grad IN.safetensors -o OUT.safetensors`: gradients dq, dk, dv (+ dbias) given dout.
 //! - `spotlight bench`: validated timings, side by side with `torch_sdpa.py`'s output format.
 
 use spotlight_cli::run;
@@ -11,6 +12,7 @@ use spotlight_cli::run;
 mod bench;
 mod demo;
 mod draw;
+mod grad;
 mod info;
 mod lens;
 
@@ -41,6 +43,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Where the model looks: attention statistics on the GPU, stats.json and PNG pictures.
     Lens(lens::LensArgs),
+    /// Gradients dq, dk, dv (and dbias) for tensors q, k, v, dout (and optional ones) from a file.
+    Grad(grad::GradArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +56,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::main(&args),
         Command::Bench(args) => bench::main(&args),
         Command::Lens(args) => lens::main(&args),
+        Command::Grad(args) => grad::main(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

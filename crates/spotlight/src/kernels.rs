@@ -38,6 +38,11 @@ pub mod source {
         ("stream.wgsl", STREAM),
         ("lens.wgsl", LENS),
         ("flash_coop.wgsl", FLASH_COOP),
+        ("backward_common.wgsl", crate::backward::source::COMMON),
+        ("backward_pre.wgsl", crate::backward::source::PRE),
+        ("backward_kv.wgsl", crate::backward::source::KEY_VALUE),
+        ("backward_q.wgsl", crate::backward::source::QUERY),
+        ("backward_reduce.wgsl", crate::backward::source::REDUCE),
     ];
 }
 
@@ -62,6 +67,8 @@ pub enum Shader {
     Lens,
     /// The fused kernel on matrix units (cooperative matrices, 16x16x16 f16 -> f32).
     FlashCoop,
+    /// A pass of the backward (see `crate::backward`).
+    Backward(crate::backward::BackwardPass),
 }
 
 /// How a kernel binds a buffer.
@@ -73,7 +80,7 @@ pub enum Binding {
 }
 
 impl Shader {
-    pub const ALL: [Shader; 9] = [
+    pub const ALL: [Shader; 13] = [
         Shader::Scores,
         Shader::Softmax,
         Shader::Pv,
@@ -83,6 +90,10 @@ impl Shader {
         Shader::Stream,
         Shader::Lens,
         Shader::FlashCoop,
+        Shader::Backward(crate::backward::BackwardPass::Pre),
+        Shader::Backward(crate::backward::BackwardPass::KeyValue),
+        Shader::Backward(crate::backward::BackwardPass::Query),
+        Shader::Backward(crate::backward::BackwardPass::Reduce),
     ];
 
     pub fn name(self) -> &'static str {
@@ -96,6 +107,7 @@ impl Shader {
             Shader::Stream => "stream",
             Shader::Lens => "lens",
             Shader::FlashCoop => "flash_coop",
+            Shader::Backward(pass) => pass.name(),
         }
     }
 
@@ -118,6 +130,7 @@ impl Shader {
                 FLASH_COOP,
             ]
             .concat(),
+            Shader::Backward(pass) => pass.source(),
         }
     }
 
@@ -163,6 +176,7 @@ impl Shader {
                 (7, ReadWrite),
             ],
             Shader::Stream => &[(0, Uniform), (1, Read), (2, ReadWrite)],
+            Shader::Backward(pass) => pass.bindings(),
             Shader::Lens => &[
                 (0, Uniform),
                 (1, Read),
