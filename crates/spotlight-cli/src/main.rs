@@ -10,6 +10,7 @@
 use spotlight_cli::run;
 
 mod bench;
+mod bench_backward;
 mod demo;
 mod draw;
 mod grad;
