@@ -11,6 +11,7 @@ mod layer;
 mod lens;
 mod limits;
 
+mod backward;
 mod differential;
 mod edge_cases;
 mod shaders;

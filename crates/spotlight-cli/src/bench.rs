@@ -57,6 +57,9 @@ pub struct BenchArgs {
     /// Decode grid: query heads / key-value heads (default 32/8).
     #[arg(long, default_value = "32/8")]
     heads: String,
+    /// Backward pass instead: its FLOP rate and its time beside the forward's (bench_backward.rs).
+    #[arg(long)]
+    backward: bool,
     /// Timed repetitions (the median is reported).
     #[arg(long)]
     repeats: Option<usize>,
@@ -308,6 +311,9 @@ fn measure(
 pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
     if a.layer {
         return crate::layer::bench(a.lens.as_deref(), a.repeats, true);
+    }
+    if a.backward {
+        return crate::bench_backward::main(&a.configs, a.repeats);
     }
     let engine = Engine::new()?;
     let info = engine.adapter_info();

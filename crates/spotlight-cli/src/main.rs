@@ -6,13 +6,16 @@
 //! - `spotlight lens IN.safetensors --out-dir DIR [--html REPORT.html]`: attention statistics,
 //!   pictures and an interactive report.
 //! - `spotlight layer WEIGHTS IN -o OUT --heads H`: an attention layer with projections.
+//! - `spotlight grad IN.safetensors -o OUT.safetensors`: gradients dq, dk, dv (+ dbias) given dout.
 //! - `spotlight bench`: validated timings, side by side with `torch_sdpa.py`'s output format.
 
 use spotlight_cli::run;
 
 mod bench;
+mod bench_backward;
 mod demo;
 mod draw;
+mod grad;
 mod info;
 mod layer;
 mod lens;
@@ -47,6 +50,8 @@ enum Command {
     Lens(lens::LensArgs),
     /// An attention layer (projections, rotary, attention, Wo) on hidden states from a file.
     Layer(layer::LayerArgs),
+    /// Gradients dq, dk, dv (and dbias) for tensors q, k, v, dout (and optional ones) from a file.
+    Grad(grad::GradArgs),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +64,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::main(&args),
         Command::Lens(args) => lens::main(&args),
         Command::Layer(args) => layer::main(&args),
+        Command::Grad(args) => grad::main(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

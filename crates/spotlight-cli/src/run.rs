@@ -152,17 +152,21 @@ pub fn load(a: &ProblemArgs) -> anyhow::Result<Loaded> {
     load_bytes(&bytes, a)
 }
 
-/// [`load`] on the bytes of a file (`a.input` names it in messages).
-pub fn load_bytes(bytes: &[u8], a: &ProblemArgs) -> anyhow::Result<Loaded> {
-    let prefix = match a.prefix.as_slice() {
-        [] => "",
-        [one] => one.as_str(),
+/// The one `--prefix` of a command that reads one problem ("" when none).
+pub fn single_prefix(a: &ProblemArgs) -> anyhow::Result<&str> {
+    match a.prefix.as_slice() {
+        [] => Ok(""),
+        [one] => Ok(one.as_str()),
         many => bail!(
             "--prefix given {} times; this command reads one problem (only `lens` takes several)",
             many.len()
         ),
-    };
-    let t = Tensors::parse(bytes, &a.input, prefix)?;
+    }
+}
+
+/// [`load`] on the bytes of a file (`a.input` names it in messages).
+pub fn load_bytes(bytes: &[u8], a: &ProblemArgs) -> anyhow::Result<Loaded> {
+    let t = Tensors::parse(bytes, &a.input, single_prefix(a)?)?;
     let (qn, qv) = t.require("q")?;
     let (kn, kv) = t.require("k")?;
     let (vn, vv) = t.require("v")?;

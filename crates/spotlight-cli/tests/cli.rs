@@ -1133,3 +1133,48 @@ fn output_paths_links_permissions_and_special_files() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("does not exist"));
     assert!(temp_files(&dir).is_empty());
 }
+
+/// `spotlight grad`: GPU gradients equal the `--reference` ones (f64) for a causal, soft-capped,
+/// biased GQA problem; a file without `dout` fails cleanly and leaves no output.
+#[test]
+fn grad_matches_reference_and_fails_cleanly() {
+    if !have_gpu() {
+        return;
+    }
+    let dir = tmpdir("grad");
+    let mut rng = Rng::new(16);
+    let input = dir.join("in.safetensors");
+    let mut ts = vec![
+        f32s("q", &[2, 5, 4, 16], &rng.vec(2 * 5 * 4 * 16)),
+        f32s("k", &[2, 9, 2, 16], &rng.vec(2 * 9 * 2 * 16)),
+        f32s("v", &[2, 9, 2, 8], &rng.vec(2 * 9 * 2 * 8)),
+        f32s("bias", &[4, 5, 9], &rng.vec(4 * 5 * 9)),
+    ];
+    write(&dir.join("no-dout.safetensors"), &ts);
+    ts.push(f32s("dout", &[2, 5, 4, 8], &rng.vec(2 * 5 * 4 * 8)));
+    write(&input, &ts);
+    let (gpu, cpu) = (dir.join("gpu.safetensors"), dir.join("cpu.safetensors"));
+    let args = ["--causal", "--softcap", "5"];
+    for (out, extra) in [(&gpu, None), (&cpu, Some("--reference"))] {
+        let mut a = vec!["grad", input.to_str().unwrap(), "-o", out.to_str().unwrap()];
+        a.extend(args);
+        a.extend(extra);
+        let o = spotlight(&a);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    for name in ["dq", "dk", "dv", "dbias"] {
+        let e = rel_err(&read_f32(&gpu, name), &read_f32(&cpu, name));
+        assert!(e < 1e-4, "{name}: rel {e:e}");
+    }
+    let bad = dir.join("bad.safetensors");
+    let no_dout = dir.join("no-dout.safetensors");
+    let o = spotlight(&[
+        "grad",
+        no_dout.to_str().unwrap(),
+        "-o",
+        bad.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("dout"));
+    assert!(!bad.exists());
+}

@@ -15,6 +15,7 @@
 //! assert_eq!(out.out.len(), p.o_elems());
 //! ```
 
+mod backward;
 pub mod compare;
 mod error;
 pub mod layer;
@@ -25,6 +26,7 @@ mod reference;
 pub mod rope;
 mod tensor;
 
+pub use backward::{Gradients, attention_backward, check_backward_inputs};
 pub use error::ProblemError;
 pub use layer::{LayerConfig, LayerExtras, LayerWeights};
 pub use problem::{Broadcast, Inputs, Layout, Problem, Strides, Window};

@@ -39,7 +39,7 @@ pub(crate) fn valid_lengths(p: &Problem, inputs: &Inputs<'_>, b: usize) -> (usiz
 /// Logit of (b, h, i, j), or `None` when key j is not visible to query i.
 /// `off` is `Lk_b - Lq_b` and `lk` is `Lk_b`.
 #[allow(clippy::too_many_arguments)]
-fn logit(
+pub(crate) fn logit(
     p: &Problem,
     inputs: &Inputs<'_>,
     b: usize,

@@ -42,6 +42,11 @@ pub mod source {
         ("lens.wgsl", LENS),
         ("flash_coop.wgsl", FLASH_COOP),
         ("linear.wgsl", LINEAR),
+        ("backward_common.wgsl", crate::backward::source::COMMON),
+        ("backward_pre.wgsl", crate::backward::source::PRE),
+        ("backward_kv.wgsl", crate::backward::source::KEY_VALUE),
+        ("backward_q.wgsl", crate::backward::source::QUERY),
+        ("backward_reduce.wgsl", crate::backward::source::REDUCE),
     ];
 }
 
@@ -68,6 +73,8 @@ pub enum Shader {
     FlashCoop,
     /// The layer's projections: tiled `X·Wᵀ + b` with the rotary epilogue (`layer.rs`).
     Linear,
+    /// A pass of the backward (see `crate::backward`).
+    Backward(crate::backward::BackwardPass),
 }
 
 /// How a kernel binds a buffer.
@@ -79,7 +86,7 @@ pub enum Binding {
 }
 
 impl Shader {
-    pub const ALL: [Shader; 10] = [
+    pub const ALL: [Shader; 14] = [
         Shader::Scores,
         Shader::Softmax,
         Shader::Pv,
@@ -90,6 +97,10 @@ impl Shader {
         Shader::Lens,
         Shader::FlashCoop,
         Shader::Linear,
+        Shader::Backward(crate::backward::BackwardPass::Pre),
+        Shader::Backward(crate::backward::BackwardPass::KeyValue),
+        Shader::Backward(crate::backward::BackwardPass::Query),
+        Shader::Backward(crate::backward::BackwardPass::Reduce),
     ];
 
     pub fn name(self) -> &'static str {
@@ -104,6 +115,7 @@ impl Shader {
             Shader::Lens => "lens",
             Shader::FlashCoop => "flash_coop",
             Shader::Linear => "linear",
+            Shader::Backward(pass) => pass.name(),
         }
     }
 
@@ -127,6 +139,7 @@ impl Shader {
                 FLASH_COOP,
             ]
             .concat(),
+            Shader::Backward(pass) => pass.source(),
         }
     }
 
@@ -182,6 +195,7 @@ impl Shader {
                 (7, ReadWrite),
             ],
             Shader::Stream => &[(0, Uniform), (1, Read), (2, ReadWrite)],
+            Shader::Backward(pass) => pass.bindings(),
             Shader::Lens => &[
                 (0, Uniform),
                 (1, Read),

@@ -23,6 +23,7 @@
 //! ```
 
 mod attention;
+mod backward;
 mod cache;
 mod context;
 mod coop;
@@ -34,6 +35,9 @@ mod params;
 mod pieces;
 
 pub use attention::{Algorithm, GpuInputs, GpuOutputs, Output, Resident, RunOptions};
+pub use backward::{
+    BackwardOptions, BackwardPass, BackwardTiles, GpuForward, GpuGradients, Gradients,
+};
 pub use cache::{DecodeOptions, KvCache, KvCacheConfig, SeqId};
 pub use context::{Capabilities, Engine, EngineOptions, TimerSource, Timing, adapter_report};
 pub use error::{Error, Result};

@@ -1,0 +1,122 @@
+//! `spotlight bench --backward`: the backward pass's FLOP rate (FlashAttention's count: 2.5× the
+//! forward's FLOPs) and its time beside the forward's on the same inputs, in the same run.
+
+use anyhow::{Context, bail};
+use spotlight::reference::random::Rng;
+use spotlight::wgpu;
+use spotlight::{
+    BackwardOptions, DType, Engine, GpuForward, GpuGradients, Inputs, Problem, RunOptions,
+    TensorRef,
+};
+
+/// Times forward (flash, with LSE) and backward for each `B,L,H,D[,causal]` configuration
+/// (default 1,1024,2,64), f32, median of `repeats` after one warm-up each.
+pub fn main(configs: &[String], repeats: Option<usize>) -> anyhow::Result<()> {
+    let engine = Engine::new()?;
+    let configs = if configs.is_empty() {
+        vec!["1,1024,2,64".to_string()]
+    } else {
+        configs.to_vec()
+    };
+    let repeats = repeats.unwrap_or(3).max(1);
+    println!("adapter: {}", engine.describe());
+    println!(
+        "config | forward ms | backward ms | backward/forward | backward GFLOP/s (2.5x fwd FLOPs)"
+    );
+    for c in &configs {
+        let v: Vec<usize> = c
+            .split(',')
+            .map(|x| x.trim().parse())
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("--config {c}: expected B,L,H,D[,causal]"))?;
+        if !(4..=5).contains(&v.len()) {
+            bail!("--config {c}: expected B,L,H,D[,causal]");
+        }
+        let p = Problem::new(v[0], v[1], v[1], v[2], v[2], v[3]).causal(v.get(4) == Some(&1));
+        let mut rng = Rng::new(1);
+        let (q, k, vv) = (
+            rng.vec(p.q_elems()),
+            rng.vec(p.k_elems()),
+            rng.vec(p.v_elems()),
+        );
+        let d_out = rng.vec(p.o_elems());
+        let inputs = Inputs::new(TensorRef::F32(&q), TensorRef::F32(&k), TensorRef::F32(&vv));
+        let opts = RunOptions {
+            algorithm: spotlight::Algorithm::Flash,
+            lse: true,
+            out_dtype: Some(DType::F32),
+            ..Default::default()
+        };
+        let r = engine.upload(&p, &inputs, &opts)?;
+        let dev = engine.device();
+        use spotlight::wgpu::util::DeviceExt;
+        let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
+        let dout = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("d_out"),
+            contents: bytemuck::cast_slice(&d_out),
+            usage: storage,
+        });
+        let grad = |n: usize| {
+            dev.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("grad"),
+                size: (n * 4) as u64,
+                usage: storage,
+                mapped_at_creation: false,
+            })
+        };
+        let (dq, dk, dv) = (grad(p.q_elems()), grad(p.k_elems()), grad(p.v_elems()));
+        let forward = || {
+            engine.time(|enc| {
+                engine
+                    .attention_on_buffers(enc, &p, &r.inputs(), &r.outputs(), &opts)
+                    .map(|_| ())
+            })
+        };
+        let backward = || {
+            engine.time(|enc| {
+                let f = GpuForward {
+                    out: &r.out,
+                    out_dtype: r.out_dtype,
+                    lse: r.lse.as_ref().expect("lse"),
+                };
+                let g = GpuGradients {
+                    dq: &dq,
+                    dk: &dk,
+                    dv: &dv,
+                    dbias: None,
+                };
+                engine.attention_backward_on_buffers(
+                    enc,
+                    &p,
+                    &r.inputs(),
+                    &f,
+                    &dout,
+                    DType::F32,
+                    &g,
+                    &BackwardOptions::default(),
+                )
+            })
+        };
+        forward()?;
+        backward()?;
+        let median = |mut t: Vec<f64>| {
+            t.sort_by(|a, b| a.total_cmp(b));
+            t[t.len() / 2]
+        };
+        let mut tf = Vec::new();
+        let mut tb = Vec::new();
+        for _ in 0..repeats {
+            tf.push(forward()?.seconds);
+            tb.push(backward()?.seconds);
+        }
+        let (f, b) = (median(tf), median(tb));
+        println!(
+            "{c} | {:.1} | {:.1} | {:.2} | {:.3}",
+            f * 1e3,
+            b * 1e3,
+            b / f,
+            2.5 * p.flops() / b / 1e9
+        );
+    }
+    Ok(())
+}

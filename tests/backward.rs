@@ -1,0 +1,349 @@
+//! The backward pass on the GPU against the exact f64 gradients of the reference: random problems
+//! with every option and dtype, awkward shapes and GQA ratios, NaN/padding rules, and bitwise
+//! determinism. Gradient buffers are filled with NaN before every run (the host API does it).
+
+use spotlight::reference::random::Rng;
+use spotlight::reference::{self, Broadcast, compare};
+use spotlight::{BackwardOptions, DType, Engine, Problem, RunOptions, Tensor};
+
+use crate::common::{Data, engine, packed_engine};
+use crate::differential::random_problem;
+
+/// Relative Frobenius budget of every gradient, by the storage dtype of the forward output the
+/// backward reads (D_i = rowsum(dO ∘ O) carries O's rounding).
+fn budget(out: DType) -> f64 {
+    match out {
+        DType::F32 => 2e-4,
+        DType::F16 => 5e-3,
+        DType::Bf16 => 4e-2,
+    }
+}
+
+/// Runs forward (with LSE) and backward on the GPU and compares dQ, dK, dV, dBias with the
+/// reference gradients. Returns a description of what failed.
+fn check_grads(
+    engine: &Engine,
+    p: &Problem,
+    data: &Data,
+    d_out: &Tensor,
+    out_dtype: DType,
+    opts: &BackwardOptions,
+) -> Result<(), String> {
+    check_grads_with(engine, p, data, d_out, out_dtype, opts, false)
+}
+
+/// [`check_grads`]; with `reference_forward` the backward is given the reference's O and LSE
+/// (rounded to f32) instead of the GPU forward's, to judge the backward alone.
+fn check_grads_with(
+    engine: &Engine,
+    p: &Problem,
+    data: &Data,
+    d_out: &Tensor,
+    out_dtype: DType,
+    opts: &BackwardOptions,
+    reference_forward: bool,
+) -> Result<(), String> {
+    let inputs = data.inputs();
+    let fwd_ref = reference::attention(p, &inputs).map_err(|e| format!("reference: {e}"))?;
+    let want = reference::attention_backward(p, &inputs, &fwd_ref, d_out.as_ref())
+        .map_err(|e| format!("reference backward: {e}"))?;
+    let run = RunOptions {
+        lse: true,
+        out_dtype: Some(out_dtype),
+        ..Default::default()
+    };
+    let mut fwd = engine
+        .attention(p, &inputs, &run)
+        .map_err(|e| format!("forward: {e}"))?;
+    if reference_forward {
+        let f = |x: &[f64]| x.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+        fwd.out = Tensor::F32(f(&fwd_ref.out));
+        fwd.lse = Some(f(&fwd_ref.lse));
+    }
+    let got = engine
+        .attention_backward(p, &inputs, &fwd, d_out.as_ref(), opts)
+        .map_err(|e| format!("backward: {e}"))?;
+    let b = budget(out_dtype);
+    let mut msg = String::new();
+    // Where a true gradient is 0 up to cancellation (one visible key: dS = P·(dP − D) = 0), the
+    // relative error is meaningless; such entries are judged by their absolute error against the
+    // size of dV (never degenerate: Pᵀ·dO).
+    let scale = want
+        .dv
+        .iter()
+        .filter(|x| x.is_finite())
+        .fold(1e-3f64, |m, x| m.max(x.abs()));
+    let mut judge = |name: &str, g: &[f32], w: &[f64]| {
+        let e = compare::compare(g, w);
+        if !(e.within(b) || (e.non_finite_mismatches == 0 && e.max_abs <= b * scale)) {
+            msg += &format!("{name}: {e} (budget {b:.0e}); ");
+        }
+    };
+    judge("dq", &got.dq, &want.dq);
+    judge("dk", &got.dk, &want.dk);
+    judge("dv", &got.dv, &want.dv);
+    match (&got.dbias, &want.dbias) {
+        (Some(g), Some(w)) => judge("dbias", g, w),
+        (None, None) => {}
+        _ => msg += "dbias presence differs; ",
+    }
+    if msg.is_empty() { Ok(()) } else { Err(msg) }
+}
+
+/// Random problems combining every option (causal, window, mask, broadcast bias, ALiBi,
+/// softcap, scale, GQA, padding with q/kv seqlens, Dv ≠ D, both layouts), every dtype of Q, K, V,
+/// dO and the forward output; every third one splits the passes' loops into dispatches of a few
+/// tiles. `SPOTLIGHT_BACKWARD_CASES` raises the count (default 16).
+#[test]
+fn backward_random_problems_match_reference_gradients() {
+    let Some(engine) = engine() else { return };
+    let cases: u64 = std::env::var("SPOTLIGHT_BACKWARD_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(16);
+    let mut failures = Vec::new();
+    for c in 0..cases {
+        let seed = 0xBAC0_0000 + c;
+        let (p, data, _) = random_problem(seed);
+        let mut rng = Rng::new(seed ^ 0xD0);
+        let do_dt = rng.pick(&[DType::F32, DType::F32, DType::F16, DType::Bf16]);
+        let d_out = Tensor::from_f32(&rng.vec(p.o_elems()), do_dt);
+        let out_dtype = rng.pick(&[DType::F32, DType::F32, DType::F16, DType::Bf16]);
+        let opts = BackwardOptions {
+            max_tiles_per_dispatch: (seed % 3 == 0).then_some(1 + (seed % 2) as u32),
+        };
+        let e = if seed % 2 == 1 {
+            packed_engine().expect("engine")
+        } else {
+            engine
+        };
+        if let Err(e) = check_grads(e, &p, &data, &d_out, out_dtype, &opts) {
+            failures.push(format!(
+                "seed={seed:#x} dtypes={:?} dO={do_dt:?} O={out_dtype:?} {p:?}: {e}",
+                data.inputs().dtypes()
+            ));
+        }
+    }
+    assert!(cases > 0);
+    assert!(
+        failures.is_empty(),
+        "{} of {cases} failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// Awkward shapes and GQA ratios 1, 4 and all-to-one (MQA), causal with Lq ≠ Lk both ways.
+#[test]
+fn backward_awkward_shapes_and_gqa() {
+    let Some(engine) = engine() else { return };
+    let mut rng = Rng::new(0x6A0);
+    let mut failures = Vec::new();
+    let shapes = [
+        (1, 1, 1, 1, 1, 8, 8),
+        (2, 33, 7, 4, 1, 40, 24),
+        (1, 7, 100, 8, 2, 64, 64),
+        (1, 65, 65, 6, 6, 16, 72),
+        (2, 17, 50, 4, 4, 128, 32),
+    ];
+    for (n, &(b, lq, lk, hq, hkv, d, dv)) in shapes.iter().enumerate() {
+        for causal in [false, true] {
+            let p = Problem::new(b, lq, lk, hq, hkv, d)
+                .v_head_dim(dv)
+                .causal(causal);
+            let data = Data::random(&p, [DType::F32; 3], 1.0, &mut rng);
+            let d_out = Tensor::from_f32(&rng.vec(p.o_elems()), DType::F32);
+            if let Err(e) = check_grads(engine, &p, &data, &d_out, DType::F32, &Default::default())
+            {
+                failures.push(format!("shape {n} causal={causal} {p:?}: {e}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Rows that see nothing and padded rows get zero gradient; NaN in what no row sees (masked and
+/// padded keys, padded query rows, dO of rows that see nothing) does not leak; a NaN in dO of a
+/// row reaches exactly the gradients the reference says (compared with NaN matching NaN).
+#[test]
+fn backward_nan_and_padding_rules() {
+    let Some(engine) = engine() else { return };
+    let mut p = Problem::new(2, 6, 9, 2, 1, 8).causal(true);
+    p.q_seqlens = true;
+    p.kv_seqlens = true;
+    p.mask = Some(Broadcast { batch: 1, heads: 1 });
+    p.bias = Some(Broadcast { batch: 1, heads: 2 });
+    let mut rng = Rng::new(0x4A4);
+    let mut data = Data::random(&p, [DType::F32; 3], 1.0, &mut rng);
+    data.q_seqlens = Some(vec![4, 6]);
+    data.kv_seqlens = Some(vec![7, 3]);
+    let mut mask = vec![1u8; 6 * 9];
+    for i in 0..6 {
+        mask[i * 9 + 2] = 0; // key 2 hidden from every row
+    }
+    mask[0..9].fill(0); // row 0 sees nothing
+    data.mask = Some(mask);
+    data.bias = Some(rng.vec(2 * 6 * 9));
+    let s = p.k_strides();
+    let mut k = data.k.to_f32_vec();
+    let mut v = data.v.to_f32_vec();
+    let mut q = data.q.to_f32_vec();
+    for d in 0..8 {
+        for (b, j) in [(0, 2), (0, 8), (1, 5)] {
+            k[s.index(b, j, 0, d)] = f32::NAN; // masked or padded keys
+            v[s.index(b, j, 0, d)] = f32::NAN;
+        }
+        q[p.q_strides().index(0, 5, 1, d)] = f32::NAN; // padded row of batch 0
+    }
+    data.k = Tensor::F32(k);
+    data.v = Tensor::F32(v);
+    data.q = Tensor::F32(q);
+    let mut d_out = rng.vec(p.o_elems());
+    let o = p.o_strides();
+    d_out[o.index(0, 0, 0, 3)] = f32::NAN; // row 0 sees nothing
+    d_out[o.index(0, 5, 1, 0)] = f32::NAN; // padded row
+    let d_out_t = Tensor::F32(d_out.clone());
+    // The backward is given the reference forward: the fused forward itself lets a NaN in V of
+    // a masked key reach O (0·NaN), which is the forward's matter, not the backward's.
+    check_grads_with(
+        engine,
+        &p,
+        &data,
+        &d_out_t,
+        DType::F32,
+        &Default::default(),
+        true,
+    )
+    .expect("finite case");
+    let fwd_ref = reference::attention(&p, &data.inputs()).unwrap();
+    let f = |x: &[f64]| x.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+    let fwd = spotlight::Output {
+        out: Tensor::F32(f(&fwd_ref.out)),
+        lse: Some(f(&fwd_ref.lse)),
+        probs: None,
+        algorithm: spotlight::Algorithm::Flash,
+    };
+    let g = engine
+        .attention_backward(
+            &p,
+            &data.inputs(),
+            &fwd,
+            d_out_t.as_ref(),
+            &Default::default(),
+        )
+        .unwrap();
+    for (name, t) in [("dq", &g.dq), ("dk", &g.dk), ("dv", &g.dv)] {
+        assert!(
+            t.iter().all(|x| x.is_finite()),
+            "{name} has a non-finite value"
+        );
+    }
+    assert!(g.dbias.as_ref().unwrap().iter().all(|x| x.is_finite()));
+    let qs = p.q_strides();
+    for h in 0..2 {
+        for d in 0..8 {
+            assert_eq!(g.dq[qs.index(0, 0, h, d)], 0.0, "row 0 sees nothing");
+            assert_eq!(g.dq[qs.index(0, 5, h, d)], 0.0, "padded row");
+        }
+    }
+    for d in 0..8 {
+        assert_eq!(g.dk[s.index(0, 8, 0, d)], 0.0, "padded key");
+        assert_eq!(g.dk[s.index(0, 2, 0, d)], 0.0, "masked key");
+    }
+    // A NaN in dO of a live row: NaN exactly where the reference has it.
+    d_out[o.index(1, 4, 0, 1)] = f32::NAN;
+    check_grads_with(
+        engine,
+        &p,
+        &data,
+        &Tensor::F32(d_out),
+        DType::F32,
+        &Default::default(),
+        true,
+    )
+    .expect("NaN case");
+}
+
+/// The same inputs give bit-identical gradients on three runs (no atomics, fixed order), also
+/// with the loops split into dispatches.
+#[test]
+fn backward_is_bitwise_deterministic() {
+    let Some(engine) = engine() else { return };
+    let mut p = Problem::new(2, 70, 90, 4, 2, 64).causal(true);
+    p.bias = Some(Broadcast { batch: 1, heads: 1 });
+    let mut rng = Rng::new(0xDE7);
+    let mut data = Data::random(&p, [DType::F16, DType::Bf16, DType::F32], 2.0, &mut rng);
+    data.bias = Some(rng.vec(70 * 90));
+    let d_out = Tensor::from_f32(&rng.vec(p.o_elems()), DType::F32);
+    let run = RunOptions {
+        lse: true,
+        ..Default::default()
+    };
+    let fwd = engine.attention(&p, &data.inputs(), &run).unwrap();
+    for opts in [
+        BackwardOptions::default(),
+        BackwardOptions {
+            max_tiles_per_dispatch: Some(1),
+        },
+    ] {
+        let runs: Vec<_> = (0..3)
+            .map(|_| {
+                let g = engine
+                    .attention_backward(&p, &data.inputs(), &fwd, d_out.as_ref(), &opts)
+                    .unwrap();
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+                (
+                    bits(&g.dq),
+                    bits(&g.dk),
+                    bits(&g.dv),
+                    bits(&g.dbias.unwrap()),
+                )
+            })
+            .collect();
+        assert!(runs[0] == runs[1] && runs[1] == runs[2], "{opts:?}");
+    }
+}
+
+/// A forward result without its LSE, and dO of the wrong length, are refused with typed errors.
+#[test]
+fn backward_refuses_bad_input() {
+    let Some(engine) = engine() else { return };
+    let p = Problem::new(1, 4, 4, 1, 1, 8);
+    let mut rng = Rng::new(1);
+    let data = Data::random(&p, [DType::F32; 3], 1.0, &mut rng);
+    let fwd = engine
+        .attention(&p, &data.inputs(), &RunOptions::default())
+        .unwrap();
+    let d_out = Tensor::F32(rng.vec(p.o_elems()));
+    let e = engine
+        .attention_backward(
+            &p,
+            &data.inputs(),
+            &fwd,
+            d_out.as_ref(),
+            &Default::default(),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("LSE"), "{e}");
+    let fwd = engine
+        .attention(
+            &p,
+            &data.inputs(),
+            &RunOptions {
+                lse: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let short = Tensor::F32(vec![0.0; 3]);
+    let e = engine
+        .attention_backward(
+            &p,
+            &data.inputs(),
+            &fwd,
+            short.as_ref(),
+            &Default::default(),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("d_out"), "{e}");
+}
