@@ -33,12 +33,15 @@ def main():
     print(f"{'B':>3} {'Hq':>3} {'L':>6} {'D':>4} {'c':>2} {'ours':>10} {'dtype':>5} {'TFLOP/s':>9} "
           f"{'flash16':>9} {'ratio':>6} {'eff32':>9} {'ratio':>6}")
     for r in ours:
+        if "tflops" not in r:
+            # Lines without a FLOP rate (the decode stream-read yardstick, notes) are not rows.
+            continue
         peer = by.get(key(r), {})
         t = float(r["tflops"])
         cols = []
         for name in ("sdpa-flash", "sdpa-efficient"):
             p = peer.get(name)
-            if p:
+            if p and "tflops" in p:
                 pt = float(p["tflops"])
                 cols += [f"{pt:9.2f}", f"{t / pt:6.3f}"]
             else:

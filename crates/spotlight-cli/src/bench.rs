@@ -182,6 +182,16 @@ fn grid(a: &BenchArgs, software: bool) -> anyhow::Result<Vec<Config>> {
     Ok(out)
 }
 
+/// `x` with three significant digits at any scale (0.000412, 4.12, 4120), for FLOP rates that
+/// span CPU adapters and GPUs.
+fn sig3(x: f64) -> String {
+    if !x.is_finite() || x == 0.0 {
+        return format!("{x}");
+    }
+    let digits = 2 - x.abs().log10().floor() as i32;
+    format!("{:.*}", digits.max(0) as usize, x)
+}
+
 /// Peak resident memory of this process (Linux), for the memory claims of the fused path.
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -239,6 +249,8 @@ fn validate(
 /// One measured configuration.
 struct Measured {
     seconds: f64,
+    /// Median wall clock per call (record, submit, wait), comparable with peers that time so.
+    wall_seconds: f64,
     err: f64,
     sets: usize,
     timer: &'static str,
@@ -288,15 +300,20 @@ fn measure(
         run(&resident[w % sets])?;
     }
     let mut times = Vec::new();
+    let mut walls = Vec::new();
     let mut source = TimerSource::WallClock;
     for r in 0..repeats {
+        let start = std::time::Instant::now();
         let t = run(&resident[r % sets])?;
+        walls.push(start.elapsed().as_secs_f64());
         times.push(t.seconds);
         source = t.source;
     }
     times.sort_by(f64::total_cmp);
+    walls.sort_by(f64::total_cmp);
     Ok(Measured {
         seconds: times[times.len() / 2],
+        wall_seconds: walls[walls.len() / 2],
         err,
         sets,
         timer: if source == TimerSource::GpuTimestamps {
@@ -385,9 +402,12 @@ pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
         };
         let secs = r.seconds;
         let (ms, tflops, gbps) = (secs * 1e3, p.flops() / secs / 1e12, bytes / secs / 1e9);
+        let wall_ms = r.wall_seconds * 1e3;
+        let gflops = p.flops() / secs / 1e9;
+        let gflops_wall = p.flops() / r.wall_seconds / 1e9;
         let of_stream = stream_gbps.map(|s| gbps / s);
         println!(
-            "spotlight {} B={} Hq={} Hkv={} Lq={} Lk={} D={} causal={} dtype={} ms={ms:.4} tflops={tflops:.4} gbps={gbps:.3}{} err={:.2e} sets={} timer={}{}",
+            "spotlight {} B={} Hq={} Hkv={} Lq={} Lk={} D={} causal={} dtype={} ms={ms:.4} wall_ms={} gflops={} gflops_wall={} tflops={tflops:.4} gbps={gbps:.3}{} err={:.2e} sets={} timer={}{}",
             r.algorithm.name(),
             p.batch,
             p.q_heads,
@@ -397,6 +417,9 @@ pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
             p.head_dim,
             p.causal as u8,
             dtype.name(),
+            sig3(wall_ms),
+            sig3(gflops),
+            sig3(gflops_wall),
             of_stream.map_or(String::new(), |f| format!(" of_stream={f:.3}")),
             r.err,
             r.sets,
@@ -406,7 +429,8 @@ pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
         records.push(serde_json::json!({
             "algorithm": r.algorithm.name(), "B": p.batch, "Hq": p.q_heads, "Hkv": p.kv_heads,
             "Lq": p.q_len, "Lk": p.kv_len, "D": p.head_dim, "causal": p.causal,
-            "dtype": dtype.name(), "ms": ms, "tflops": tflops, "gbps": gbps,
+            "dtype": dtype.name(), "ms": ms, "wall_ms": wall_ms, "gflops": gflops,
+            "gflops_wall": gflops_wall, "tflops": tflops, "gbps": gbps,
             "fraction_of_stream_read": of_stream,
             "rel_error": if r.err.is_finite() { serde_json::json!(r.err) } else { serde_json::Value::Null },
             "valid": ok, "timer": r.timer, "repeats": repeats, "sets": r.sets,
