@@ -232,37 +232,24 @@ pub struct FlashTiles {
 }
 
 impl FlashTiles {
-    /// Bytes of workgroup memory the flash kernel needs: Q, K and V tiles as vec4 rows padded
-    /// by one vec4, the weights, and two vec4 per thread for row reductions.
+    /// Bytes of workgroup memory the flash kernel needs (f32 Q, K, V and P tiles).
     pub fn workgroup_bytes(&self, d: u32, dv: u32) -> u64 {
-        let (d4, dv4) = (d.div_ceil(4) as u64 + 1, dv.div_ceil(4) as u64 + 1);
-        let (bq, bk) = (self.bq as u64, self.bk as u64);
-        16 * (bq * d4 + bk * d4 + bk * dv4 + bq * self.tpr as u64 + 2 * self.threads() as u64)
+        4 * (self.bq * d + self.bk * d + self.bk * dv + self.bq * self.bk) as u64
     }
 
-    /// Threads per workgroup: `bq / 4` row groups of `tpr` threads.
-    pub fn threads(&self) -> u32 {
-        self.bq / 4 * self.tpr
-    }
-
-    /// Picks tiles that fit the adapter, or `None` when none does. Every thread computes a 4×4
-    /// block of S and the matching 4 rows of O (see `flash.wgsl`), so `bq` is a multiple of 4
-    /// and a key tile is `bk = 4 · tpr` keys.
+    /// Picks the largest tiles that fit the adapter, or `None` when none does.
     ///
     /// Reasons, measured or structural:
-    /// - Each thread keeps `4 · ceil(ceil(Dv / 4) / tpr) <= 4 · 64` vec4 accumulators (the
-    ///   kernel's `MAX_NC`), so large Dv needs a larger `tpr`.
-    /// - Candidates go from preferred to small; the first that fits the workgroup memory wins.
-    ///   lavapipe (32 KiB, subgroups of 8), measured 2026-11-28 with `spotlight bench --config
-    ///   1,512,2,64 --algorithm flash` on a loaded 2-core machine: 32×8 (64 threads, 32-key
-    ///   tiles), 64×4, 32×4 and 16×8 all took 715–800 ms, within the noise; 32×8 is first
-    ///   because it has the fewest barriers per key among them and `tpr = 8` fills one SIMD-8
-    ///   row group. D=128 gets 16×8 there; D=256 8×4.
-    /// - NVIDIA (48 KiB, subgroups of 32; not measured, no GPU this session): D=64 gets 32×8,
-    ///   D=128 32×4 (32 threads: small; to be tuned when a GPU is lent).
+    /// - `tpr = 8` threads per row: each thread keeps `ceil(Dv / 8) <= 32` accumulators in
+    ///   registers (the kernel's `MAX_COLS`), so Dv up to 256 needs 8; Dv up to 512 takes 16.
+    /// - Larger `bq` reuses each K/V tile across more rows (fewer global loads per FLOP); larger
+    ///   `bk` means fewer barriers per key. Candidates go from large to small and the first that
+    ///   fits the workgroup memory wins: on lavapipe (32 KiB) D=64 gets 32x32, D=128 16x16,
+    ///   D=256 8x8; on NVIDIA (48 KiB) D=128 gets 32x16.
     /// - Workgroups stay within `max_invocations` (256 by default in WebGPU).
-    /// - `max_rows` caps `bq` (rounded up to a multiple of 4): a decode step has only
-    ///   `Lq · Hq/Hkv` rows per key/value head, and empty rows waste threads.
+    /// - `max_rows` caps `bq` (rounded up to a power of two): a decode step has only
+    ///   `Lq · Hq/Hkv` rows per key/value head, and empty rows waste threads; small `bq` then
+    ///   takes the longest key tiles that fit.
     pub fn choose(
         d: u32,
         dv: u32,
@@ -270,37 +257,41 @@ impl FlashTiles {
         max_invocations: u32,
         max_rows: u32,
     ) -> Option<Self> {
-        const MAX_NC: u32 = 64; // keep in sync with shaders/flash.wgsl
-        const CANDIDATES: [(u32, u32); 16] = [
-            (32, 8),
-            (64, 4),
-            (32, 4),
+        const MAX_COLS: u32 = 32; // keep in sync with shaders/flash.wgsl
+        let tpr = if dv <= 8 * MAX_COLS {
+            8
+        } else if dv <= 16 * MAX_COLS {
+            16
+        } else {
+            return None;
+        };
+        const CANDIDATES: [(u32, u32); 17] = [
+            (64, 32),
+            (32, 32),
+            (32, 16),
+            (16, 32),
+            (16, 16),
             (16, 8),
-            (16, 4),
-            (64, 2),
-            (32, 2),
-            (16, 2),
+            (8, 32),
+            (8, 16),
             (8, 8),
             (8, 4),
-            (8, 2),
+            (4, 32),
+            (4, 16),
             (4, 8),
             (4, 4),
-            (4, 2),
-            (8, 1),
-            (4, 1),
+            (2, 32),
+            (2, 16),
+            (2, 4),
         ];
-        let max_bq = max_rows.clamp(4, 64).next_multiple_of(4);
+        let max_bq = max_rows.clamp(2, 64).next_power_of_two();
         CANDIDATES
             .iter()
-            .map(|&(bq, tpr)| FlashTiles {
-                bq,
-                bk: 4 * tpr,
-                tpr,
-            })
+            .map(|&(bq, bk)| FlashTiles { bq, bk, tpr })
             .find(|t| {
                 t.bq <= max_bq
-                    && dv.div_ceil(4).div_ceil(t.tpr) <= MAX_NC
-                    && t.threads() <= max_invocations
+                    && t.bk % t.tpr.min(t.bk) == 0
+                    && t.bq * t.tpr <= max_invocations
                     && t.workgroup_bytes(d, dv) <= workgroup_memory as u64
             })
     }
@@ -478,16 +469,14 @@ impl Variant {
                 ("row_max", "y = max(y, subgroupShuffleXor(y, o));"),
                 ("row_add", "y += subgroupShuffleXor(y, o);"),
             ] {
-                let stub = format!(
-                    "fn {name}(x: vec4<f32>) -> vec4<f32> {{ return x; }} // subgroup {name}"
-                );
+                let stub = format!("fn {name}(x: f32) -> f32 {{ return x; }} // subgroup {name}");
                 assert!(
                     src.contains(&stub),
                     "{}: no {name} stub",
                     self.shader.name()
                 );
                 let body = format!(
-                    "fn {name}(x: vec4<f32>) -> vec4<f32> {{ var y = x; for (var o = TPR / 2u; o > 0u; o >>= 1u) {{ {op} }} return y; }}"
+                    "fn {name}(x: f32) -> f32 {{ var y = x; for (var o = TPR / 2u; o > 0u; o >>= 1u) {{ {op} }} return y; }}"
                 );
                 src = src.replace(&stub, &body);
             }
