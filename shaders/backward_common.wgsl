@@ -55,10 +55,7 @@ fn visible_query_range(j_first: u32, j_last: u32, lq: u32, lk: u32, off: i32) ->
 // and g = dS · ∂s/∂dot, what dQ and dK accumulate (times K_j and Q_i).
 fn logit_grad(b: u32, h: u32, i: u32, j: u32, off: i32, dot: f32, dp: f32, lse: f32, delta: f32) -> vec3<f32> {
     let s = finish_logit(b, h, i, j, off, dot);
-    var p = exp(s - lse);
-    if s == neg_inf() {
-        p = 0.0;
-    }
+    let p = sm_weight(s, lse);
     let ds = p * (dp - delta);
     var g = ds * params.scale;
     if params.softcap > 0.0 {

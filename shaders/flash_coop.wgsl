@@ -246,10 +246,7 @@ fn main(
                 m_tile = max(m_tile, s_f[r * SS + kk]);
             }
             if m_tile > m + TAU {
-                var alpha = 0.0;
-                if !(m == ninf) {
-                    alpha = exp(m - m_tile);
-                }
+                let alpha = sm_rescale(m, m_tile);
                 l *= alpha;
                 for (var c = 0u; c < V_DIM; c++) {
                     o_f[r * OS + c] *= alpha;
@@ -273,14 +270,7 @@ fn main(
             let rr = x / BK;
             let kk = x % BK;
             let s = s_f[rr * SS + kk];
-            let mr = m_w[rr];
-            var p = 0.0;
-            if is_nan(s) {
-                p = s;
-            } else if !(s == ninf) && !(mr == ninf) {
-                p = exp(s - mr);
-            }
-            p_h[rr * PS + kk] = f16(p);
+            p_h[rr * PS + kk] = f16(sm_weight(s, m_w[rr]));
         }
         workgroupBarrier();
 
@@ -315,10 +305,7 @@ fn main(
                 if s == ninf {
                     continue;
                 }
-                var p = s;
-                if !is_nan(s) {
-                    p = exp(s - m_w[r]);
-                }
+                let p = sm_weight(s, m_w[r]);
                 let jl = ju + kk - params.key_base;
                 let base = b * params.v_sb + jl * params.v_ss + kvh * params.v_sh;
                 for (var c = 0u; c < V_DIM; c++) {
@@ -336,9 +323,9 @@ fn main(
     let rows = params.batch * params.q_heads * params.q_len;
     if live && lid < BQ && i < params.q_len {
         // l is 0 exactly when no key was visible; NaN when a logit was NaN.
-        let valid = i < lq && !(l == 0.0);
+        let valid = i < lq && sm_row_valid(l);
         let row = chunk * rows + (b * params.q_heads + h) * params.q_len + i;
-        lse[row] = select(ninf, m + log(l), valid);
+        lse[row] = select(ninf, sm_lse(m, l), valid);
         l_w[r] = select(0.0, l, valid);
     }
     workgroupBarrier();
@@ -349,7 +336,7 @@ fn main(
         if live && ii < params.q_len {
             let lr = l_w[rr];
             var o = 0.0;
-            if !(lr == 0.0) {
+            if sm_row_valid(lr) {
                 o = o_f[rr * OS + c] / lr;
             }
             var o_base = b * params.o_sb + ii * params.o_ss + h * params.o_sh;

@@ -69,7 +69,7 @@ fn main(
     if i < params.q_len {
         row_lse = lse[row];
     }
-    let live = i < lq && row_lse != ninf;
+    let live = i < lq && !(row_lse == ninf);
 
     var ent = 0.0;
     var smax = ninf;
@@ -80,8 +80,9 @@ fn main(
         var p = 0.0;
         if live && j < lp.key_end && visible(b, h, i, j, off, lk) {
             let s = finish_logit(b, h, i, j, off, acc);
-            if s != ninf {
-                p = exp(s - row_lse);
+            // A -inf logit takes no part (and must not reach the entropy as 0 · inf).
+            if !(s == ninf) {
+                p = sm_weight(s, row_lse);
                 ent += p * (row_lse - s);
                 smax = max(smax, s);
             }

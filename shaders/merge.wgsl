@@ -39,17 +39,16 @@ fn main(
         m = nan(); // a NaN part poisons the row
     }
     var total = 0.0;
-    if !(m == ninf) {
-        for (var c = 0u; c < params.num_chunks; c++) {
-            total += exp(part_lse[c * rows + row] - m);
-        }
+    for (var c = 0u; c < params.num_chunks; c++) {
+        total += sm_weight(part_lse[c * rows + row], m);
     }
+    let valid = sm_row_valid(total);
     let o_base = b * params.o_sb + i * params.o_ss + h * params.o_sh;
     for (var d = lid; d < params.v_head_dim; d += WG) {
         var acc = 0.0;
-        if !(m == ninf) {
+        if valid {
             for (var c = 0u; c < params.num_chunks; c++) {
-                let w = exp(part_lse[c * rows + row] - m);
+                let w = sm_weight(part_lse[c * rows + row], m);
                 if w > 0.0 {
                     acc += w * part_o[(c * rows + row) * params.v_head_dim + d];
                 }
@@ -59,6 +58,6 @@ fn main(
         out[o_base + d] = acc;
     }
     if lid == 0u {
-        lse[row] = select(ninf, m + log(total), !(m == ninf));
+        lse[row] = sm_lse(m, total);
     }
 }

@@ -31,10 +31,10 @@ fn main(
             break;
         }
         if s > m {
-            l = l * exp(m - s) + 1.0;
+            l = l * sm_rescale(m, s) + 1.0;
             m = s;
-        } else if s != ninf {
-            l += exp(s - m); // NaN logits propagate through here
+        } else {
+            l += sm_weight(s, m);
         }
     }
     red_m[lid] = m;
@@ -48,10 +48,7 @@ fn main(
             if is_nan(m1) || is_nan(m2) {
                 mm = nan();
             }
-            var ll = 0.0;
-            if !(mm == ninf) {
-                ll = red_l[lid] * exp(m1 - mm) + red_l[lid + stride] * exp(m2 - mm);
-            }
+            let ll = red_l[lid] * sm_rescale(m1, mm) + red_l[lid + stride] * sm_rescale(m2, mm);
             red_m[lid] = mm;
             red_l[lid] = ll;
         }
@@ -59,16 +56,10 @@ fn main(
     }
     let mx = red_m[0];
     let sum = red_l[0];
-    let empty = mx == ninf;
     for (var j = lid; j < params.kv_len; j += WG) {
-        let s = probs[base + j];
-        var p = 0.0;
-        if !empty && !(s == ninf) {
-            p = exp(s - mx) / sum;
-        }
-        probs[base + j] = p;
+        probs[base + j] = sm_prob(probs[base + j], mx, sum);
     }
     if lid == 0u {
-        lse[row] = select(mx + log(sum), ninf, empty);
+        lse[row] = sm_lse(mx, sum);
     }
 }

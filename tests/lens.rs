@@ -30,7 +30,12 @@ fn check_stats(p: &Problem, d: &Data, alg: Algorithm) -> Result<(), String> {
         ("received", &got.received, &want.received),
     ] {
         let e = compare::compare(g, w);
-        if !e.within(1e-5) {
+        // A relative error means nothing against a zero reference (every row with one visible
+        // key has entropy 0, where the GPU's exp(s - LSE) rounds to 1 ± 6e-8 because it
+        // recomputes s in another summation order than the attention pass that made the LSE):
+        // there an absolute error of 1e-6 (entropy is on the scale of ln Lk) is the budget.
+        let tiny = e.non_finite_mismatches == 0 && e.max_abs <= 1e-6;
+        if !e.within(1e-5) && !tiny {
             msg += &format!("{what}: {e}; ");
         }
     }

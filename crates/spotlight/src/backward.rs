@@ -60,11 +60,11 @@ impl BackwardPass {
     }
 
     pub fn source(self) -> String {
-        use crate::kernels::source::{COMMON as C, LOGITS};
+        use crate::kernels::source::{COMMON as C, LOGITS, SOFTMAX_RULES as RULES};
         match self {
             BackwardPass::Pre => [C, source::PRE].concat(),
-            BackwardPass::KeyValue => [C, LOGITS, source::COMMON, source::KEY_VALUE].concat(),
-            BackwardPass::Query => [C, LOGITS, source::COMMON, source::QUERY].concat(),
+            BackwardPass::KeyValue => [C, LOGITS, RULES, source::COMMON, source::KEY_VALUE].concat(),
+            BackwardPass::Query => [C, LOGITS, RULES, source::COMMON, source::QUERY].concat(),
             BackwardPass::Reduce => [C, source::REDUCE].concat(),
         }
     }

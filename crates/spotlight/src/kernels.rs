@@ -18,6 +18,7 @@ pub mod source {
     pub const QK_TILE: &str = include_str!("../../../shaders/qk_tile.wgsl");
     pub const SCORES: &str = include_str!("../../../shaders/scores.wgsl");
     pub const SOFTMAX: &str = include_str!("../../../shaders/softmax.wgsl");
+    pub const SOFTMAX_RULES: &str = include_str!("../../../shaders/softmax_rules.wgsl");
     pub const PV: &str = include_str!("../../../shaders/pv.wgsl");
     pub const FLASH: &str = include_str!("../../../shaders/flash.wgsl");
     pub const PACK: &str = include_str!("../../../shaders/pack.wgsl");
@@ -34,6 +35,7 @@ pub mod source {
         ("qk_tile.wgsl", QK_TILE),
         ("scores.wgsl", SCORES),
         ("softmax.wgsl", SOFTMAX),
+        ("softmax_rules.wgsl", SOFTMAX_RULES),
         ("pv.wgsl", PV),
         ("flash.wgsl", FLASH),
         ("pack.wgsl", PACK),
@@ -124,18 +126,19 @@ impl Shader {
         use source::*;
         match self {
             Shader::Scores => [COMMON, LOGITS, QK_TILE, SCORES].concat(),
-            Shader::Softmax => [COMMON, SOFTMAX].concat(),
+            Shader::Softmax => [COMMON, SOFTMAX_RULES, SOFTMAX].concat(),
             Shader::Pv => [COMMON, PV].concat(),
-            Shader::Flash => [COMMON, LOGITS, FLASH].concat(),
+            Shader::Flash => [COMMON, LOGITS, SOFTMAX_RULES, FLASH].concat(),
             Shader::Pack => PACK.to_string(),
-            Shader::Merge => [COMMON, MERGE].concat(),
+            Shader::Merge => [COMMON, SOFTMAX_RULES, MERGE].concat(),
             Shader::Stream => STREAM.to_string(),
             Shader::Linear => LINEAR.to_string(),
-            Shader::Lens => [COMMON, LOGITS, QK_TILE, LENS].concat(),
+            Shader::Lens => [COMMON, LOGITS, QK_TILE, SOFTMAX_RULES, LENS].concat(),
             Shader::FlashCoop => [
                 "enable f16;\nenable wgpu_cooperative_matrix;\n",
                 COMMON,
                 LOGITS,
+                SOFTMAX_RULES,
                 FLASH_COOP,
             ]
             .concat(),
@@ -232,24 +235,40 @@ pub struct FlashTiles {
 }
 
 impl FlashTiles {
-    /// Bytes of workgroup memory the flash kernel needs (f32 Q, K, V and P tiles).
+    /// Most output vec4 columns one thread accumulates in registers (`NC` in `flash.wgsl`).
+    pub const MAX_NC: u32 = 64;
+
+    /// Bytes of workgroup memory the flash kernel needs: Q, K and V tiles as vec4 rows padded
+    /// by one vec4, the weights, and two vec4 per thread for row reductions.
     pub fn workgroup_bytes(&self, d: u32, dv: u32) -> u64 {
-        4 * (self.bq * d + self.bk * d + self.bk * dv + self.bq * self.bk) as u64
+        let (d4, dv4) = (d.div_ceil(4) as u64 + 1, dv.div_ceil(4) as u64 + 1);
+        let (bq, bk) = (self.bq as u64, self.bk as u64);
+        16 * (bq * d4 + bk * d4 + bk * dv4 + bq * self.tpr as u64 + 2 * self.threads() as u64)
     }
 
-    /// Picks the largest tiles that fit the adapter, or `None` when none does.
+    /// Threads per workgroup: `bq / 4` row groups of `tpr` threads.
+    pub fn threads(&self) -> u32 {
+        self.bq / 4 * self.tpr
+    }
+
+    /// Picks tiles that fit the adapter, or `None` when none does. Every thread computes a 4×4
+    /// block of S and the matching 4 rows of O (see `flash.wgsl`), so `bq` is a multiple of 4
+    /// and a key tile is `bk = 4 · tpr` keys.
     ///
     /// Reasons, measured or structural:
-    /// - `tpr = 8` threads per row: each thread keeps `ceil(Dv / 8) <= 32` accumulators in
-    ///   registers (the kernel's `MAX_COLS`), so Dv up to 256 needs 8; Dv up to 512 takes 16.
-    /// - Larger `bq` reuses each K/V tile across more rows (fewer global loads per FLOP); larger
-    ///   `bk` means fewer barriers per key. Candidates go from large to small and the first that
-    ///   fits the workgroup memory wins: on lavapipe (32 KiB) D=64 gets 32x32, D=128 16x16,
-    ///   D=256 8x8; on NVIDIA (48 KiB) D=128 gets 32x16.
+    /// - Each thread keeps `4 · ceil(ceil(Dv / 4) / tpr) <= 4 · 64` vec4 accumulators (the
+    ///   `MAX_NC`), so large Dv needs a larger `tpr`.
+    /// - Candidates go from preferred to small; the first that fits the workgroup memory wins.
+    ///   lavapipe (32 KiB, subgroups of 8), measured 2026-11-28 with `spotlight bench --config
+    ///   1,512,2,64 --algorithm flash` on a loaded 2-core machine: 32×8 (64 threads, 32-key
+    ///   tiles), 64×4, 32×4 and 16×8 all took 715–800 ms, within the noise; 32×8 is first
+    ///   because it has the fewest barriers per key among them and `tpr = 8` fills one SIMD-8
+    ///   row group. D=128 gets 16×8 there; D=256 8×4.
+    /// - NVIDIA (48 KiB, subgroups of 32; not measured, no GPU this session): D=64 gets 32×8,
+    ///   D=128 32×4 (32 threads: small; to be tuned when a GPU is lent).
     /// - Workgroups stay within `max_invocations` (256 by default in WebGPU).
-    /// - `max_rows` caps `bq` (rounded up to a power of two): a decode step has only
-    ///   `Lq · Hq/Hkv` rows per key/value head, and empty rows waste threads; small `bq` then
-    ///   takes the longest key tiles that fit.
+    /// - `max_rows` caps `bq` (rounded up to a multiple of 4): a decode step has only
+    ///   `Lq · Hq/Hkv` rows per key/value head, and empty rows waste threads.
     pub fn choose(
         d: u32,
         dv: u32,
@@ -257,41 +276,36 @@ impl FlashTiles {
         max_invocations: u32,
         max_rows: u32,
     ) -> Option<Self> {
-        const MAX_COLS: u32 = 32; // keep in sync with shaders/flash.wgsl
-        let tpr = if dv <= 8 * MAX_COLS {
-            8
-        } else if dv <= 16 * MAX_COLS {
-            16
-        } else {
-            return None;
-        };
-        const CANDIDATES: [(u32, u32); 17] = [
-            (64, 32),
-            (32, 32),
-            (32, 16),
-            (16, 32),
-            (16, 16),
+        const CANDIDATES: [(u32, u32); 16] = [
+            (32, 8),
+            (64, 4),
+            (32, 4),
             (16, 8),
-            (8, 32),
-            (8, 16),
+            (16, 4),
+            (64, 2),
+            (32, 2),
+            (16, 2),
             (8, 8),
             (8, 4),
-            (4, 32),
-            (4, 16),
+            (8, 2),
             (4, 8),
             (4, 4),
-            (2, 32),
-            (2, 16),
-            (2, 4),
+            (4, 2),
+            (8, 1),
+            (4, 1),
         ];
-        let max_bq = max_rows.clamp(2, 64).next_power_of_two();
+        let max_bq = max_rows.clamp(4, 64).next_multiple_of(4);
         CANDIDATES
             .iter()
-            .map(|&(bq, bk)| FlashTiles { bq, bk, tpr })
+            .map(|&(bq, tpr)| FlashTiles {
+                bq,
+                bk: 4 * tpr,
+                tpr,
+            })
             .find(|t| {
                 t.bq <= max_bq
-                    && t.bk % t.tpr.min(t.bk) == 0
-                    && t.bq * t.tpr <= max_invocations
+                    && dv.div_ceil(4).div_ceil(t.tpr) <= Self::MAX_NC
+                    && t.threads() <= max_invocations
                     && t.workgroup_bytes(d, dv) <= workgroup_memory as u64
             })
     }
@@ -424,6 +438,14 @@ impl Variant {
         }
     }
 
+    /// The value of override constant `name` (0 when the variant has none).
+    fn constant(&self, name: &str) -> u32 {
+        self.constants
+            .iter()
+            .find(|c| c.0 == name)
+            .map_or(0, |c| c.1)
+    }
+
     /// Tensors (`q`, `k`, `v`) this variant stores as f16.
     fn f16_tensors(&self) -> Vec<&'static str> {
         self.constants
@@ -464,19 +486,36 @@ impl Variant {
             // A cooperative-matrix type cannot be overridden: the 8x8 variant is spelled so.
             src = src.replace("coop_mat16x16", "coop_mat8x8");
         }
+        if self.shader == Shader::Flash {
+            // The accumulator array sized for this variant (see its line in flash.wgsl).
+            let nc = self
+                .constant("V_DIM")
+                .div_ceil(4)
+                .div_ceil(self.constant("TPR").max(1))
+                .max(1);
+            let tag = "// register columns";
+            let line = src
+                .lines()
+                .find(|l| l.starts_with("const NC: u32 = ") && l.ends_with(tag))
+                .expect("flash.wgsl declares `const NC`")
+                .to_string();
+            src = src.replace(&line, &format!("const NC: u32 = {nc}u; {tag}"));
+        }
         if self.uses_subgroups() {
             for (name, op) in [
                 ("row_max", "y = max(y, subgroupShuffleXor(y, o));"),
                 ("row_add", "y += subgroupShuffleXor(y, o);"),
             ] {
-                let stub = format!("fn {name}(x: f32) -> f32 {{ return x; }} // subgroup {name}");
+                let stub = format!(
+                    "fn {name}(x: vec4<f32>) -> vec4<f32> {{ return x; }} // subgroup {name}"
+                );
                 assert!(
                     src.contains(&stub),
                     "{}: no {name} stub",
                     self.shader.name()
                 );
                 let body = format!(
-                    "fn {name}(x: f32) -> f32 {{ var y = x; for (var o = TPR / 2u; o > 0u; o >>= 1u) {{ {op} }} return y; }}"
+                    "fn {name}(x: vec4<f32>) -> vec4<f32> {{ var y = x; for (var o = TPR / 2u; o > 0u; o >>= 1u) {{ {op} }} return y; }}"
                 );
                 src = src.replace(&stub, &body);
             }
