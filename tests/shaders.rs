@@ -233,3 +233,170 @@ fn every_variant_translates_to_every_backend() {
         );
     }
 }
+
+// ---- Host <-> WGSL contracts, checked against naga's reflection of every variant ----
+
+/// A variant's module with its override constants applied (array sizes and workgroup sizes
+/// resolved), as the driver sees it.
+fn resolved(variant: &Variant) -> naga::Module {
+    let name = variant.name();
+    let (module, info) = module(&variant.source(), &name);
+    let constants: naga::back::PipelineConstants = variant
+        .constants
+        .iter()
+        .map(|&(k, v)| (k.to_string(), v as f64))
+        .collect();
+    naga::back::pipeline_constants::process_overrides(&module, &info, None, &constants)
+        .unwrap_or_else(|e| panic!("{name}: overrides: {e:?}"))
+        .0
+        .into_owned()
+}
+
+/// Bytes of workgroup memory a module declares.
+fn workgroup_bytes(module: &naga::Module) -> u64 {
+    let mut layouter = naga::proc::Layouter::default();
+    layouter.update(module.to_ctx()).expect("layout");
+    module
+        .global_variables
+        .iter()
+        .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
+        .map(|(_, g)| layouter[g.ty].size as u64)
+        .sum()
+}
+
+/// The bind-group tables in `kernels.rs` (`Shader::bindings`, which the engine turns into the
+/// explicit layouts it creates pipelines with) agree with every module: each resource the entry
+/// point uses is in the table with its kind (uniform, read-only or read-write storage), and each
+/// table entry is declared by the module with that kind (a resource declared by a shared file
+/// but not used, like `aux` in the softmax pass, needs no entry).
+#[test]
+fn bind_group_tables_match_every_module() {
+    use spotlight::kernels::Binding;
+    for shader in Shader::ALL {
+        let name = shader.name();
+        let (module, info) = module(&shader.source(), name);
+        let ep = info.get_entry_point(0);
+        let table = shader.bindings();
+        let mut used = 0;
+        for (h, g) in module.global_variables.iter() {
+            let Some(rb) = g.binding.as_ref() else { continue };
+            assert_eq!(rb.group, 0, "{name}: a binding outside group 0");
+            let kind = match g.space {
+                naga::AddressSpace::Uniform => Binding::Uniform,
+                naga::AddressSpace::Storage { access }
+                    if access.contains(naga::StorageAccess::STORE) =>
+                {
+                    Binding::ReadWrite
+                }
+                naga::AddressSpace::Storage { .. } => Binding::Read,
+                other => panic!("{name}: binding {} in {other:?}", rb.binding),
+            };
+            let entry = table.iter().find(|e| e.0 == rb.binding);
+            if ep[h].is_empty() {
+                // Declared, unused: if the table has it, the kinds must still agree.
+                if let Some(e) = entry {
+                    assert_eq!(e.1, kind, "{name}: binding {} kind", rb.binding);
+                }
+                continue;
+            }
+            used += 1;
+            let var = g.name.as_deref().unwrap_or("?");
+            let e = entry.unwrap_or_else(|| {
+                panic!("{name}: `{var}` (binding {}) is used but not in kernels.rs's table", rb.binding)
+            });
+            assert_eq!(e.1, kind, "{name}: `{var}` (binding {}): table kind vs shader", rb.binding);
+        }
+        for e in table {
+            let declared = module
+                .global_variables
+                .iter()
+                .any(|(_, g)| g.binding.as_ref().is_some_and(|b| b.binding == e.0));
+            assert!(declared, "{name}: kernels.rs's table has binding {} that the shader lacks", e.0);
+        }
+        assert!(used > 0, "{name}: no resource used");
+    }
+}
+
+/// Every uniform block the host writes (`spotlight::params::uniform_blocks`, declared once with
+/// `uniform_block!`) has the size, member names, order and offsets of the WGSL struct of the
+/// same name, in every module that declares it.
+#[test]
+fn uniform_blocks_match_the_wgsl_structs() {
+    for (name, size, fields) in spotlight::params::uniform_blocks() {
+        let mut seen = 0;
+        for shader in Shader::ALL {
+            let (module, _) = module(&shader.source(), shader.name());
+            let Some((h, ty)) = module
+                .types
+                .iter()
+                .find(|(_, t)| t.name.as_deref() == Some(name))
+            else {
+                continue;
+            };
+            seen += 1;
+            let mut layouter = naga::proc::Layouter::default();
+            layouter.update(module.to_ctx()).expect("layout");
+            let at = format!("{name} in {}", shader.name());
+            assert_eq!(layouter[h].size as usize, size, "{at}: WGSL size vs host size");
+            let naga::TypeInner::Struct { members, .. } = &ty.inner else {
+                panic!("{at} is not a struct")
+            };
+            let wgsl: Vec<(&str, usize)> = members
+                .iter()
+                .map(|m| (m.name.as_deref().unwrap_or("?"), m.offset as usize))
+                .collect();
+            assert_eq!(
+                wgsl, fields,
+                "{at}: WGSL members and offsets (left) vs the host's (right)"
+            );
+        }
+        assert!(seen > 0, "no shader declares the uniform block {name}");
+    }
+}
+
+/// The fused kernels' workgroup size and workgroup memory, as the driver will see them, are
+/// what the host's tile choosers assume (`FlashTiles::threads`/`workgroup_bytes`,
+/// `CoopTiles::rows`/`bytes`): a change to a shader's tile arrays or workgroup size that the
+/// chooser does not follow fails here, not on a GPU with less memory.
+#[test]
+fn tile_choosers_match_the_declared_workgroups() {
+    let mut checked = 0;
+    for variant in variants() {
+        let name = variant.name();
+        let c = |k: &str| {
+            variant
+                .constants
+                .iter()
+                .find(|x| x.0 == k)
+                .map(|x| x.1)
+                .unwrap_or_else(|| panic!("{name}: no constant {k}"))
+        };
+        let module = resolved(&variant);
+        let size = module.entry_points[0].workgroup_size;
+        let bytes = workgroup_bytes(&module);
+        let (d, dv) = match variant.shader {
+            Shader::Flash | Shader::FlashCoop => (c("HEAD_DIM"), c("V_DIM")),
+            _ => continue,
+        };
+        let (threads, expect_bytes) = if variant.shader == Shader::Flash {
+            let t = FlashTiles {
+                bq: c("BQ"),
+                bk: c("BK"),
+                tpr: c("TPR"),
+            };
+            (t.threads(), t.workgroup_bytes(d, dv))
+        } else {
+            let t = CoopTiles {
+                edge: c("EDGE"),
+                wg: c("WG"),
+                ns: c("NS"),
+                bk: c("BK"),
+            };
+            (t.ns * t.wg, t.bytes(d, dv) as u64)
+        };
+        assert_eq!(size, [threads, 1, 1], "{name}: workgroup size vs the host's");
+        assert_eq!(bytes, expect_bytes, "{name}: workgroup bytes vs the host's");
+        checked += 1;
+    }
+    assert!(checked > 100, "only {checked} fused variants checked");
+}

@@ -1272,7 +1272,8 @@ impl Engine {
         let pp = PackParams {
             count: count as u32,
             words,
-            pad: [0; 2],
+            pad0: 0,
+            pad1: 0,
         };
         let params = self
             .device

@@ -36,10 +36,9 @@ use crate::context::{Engine, TimerSource};
 use crate::error::{Error, Result};
 use crate::kernels::Variant;
 
-/// The uniform block of `shaders/linear.wgsl` (field order must match).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
-struct LinParams {
+crate::params::uniform_block! {
+/// The uniform block of `shaders/linear.wgsl` (checked against it by `tests/shaders.rs`).
+pub(crate) struct LinParams {
     m: u32,
     n: u32,
     k: u32,
@@ -48,6 +47,7 @@ struct LinParams {
     head_dim: u32,
     rot_half: u32,
     flags: u32,
+}
 }
 
 /// Output rows and columns of one workgroup of the projection kernel.

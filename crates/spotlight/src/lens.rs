@@ -48,9 +48,9 @@ pub struct LensStats {
     pub map: Option<Vec<f32>>,
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct LensParams {
+crate::params::uniform_block! {
+/// The uniform block of `shaders/lens.wgsl` (checked against it by `tests/shaders.rs`).
+pub(crate) struct LensParams {
     key_begin: u32,
     key_end: u32,
     first: u32,
@@ -60,7 +60,10 @@ struct LensParams {
     map_heads: u32,
     map_row0: u32,
     map_rows: u32,
-    pad: [u32; 3],
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
+}
 }
 
 /// Passes (one attention pass and one statistics pass each) that [`Engine::lens`] has run in
@@ -179,7 +182,9 @@ impl Engine {
                     map_heads: heads.len() as u32,
                     map_row0: rows.start as u32,
                     map_rows: rows.len() as u32,
-                    pad: [0; 3],
+                    pad0: 0,
+                    pad1: 0,
+                    pad2: 0,
                 };
                 let lp_buf = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                     label: Some("lens params"),

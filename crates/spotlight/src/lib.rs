@@ -31,7 +31,8 @@ mod error;
 pub mod kernels;
 mod layer;
 mod lens;
-mod params;
+#[doc(hidden)]
+pub mod params;
 mod pieces;
 
 pub use attention::{Algorithm, GpuInputs, GpuOutputs, Output, Resident, RunOptions};

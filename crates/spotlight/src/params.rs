@@ -10,8 +10,49 @@ pub const F_ALIBI: u32 = 8;
 pub const F_QLENS: u32 = 16;
 pub const F_KVLENS: u32 = 32;
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+/// Declares a uniform block the host writes and a shader reads, with the list of its fields'
+/// names and byte offsets, which `tests/shaders.rs` checks against naga's layout of the WGSL
+/// struct of the same name (size, member order, offsets): the host side of the contract is
+/// written once, here, and the shader side is checked against it.
+macro_rules! uniform_block {
+    ($(#[$m:meta])* $svis:vis struct $name:ident { $($(#[$fm:meta])* $vis:vis $field:ident : $ty:ty,)* }) => {
+        $(#[$m])*
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+        $svis struct $name { $($(#[$fm])* $vis $field: $ty,)* }
+
+        impl crate::params::UniformBlock for $name {
+            const NAME: &'static str = stringify!($name);
+            fn fields() -> Vec<(&'static str, usize)> {
+                vec![$((stringify!($field), std::mem::offset_of!($name, $field)),)*]
+            }
+        }
+    };
+}
+pub(crate) use uniform_block;
+
+/// A uniform block's host layout (see [`uniform_block!`]).
+pub trait UniformBlock: bytemuck::Pod {
+    /// The name of the WGSL struct.
+    const NAME: &'static str;
+    /// Field names and byte offsets in declaration order.
+    fn fields() -> Vec<(&'static str, usize)>;
+}
+
+/// Every uniform block the host writes: WGSL struct name, size in bytes, fields and offsets.
+pub fn uniform_blocks() -> Vec<(&'static str, usize, Vec<(&'static str, usize)>)> {
+    fn one<T: UniformBlock>() -> (&'static str, usize, Vec<(&'static str, usize)>) {
+        (T::NAME, std::mem::size_of::<T>(), T::fields())
+    }
+    vec![
+        one::<Params>(),
+        one::<PackParams>(),
+        one::<crate::lens::LensParams>(),
+        one::<crate::layer::LinParams>(),
+    ]
+}
+
+uniform_block! {
 pub struct Params {
     batch: u32,
     q_len: u32,
@@ -53,6 +94,7 @@ pub struct Params {
     /// Key windows: this dispatch holds keys `key_base .. key_base + kv_len` of `kv_total`.
     pub key_base: u32,
     pub kv_total: u32,
+}
 }
 
 /// Window sides beyond this are as good as unbounded and keep `i + off ± side` inside i32.
@@ -124,11 +166,12 @@ impl Params {
     }
 }
 
+uniform_block! {
 /// Uniform block of `shaders/pack.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct PackParams {
     pub count: u32,
     pub words: u32,
-    pub pad: [u32; 2],
+    pub pad0: u32,
+    pub pad1: u32,
+}
 }
