@@ -279,7 +279,9 @@ fn bind_group_tables_match_every_module() {
         let table = shader.bindings();
         let mut used = 0;
         for (h, g) in module.global_variables.iter() {
-            let Some(rb) = g.binding.as_ref() else { continue };
+            let Some(rb) = g.binding.as_ref() else {
+                continue;
+            };
             assert_eq!(rb.group, 0, "{name}: a binding outside group 0");
             let kind = match g.space {
                 naga::AddressSpace::Uniform => Binding::Uniform,
@@ -302,16 +304,27 @@ fn bind_group_tables_match_every_module() {
             used += 1;
             let var = g.name.as_deref().unwrap_or("?");
             let e = entry.unwrap_or_else(|| {
-                panic!("{name}: `{var}` (binding {}) is used but not in kernels.rs's table", rb.binding)
+                panic!(
+                    "{name}: `{var}` (binding {}) is used but not in kernels.rs's table",
+                    rb.binding
+                )
             });
-            assert_eq!(e.1, kind, "{name}: `{var}` (binding {}): table kind vs shader", rb.binding);
+            assert_eq!(
+                e.1, kind,
+                "{name}: `{var}` (binding {}): table kind vs shader",
+                rb.binding
+            );
         }
         for e in table {
             let declared = module
                 .global_variables
                 .iter()
                 .any(|(_, g)| g.binding.as_ref().is_some_and(|b| b.binding == e.0));
-            assert!(declared, "{name}: kernels.rs's table has binding {} that the shader lacks", e.0);
+            assert!(
+                declared,
+                "{name}: kernels.rs's table has binding {} that the shader lacks",
+                e.0
+            );
         }
         assert!(used > 0, "{name}: no resource used");
     }
@@ -337,7 +350,10 @@ fn uniform_blocks_match_the_wgsl_structs() {
             let mut layouter = naga::proc::Layouter::default();
             layouter.update(module.to_ctx()).expect("layout");
             let at = format!("{name} in {}", shader.name());
-            assert_eq!(layouter[h].size as usize, size, "{at}: WGSL size vs host size");
+            assert_eq!(
+                layouter[h].size as usize, size,
+                "{at}: WGSL size vs host size"
+            );
             let naga::TypeInner::Struct { members, .. } = &ty.inner else {
                 panic!("{at} is not a struct")
             };
@@ -394,7 +410,11 @@ fn tile_choosers_match_the_declared_workgroups() {
             };
             (t.ns * t.wg, t.bytes(d, dv) as u64)
         };
-        assert_eq!(size, [threads, 1, 1], "{name}: workgroup size vs the host's");
+        assert_eq!(
+            size,
+            [threads, 1, 1],
+            "{name}: workgroup size vs the host's"
+        );
         assert_eq!(bytes, expect_bytes, "{name}: workgroup bytes vs the host's");
         checked += 1;
     }

@@ -63,7 +63,9 @@ impl BackwardPass {
         use crate::kernels::source::{COMMON as C, LOGITS, SOFTMAX_RULES as RULES};
         match self {
             BackwardPass::Pre => [C, source::PRE].concat(),
-            BackwardPass::KeyValue => [C, LOGITS, RULES, source::COMMON, source::KEY_VALUE].concat(),
+            BackwardPass::KeyValue => {
+                [C, LOGITS, RULES, source::COMMON, source::KEY_VALUE].concat()
+            }
             BackwardPass::Query => [C, LOGITS, RULES, source::COMMON, source::QUERY].concat(),
             BackwardPass::Reduce => [C, source::REDUCE].concat(),
         }

@@ -39,9 +39,12 @@ pub trait UniformBlock: bytemuck::Pod {
     fn fields() -> Vec<(&'static str, usize)>;
 }
 
-/// Every uniform block the host writes: WGSL struct name, size in bytes, fields and offsets.
-pub fn uniform_blocks() -> Vec<(&'static str, usize, Vec<(&'static str, usize)>)> {
-    fn one<T: UniformBlock>() -> (&'static str, usize, Vec<(&'static str, usize)>) {
+/// A uniform block's host layout: WGSL struct name, size in bytes, field names and offsets.
+pub type BlockLayout = (&'static str, usize, Vec<(&'static str, usize)>);
+
+/// Every uniform block the host writes.
+pub fn uniform_blocks() -> Vec<BlockLayout> {
+    fn one<T: UniformBlock>() -> BlockLayout {
         (T::NAME, std::mem::size_of::<T>(), T::fields())
     }
     vec![
