@@ -7,6 +7,8 @@
 //!   pictures and an interactive report.
 //! - `spotlight layer WEIGHTS IN -o OUT --heads H`: an attention layer with projections.
 //! - `spotlight grad IN.safetensors -o OUT.safetensors`: gradients dq, dk, dv (+ dbias) given dout.
+//! - `spotlight train [--out-dir DIR]`: the training example (associative recall), loss curve and
+//!   learned attention map.
 //! - `spotlight bench`: validated timings, side by side with `torch_sdpa.py`'s output format.
 
 use spotlight_cli::run;
@@ -20,6 +22,7 @@ mod info;
 mod layer;
 mod lens;
 mod report;
+mod train;
 
 use std::process::ExitCode;
 
@@ -52,6 +55,9 @@ enum Command {
     Layer(layer::LayerArgs),
     /// Gradients dq, dk, dv (and dbias) for tensors q, k, v, dout (and optional ones) from a file.
     Grad(grad::GradArgs),
+    /// The training example: one attention layer learns associative recall on the GPU (forward
+    /// and backward), with its loss curve and learned map as PNG.
+    Train(train::TrainArgs),
 }
 
 fn main() -> ExitCode {
@@ -65,6 +71,7 @@ fn main() -> ExitCode {
         Command::Lens(args) => lens::main(&args),
         Command::Layer(args) => layer::main(&args),
         Command::Grad(args) => grad::main(&args),
+        Command::Train(args) => train::main(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
