@@ -3,7 +3,7 @@
 
 use spotlight::reference::random::Rng;
 use spotlight::reference::{Broadcast, Layout, Window};
-use spotlight::{Algorithm, DType, Problem, RunOptions};
+use spotlight::{Algorithm, DType, FlashLayout, Problem, RunOptions};
 
 use crate::common::{ALGORITHMS, Budget, Data, check, check_opts, engine, packed_engine};
 
@@ -170,11 +170,15 @@ fn random_problems_every_option() {
             // Every third problem splits the fused path's key range into small chunks, so the
             // LSE merge meets every option too.
             let max_chunk_keys = (seed % 3 == 0).then_some(8 + (seed % 5) as u32 * 8);
+            // Every fourth problem runs the tiled fused kernel where the adapter's default is the
+            // row kernel (CPU adapters with subgroups), so both meet every option.
+            let flash_layout = (seed % 4 == 3).then_some(FlashLayout::Tiled);
             let opts = RunOptions {
                 algorithm: alg,
                 probs,
                 out_dtype,
                 max_chunk_keys,
+                flash_layout,
                 ..Default::default()
             };
             // Odd seeds read f16 through the packed fallback even where SHADER_F16 exists.

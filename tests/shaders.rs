@@ -1,7 +1,7 @@
 //! Every WGSL module parses and validates with naga, and every variant the engine builds
 //! translates to SPIR-V (with the bounds-check policy wgpu uses), MSL, HLSL and GLSL. No GPU needed.
 
-use spotlight::kernels::{CoopTiles, FlashTiles, Shader, Variant, source};
+use spotlight::kernels::{CoopTiles, FlashLayout, FlashTiles, Shader, Variant, source};
 use spotlight::reference::DType;
 
 fn module(src: &str, name: &str) -> (naga::Module, naga::valid::ModuleInfo) {
@@ -60,6 +60,22 @@ fn variants() -> Vec<Variant> {
                     {
                         out.push(Variant::flash([dt, dt, dt], d, dv, t, gqa, paged));
                     }
+                }
+            }
+        }
+        // The row kernel for CPU adapters: AVX2 (8 lanes), SSE (4) and, unused but legal, 32.
+        for lanes in [8, 4, 32] {
+            for dt in dts {
+                for (gqa, paged) in [(false, false), (true, false), (true, true)] {
+                    let t = FlashTiles::rows(lanes);
+                    if !t.fits(d, dv, 48 * 1024) {
+                        continue;
+                    }
+                    let v = Variant::flash([dt, dt, dt], d, dv, t, gqa, paged);
+                    if d % 4 == 0 && dv % 4 == 0 {
+                        out.push(v.clone().vec4_kv(true));
+                    }
+                    out.push(v);
                 }
             }
         }
@@ -391,7 +407,7 @@ fn tile_choosers_match_the_declared_workgroups() {
         let size = module.entry_points[0].workgroup_size;
         let bytes = workgroup_bytes(&module);
         let (d, dv) = match variant.shader {
-            Shader::Flash | Shader::FlashCoop => (c("HEAD_DIM"), c("V_DIM")),
+            Shader::Flash | Shader::FlashRows | Shader::FlashCoop => (c("HEAD_DIM"), c("V_DIM")),
             _ => continue,
         };
         let (threads, expect_bytes) = if variant.shader == Shader::Flash {
@@ -399,7 +415,11 @@ fn tile_choosers_match_the_declared_workgroups() {
                 bq: c("BQ"),
                 bk: c("BK"),
                 tpr: c("TPR"),
+                layout: FlashLayout::Tiled,
             };
+            (t.threads(), t.workgroup_bytes(d, dv))
+        } else if variant.shader == Shader::FlashRows {
+            let t = FlashTiles::rows(c("WG"));
             (t.threads(), t.workgroup_bytes(d, dv))
         } else {
             let t = CoopTiles {
@@ -419,4 +439,53 @@ fn tile_choosers_match_the_declared_workgroups() {
         checked += 1;
     }
     assert!(checked > 100, "only {checked} fused variants checked");
+}
+
+/// `kernels::unroll_marked`, which the row kernel's registers depend on: nested marked loops
+/// become blocks with constant indices (`const i = 0u;` ...), unmarked loops stay, braces in
+/// comments do not count, and both the input and the result are valid WGSL.
+#[test]
+fn unroll_marked_unrolls_nested_marked_loops_only() {
+    let src = "var<private> x: array<u32, 3>;\n\
+               var<private> y: array<u32, 2>;\n\
+               fn f() {\n    \
+                   for (var i = 0u; i < N; i++) { // unroll\n        \
+                       for (var j = 0u; j < 2u; j++) { // unroll\n            \
+                           x[i] += y[j]; // { braces in comments do not count }\n        \
+                       }\n        \
+                       for (var k = 0u; k < 2u; k++) {\n            \
+                           x[i] += y[k];\n        \
+                       }\n    \
+                   }\n\
+               }\n";
+    let out = spotlight::kernels::unroll_marked(src, &[("N", 3), ("2u", 2)]);
+    assert!(!out.contains("// unroll"), "{out}");
+    assert_eq!(out.matches("x[i] += y[j];").count(), 6, "{out}");
+    assert_eq!(out.matches("x[i] += y[k];").count(), 3, "{out}");
+    for i in 0..3 {
+        assert_eq!(out.matches(&format!("const i = {i}u;")).count(), 1, "{out}");
+    }
+    assert_eq!(out.matches("const j = 1u;").count(), 3, "{out}");
+    let src_ok = src.replace("i < N", "i < 3u");
+    module(&src_ok, "unroll input");
+    module(&out, "unrolled");
+}
+
+/// Every row-kernel variant has all its marked loops unrolled (a marker left behind would mean
+/// a register array indexed dynamically, i.e. memory on a CPU adapter).
+#[test]
+fn row_kernel_variants_have_no_marked_loops_left() {
+    let rows: Vec<Variant> = variants()
+        .into_iter()
+        .filter(|v| v.shader == Shader::FlashRows)
+        .collect();
+    assert!(rows.len() > 50, "only {} row-kernel variants", rows.len());
+    for v in rows {
+        let src = v.source();
+        assert!(!src.contains("{ // unroll"), "{}: marker left", v.name());
+        // The wide K/V loads and the native f16 rewrite never meet: one of the two or neither.
+        if v.constants.contains(&("VEC4_KV", 1)) {
+            assert!(src.contains("array<vec"), "{}: no wide binding", v.name());
+        }
+    }
 }

@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::Args;
 use spotlight::reference::{self, compare, random::Rng};
-use spotlight::{Algorithm, DType, Engine, Inputs, Problem, RunOptions, Tensor, TimerSource};
+use spotlight::{
+    Algorithm, DType, Engine, FlashLayout, Inputs, Problem, RunOptions, Tensor, TimerSource,
+};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -60,6 +62,9 @@ pub struct BenchArgs {
     /// Backward pass instead: its FLOP rate and its time beside the forward's (bench_backward.rs).
     #[arg(long)]
     backward: bool,
+    /// Fused scalar kernel: tiled or rows (default: the adapter decides, rows on a CPU adapter).
+    #[arg(long)]
+    flash_layout: Option<FlashLayout>,
     /// Timed repetitions (the median is reported).
     #[arg(long)]
     repeats: Option<usize>,
@@ -262,16 +267,13 @@ fn measure(
     engine: &Engine,
     p: &Problem,
     dtype: DType,
-    algorithm: Algorithm,
+    run: &RunOptions,
     repeats: usize,
     warmup: usize,
     check: bool,
 ) -> anyhow::Result<Measured> {
-    let opts = RunOptions {
-        algorithm,
-        lse: true,
-        ..Default::default()
-    };
+    let algorithm = run.algorithm;
+    let opts = RunOptions { lse: true, ..*run };
     let set_bytes =
         (p.q_elems() + p.k_elems() + p.v_elems() + p.o_elems()) as u64 * dtype.size() as u64;
     // Rotate sets so that together they pass 128 MiB, more than any GPU's L2 cache.
@@ -384,7 +386,11 @@ pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
             &engine,
             p,
             dtype,
-            algorithm,
+            &RunOptions {
+                algorithm,
+                flash_layout: a.flash_layout,
+                ..Default::default()
+            },
             repeats,
             a.warmup,
             !a.no_validate,

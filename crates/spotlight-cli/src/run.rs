@@ -278,6 +278,7 @@ pub fn main(a: &RunArgs) -> anyhow::Result<()> {
             out_dtype: Some(out_dtype),
             max_chunk_keys: a.max_chunk_keys,
             allow_reduced_precision: a.reduced_precision,
+            flash_layout: None,
         };
         if a.stats {
             let est = engine.estimate(p, inputs.dtypes(), &opts)?;

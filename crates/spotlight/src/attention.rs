@@ -9,6 +9,7 @@ use spotlight_reference::{DType, Inputs, Problem, Tensor};
 
 use crate::context::Engine;
 use crate::error::{Error, Result};
+pub use crate::kernels::FlashLayout;
 use crate::kernels::{FlashTiles, Kernel, Variant};
 use crate::params::{PackParams, Params};
 
@@ -73,6 +74,9 @@ pub struct RunOptions {
     pub max_chunk_keys: Option<u32>,
     /// Lets the matrix-unit kernel round f32 inputs to f16 (f16 and bf16 inputs need no leave).
     pub allow_reduced_precision: bool,
+    /// Fused scalar path (flash, split-K): which kernel runs. `None`: the adapter decides, the
+    /// row kernel on CPU adapters and the tiled kernel elsewhere ([`FlashLayout`]).
+    pub flash_layout: Option<FlashLayout>,
 }
 
 /// The result of [`Engine::attention`].
@@ -284,6 +288,25 @@ const PV_TILES_PER_DISPATCH_BOUNDED: usize = 2048;
 /// loops twice over a row's keys. Measured on lavapipe: 3.6 M keys right, 6 M silently wrong.
 const THREE_PASS_MAX_KEYS_BOUNDED: usize = 3_600_000;
 
+/// Whether every K and V row starts at a multiple of 4 elements (so the row kernel may read
+/// them four elements per load): head dims and every stride (batch, sequence, head; with a paged
+/// cache the same strides inside a page) are multiples of 4.
+fn wide_kv_rows(p: &Problem) -> bool {
+    let (k, v) = (p.k_strides(), p.v_strides());
+    [
+        p.head_dim,
+        p.v_head_dim,
+        k.batch,
+        k.seq,
+        k.head,
+        v.batch,
+        v.seq,
+        v.head,
+    ]
+    .iter()
+    .all(|x| x % 4 == 0)
+}
+
 fn padded(bytes: u64) -> u64 {
     bytes.div_ceil(4).max(1) * 4
 }
@@ -291,7 +314,12 @@ fn padded(bytes: u64) -> u64 {
 impl Engine {
     /// Flash tiles for this problem on this adapter, or why there are none. `rows` is the number
     /// of query rows one workgroup unit holds (see [`FlashTiles::choose`]).
-    fn flash_tiles(&self, p: &Problem, rows: usize) -> std::result::Result<FlashTiles, String> {
+    fn flash_tiles(
+        &self,
+        p: &Problem,
+        rows: usize,
+        layout: Option<FlashLayout>,
+    ) -> std::result::Result<FlashTiles, String> {
         let caps = self.capabilities();
         if caps.max_storage_buffers_per_stage < 8 {
             return Err(format!(
@@ -299,6 +327,40 @@ impl Engine {
                 caps.max_storage_buffers_per_stage,
                 8 - caps.max_storage_buffers_per_stage
             ));
+        }
+        // The row kernel needs subgroups of one fixed size (its workgroup is one subgroup).
+        let lanes = (self.uses_subgroups()
+            && caps.subgroup_min_size == caps.subgroup_max_size
+            && (4..=64).contains(&caps.subgroup_min_size))
+        .then_some(caps.subgroup_min_size);
+        let lanes = lanes.filter(|&n| {
+            FlashTiles::rows(n).fits(
+                p.head_dim as u32,
+                p.v_head_dim as u32,
+                caps.max_workgroup_memory,
+            )
+        });
+        let cpu = self.adapter_info().device_type == wgpu::DeviceType::Cpu;
+        match (layout, lanes) {
+            (Some(FlashLayout::Rows), None) => {
+                return Err(format!(
+                    "the row kernel needs head dims D, Dv <= {} and subgroups of one fixed size between 4 and 64; this problem has D={} Dv={}, this device's subgroups: {}",
+                    FlashTiles::ROWS_MAX_DIM,
+                    p.head_dim,
+                    p.v_head_dim,
+                    if caps.subgroups {
+                        format!(
+                            "sizes {}..={}",
+                            caps.subgroup_min_size, caps.subgroup_max_size
+                        )
+                    } else {
+                        "none (or they are turned off)".to_string()
+                    }
+                ));
+            }
+            (Some(FlashLayout::Rows), Some(lanes)) => return Ok(FlashTiles::rows(lanes)),
+            (None, Some(lanes)) if cpu => return Ok(FlashTiles::rows(lanes)),
+            _ => {}
         }
         FlashTiles::choose(
             p.head_dim as u32,
@@ -329,7 +391,7 @@ impl Engine {
             64
         };
         let tiles = self
-            .flash_tiles(p, rows)
+            .flash_tiles(p, rows, opts.flash_layout)
             .map_err(|reason| Error::Unsupported {
                 algorithm: name,
                 reason,
@@ -1106,6 +1168,7 @@ impl Engine {
                     plan.algorithm == Algorithm::SplitK,
                     paging.is_some(),
                 )
+                .vec4_kv(wide_kv_rows(p))
                 .native_f16(self.native_f16())
                 .subgroup_rows(self.subgroup_rows(tiles.tpr));
                 let kernel = self.cache.get(dev, &variant)?;

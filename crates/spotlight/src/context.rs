@@ -351,6 +351,12 @@ impl Engine {
             && c.subgroup_min_size.is_multiple_of(tpr)
     }
 
+    /// Whether kernels may use subgroup operations (the device has them and they are not
+    /// turned off with [`Engine::without_subgroups`]).
+    pub(crate) fn uses_subgroups(&self) -> bool {
+        self.use_subgroups && self.caps.subgroups
+    }
+
     /// Whether kernels read f16 tensors natively (`SHADER_F16`).
     pub fn native_f16(&self) -> bool {
         self.native_f16

@@ -21,6 +21,7 @@ pub mod source {
     pub const SOFTMAX_RULES: &str = include_str!("../../../shaders/softmax_rules.wgsl");
     pub const PV: &str = include_str!("../../../shaders/pv.wgsl");
     pub const FLASH: &str = include_str!("../../../shaders/flash.wgsl");
+    pub const FLASH_ROWS: &str = include_str!("../../../shaders/flash_rows.wgsl");
     pub const PACK: &str = include_str!("../../../shaders/pack.wgsl");
     pub const MERGE: &str = include_str!("../../../shaders/merge.wgsl");
     pub const STREAM: &str = include_str!("../../../shaders/stream.wgsl");
@@ -38,6 +39,7 @@ pub mod source {
         ("softmax_rules.wgsl", SOFTMAX_RULES),
         ("pv.wgsl", PV),
         ("flash.wgsl", FLASH),
+        ("flash_rows.wgsl", FLASH_ROWS),
         ("pack.wgsl", PACK),
         ("merge.wgsl", MERGE),
         ("stream.wgsl", STREAM),
@@ -63,6 +65,8 @@ pub enum Shader {
     Pv,
     /// The fused flash kernel.
     Flash,
+    /// The fused kernel with one query row per invocation, for CPU adapters.
+    FlashRows,
     /// f32 → f16/bf16 packing of outputs.
     Pack,
     /// Merge of partial (O, LSE) results over disjoint key sets.
@@ -88,11 +92,12 @@ pub enum Binding {
 }
 
 impl Shader {
-    pub const ALL: [Shader; 14] = [
+    pub const ALL: [Shader; 15] = [
         Shader::Scores,
         Shader::Softmax,
         Shader::Pv,
         Shader::Flash,
+        Shader::FlashRows,
         Shader::Pack,
         Shader::Merge,
         Shader::Stream,
@@ -111,6 +116,7 @@ impl Shader {
             Shader::Softmax => "softmax",
             Shader::Pv => "pv",
             Shader::Flash => "flash",
+            Shader::FlashRows => "flash_rows",
             Shader::Pack => "pack",
             Shader::Merge => "merge",
             Shader::Stream => "stream",
@@ -129,6 +135,7 @@ impl Shader {
             Shader::Softmax => [COMMON, SOFTMAX_RULES, SOFTMAX].concat(),
             Shader::Pv => [COMMON, PV].concat(),
             Shader::Flash => [COMMON, LOGITS, SOFTMAX_RULES, FLASH].concat(),
+            Shader::FlashRows => [COMMON, LOGITS, SOFTMAX_RULES, FLASH_ROWS].concat(),
             Shader::Pack => PACK.to_string(),
             Shader::Merge => [COMMON, SOFTMAX_RULES, MERGE].concat(),
             Shader::Stream => STREAM.to_string(),
@@ -168,7 +175,7 @@ impl Shader {
                 (6, ReadWrite),
                 (7, Uniform),
             ],
-            Shader::Flash | Shader::FlashCoop => &[
+            Shader::Flash | Shader::FlashRows | Shader::FlashCoop => &[
                 (0, Uniform),
                 (1, Read),
                 (2, Read),
@@ -223,6 +230,38 @@ pub fn dtype_code(d: DType) -> u32 {
     }
 }
 
+/// Which fused scalar kernel a plan runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FlashLayout {
+    /// `flash.wgsl`: K/V tiles in workgroup memory, a 4×4 block of S per thread (GPUs).
+    Tiled,
+    /// `flash_rows.wgsl`: one query row per invocation, K/V read at uniform addresses straight
+    /// from the buffers, no workgroup memory (CPU adapters).
+    Rows,
+}
+
+impl FlashLayout {
+    pub fn name(self) -> &'static str {
+        match self {
+            FlashLayout::Tiled => "tiled",
+            FlashLayout::Rows => "rows",
+        }
+    }
+}
+
+impl std::str::FromStr for FlashLayout {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tiled" => Ok(FlashLayout::Tiled),
+            "rows" => Ok(FlashLayout::Rows),
+            _ => Err(format!(
+                "unknown flash layout '{s}': expected tiled or rows"
+            )),
+        }
+    }
+}
+
 /// Tile configuration of the flash kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlashTiles {
@@ -232,15 +271,51 @@ pub struct FlashTiles {
     pub bk: u32,
     /// Threads per query row.
     pub tpr: u32,
+    /// The kernel.
+    pub layout: FlashLayout,
 }
 
 impl FlashTiles {
+    /// Query rows per workgroup of `flash_rows.wgsl` (its `const R`).
+    pub const ROWS_R: u32 = 8;
+    /// Keys per lane per block of `flash_rows.wgsl` (its `const KBL`).
+    pub const ROWS_KBL: u32 = 4;
+
+    /// Largest head dims (D and Dv) the row kernel takes: its unrolled P·V loop grows with Dv
+    /// and so does the compile (larger dims run the tiled kernel).
+    pub const ROWS_MAX_DIM: u32 = 256;
+
+    /// Whether these tiles take head dims `d`, `dv` within `workgroup_memory` bytes.
+    pub fn fits(&self, d: u32, dv: u32, workgroup_memory: u32) -> bool {
+        let dims = match self.layout {
+            FlashLayout::Rows => d <= Self::ROWS_MAX_DIM && dv <= Self::ROWS_MAX_DIM,
+            FlashLayout::Tiled => dv.div_ceil(4).div_ceil(self.tpr) <= Self::MAX_NC,
+        };
+        dims && self.workgroup_bytes(d, dv) <= workgroup_memory as u64
+    }
+
+    /// The row kernel's configuration for subgroups of `lanes` invocations (one subgroup per
+    /// workgroup): `ROWS_R` query rows, blocks of `ROWS_KBL · lanes` keys; `tpr` is the lanes.
+    pub fn rows(lanes: u32) -> Self {
+        FlashTiles {
+            bq: Self::ROWS_R,
+            bk: Self::ROWS_KBL * lanes,
+            tpr: lanes,
+            layout: FlashLayout::Rows,
+        }
+    }
+
     /// Most output vec4 columns one thread accumulates in registers (`NC` in `flash.wgsl`).
     pub const MAX_NC: u32 = 64;
 
     /// Bytes of workgroup memory the flash kernel needs: Q, K and V tiles as vec4 rows padded
     /// by one vec4, the weights, and two vec4 per thread for row reductions.
     pub fn workgroup_bytes(&self, d: u32, dv: u32) -> u64 {
+        if self.layout == FlashLayout::Rows {
+            // q_s: R rows of ceil(ceil(D / 4) / lanes) · lanes vec4.
+            let lanes = self.tpr as u64;
+            return 16 * self.bq as u64 * (d.div_ceil(4) as u64).div_ceil(lanes) * lanes;
+        }
         let (d4, dv4) = (d.div_ceil(4) as u64 + 1, dv.div_ceil(4) as u64 + 1);
         let (bq, bk) = (self.bq as u64, self.bk as u64);
         16 * (bq * d4 + bk * d4 + bk * dv4 + bq * self.tpr as u64 + 2 * self.threads() as u64)
@@ -248,6 +323,9 @@ impl FlashTiles {
 
     /// Threads per workgroup: `bq / 4` row groups of `tpr` threads.
     pub fn threads(&self) -> u32 {
+        if self.layout == FlashLayout::Rows {
+            return self.tpr;
+        }
         self.bq / 4 * self.tpr
     }
 
@@ -301,6 +379,7 @@ impl FlashTiles {
                 bq,
                 bk: 4 * tpr,
                 tpr,
+                layout: FlashLayout::Tiled,
             })
             .find(|t| {
                 t.bq <= max_bq
@@ -358,6 +437,23 @@ impl Variant {
         pack_gqa: bool,
         paged: bool,
     ) -> Self {
+        if tiles.layout == FlashLayout::Rows {
+            return Variant {
+                shader: Shader::FlashRows,
+                native_f16: false,
+                constants: vec![
+                    ("Q_DT", dtype_code(dtypes[0])),
+                    ("K_DT", dtype_code(dtypes[1])),
+                    ("V_DT", dtype_code(dtypes[2])),
+                    ("HEAD_DIM", d),
+                    ("V_DIM", dv),
+                    ("WG", tiles.tpr),
+                    ("PACK_GQA", pack_gqa as u32),
+                    ("PAGED", paged as u32),
+                    ("VEC4_KV", 0),
+                ],
+            };
+        }
         Variant {
             shader: Shader::Flash,
             native_f16: false,
@@ -451,6 +547,8 @@ impl Variant {
         self.constants
             .iter()
             .filter(|&&(k, v)| v == 1 && matches!(k, "Q_DT" | "K_DT" | "V_DT"))
+            // Wide K/V loads read packed words (no native f16 binding).
+            .filter(|&&(k, _)| k == "Q_DT" || self.constant("VEC4_KV") == 0)
             .map(|&(k, _)| match k {
                 "Q_DT" => "q",
                 "K_DT" => "k",
@@ -463,6 +561,15 @@ impl Variant {
     /// subgroup size is a multiple of the tiles' `tpr`). No effect on other kernels.
     pub fn subgroup_rows(mut self, on: bool) -> Self {
         for c in self.constants.iter_mut().filter(|c| c.0 == "SUBGROUP_ROWS") {
+            c.1 = on as u32;
+        }
+        self
+    }
+
+    /// The row kernel reading K and V four elements per load: only where every K and V row
+    /// starts at a multiple of 4 elements and both head dims are multiples of 4 (callers check).
+    pub fn vec4_kv(mut self, on: bool) -> Self {
+        for c in self.constants.iter_mut().filter(|c| c.0 == "VEC4_KV") {
             c.1 = on as u32;
         }
         self
@@ -500,6 +607,62 @@ impl Variant {
                 .expect("flash.wgsl declares `const NC`")
                 .to_string();
             src = src.replace(&line, &format!("const NC: u32 = {nc}u; {tag}"));
+        }
+        if self.shader == Shader::FlashRows {
+            // The accumulator array sized for this variant (see its line in flash_rows.wgsl),
+            // then its marked loops unrolled.
+            let wg = self.constant("WG").max(1);
+            let nv = self.constant("V_DIM").div_ceil(4).div_ceil(wg).max(1);
+            let tag = "// register columns";
+            let line = src
+                .lines()
+                .find(|l| l.starts_with("const NV8: u32 = ") && l.ends_with(tag))
+                .expect("flash_rows.wgsl declares `const NV8`")
+                .to_string();
+            src = src.replace(&line, &format!("const NV8: u32 = {nv}u; {tag}"));
+            if self.constant("VEC4_KV") == 1 {
+                for (t, dt) in [("k", self.constant("K_DT")), ("v", self.constant("V_DT"))] {
+                    let (word, wide) = if dt == 0 {
+                        ("vec4<u32>", format!("wide_f32({t}[(base + d0) / 4u])"))
+                    } else {
+                        (
+                            "vec2<u32>",
+                            format!("wide_half({t}[(base + d0) / 4u], {dt}u)"),
+                        )
+                    };
+                    // Zero past the row, like the scalar loads (the dims are multiples of 4).
+                    let dim = if t == "k" { "HEAD_DIM" } else { "V_DIM" };
+                    let wide = format!("select(vec4<f32>(0.0), {wide}, d0 < {dim})");
+                    let binding = format!("array<u32>; // tensor {t}");
+                    assert!(src.contains(&binding), "flash_rows.wgsl: no tensor {t}");
+                    src = src.replace(&binding, &format!("array<{word}>; // tensor {t}"));
+                    let load = format!("fn load_{t}(idx: u32)");
+                    let start = src.find(&load).expect("flash_rows.wgsl defines its loads");
+                    let end = start + src[start..].find('\n').expect("one line");
+                    src.replace_range(start..end, "");
+                    let scalar = format!("fn {t}4_scalar(");
+                    let start = src.find(&scalar).expect("flash_rows.wgsl: scalar loads");
+                    let end = start + src[start..].find("\n}\n").expect("a function") + 3;
+                    src.replace_range(start..end, "");
+                    let line = format!(
+                        "fn {t}4(base: u32, d0: u32) -> vec4<f32> {{ return {t}4_scalar(base, d0); }} // load {t}4"
+                    );
+                    assert!(src.contains(&line), "flash_rows.wgsl: no {t}4 line");
+                    src = src.replace(
+                        &line,
+                        &format!("fn {t}4(base: u32, d0: u32) -> vec4<f32> {{ return {wide}; }}"),
+                    );
+                }
+            }
+            let bounds = [
+                ("4u", 4),
+                ("R", FlashTiles::ROWS_R),
+                ("KBL", FlashTiles::ROWS_KBL),
+                ("R * KBL", FlashTiles::ROWS_R * FlashTiles::ROWS_KBL),
+                ("WG", wg),
+                ("NV8", nv),
+            ];
+            src = unroll_marked(&src, &bounds);
         }
         if self.uses_subgroups() {
             for (name, op) in [
@@ -558,7 +721,8 @@ impl Variant {
                     let dt = ["f32", "f16", "bf16"][*v as usize % 3];
                     format!("{}-{dt}", k.trim_end_matches("_DT").to_ascii_lowercase())
                 }
-                "PACK_GQA" | "PAGED" | "SUBGROUP_ROWS" if *v == 0 => continue,
+                "PACK_GQA" | "PAGED" | "SUBGROUP_ROWS" | "VEC4_KV" if *v == 0 => continue,
+                "VEC4_KV" => "vec4".to_string(),
                 "PACK_GQA" => "gqa".to_string(),
                 "PAGED" => "paged".to_string(),
                 "SUBGROUP_ROWS" => "sg".to_string(),
@@ -579,6 +743,74 @@ impl Variant {
     pub fn wgpu_constants(&self) -> Vec<(&'static str, f64)> {
         self.constants.iter().map(|&(k, v)| (k, v as f64)).collect()
     }
+}
+
+/// Unrolls, in the text, every loop whose header line is
+/// `for (var X = 0u; X < N; X++) { // unroll` with `N` a name in `bounds` (or `4u`): the body is
+/// repeated N times, each copy a block that starts with `let X = <i>u;`. The WGSL stays valid
+/// (and means the same) either way; unrolled, every index by X is a constant. Nested marked loops
+/// are unrolled too. Bodies must not `break` or `continue`.
+pub fn unroll_marked(src: &str, bounds: &[(&str, u32)]) -> String {
+    let mut lines: Vec<String> = src.lines().map(str::to_string).collect();
+    while let Some(at) = lines
+        .iter()
+        .position(|l| l.trim_end().ends_with("{ // unroll"))
+    {
+        let header = lines[at].trim().to_string();
+        let indent = &lines[at][..lines[at].len() - lines[at].trim_start().len()];
+        let indent = indent.to_string();
+        let inner = header
+            .strip_prefix("for (var ")
+            .and_then(|h| h.strip_suffix(") { // unroll"))
+            .unwrap_or_else(|| panic!("not an unrollable loop header: {header}"));
+        let parts: Vec<&str> = inner.split(';').map(str::trim).collect();
+        let name = parts[0]
+            .strip_suffix(" = 0u")
+            .unwrap_or_else(|| panic!("loop must start at 0u: {header}"));
+        let bound = parts
+            .get(1)
+            .and_then(|c| c.strip_prefix(&format!("{name} < ")))
+            .unwrap_or_else(|| panic!("loop must test {name} < N: {header}"));
+        assert_eq!(parts.get(2).copied(), Some(format!("{name}++").as_str()));
+        let n = bounds
+            .iter()
+            .find(|b| b.0 == bound)
+            .unwrap_or_else(|| panic!("no bound for {bound}: {header}"))
+            .1;
+        // The body: up to the brace that closes the header's.
+        let mut depth = 1i32;
+        let mut end = at + 1;
+        loop {
+            let code = lines[end].split("//").next().unwrap_or("");
+            depth += code.matches('{').count() as i32 - code.matches('}').count() as i32;
+            if depth == 0 {
+                break;
+            }
+            end += 1;
+        }
+        assert_eq!(
+            lines[end].trim(),
+            "}",
+            "loop body must close on its own line"
+        );
+        let body = &lines[at + 1..end];
+        assert!(
+            !body
+                .iter()
+                .any(|l| l.contains("break;") || l.contains("continue;")),
+            "an unrolled loop cannot break or continue: {header}"
+        );
+        let mut out = Vec::with_capacity(body.len() * n as usize + 2 * n as usize);
+        for i in 0..n {
+            out.push(format!("{indent}{{ const {name} = {i}u;"));
+            out.extend(body.iter().cloned());
+            out.push(format!("{indent}}}"));
+        }
+        lines.splice(at..=end, out);
+    }
+    let mut s = lines.join("\n");
+    s.push('\n');
+    s
 }
 
 /// A built pipeline and its bind group layout.

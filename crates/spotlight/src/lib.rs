@@ -35,7 +35,7 @@ mod lens;
 pub mod params;
 mod pieces;
 
-pub use attention::{Algorithm, GpuInputs, GpuOutputs, Output, Resident, RunOptions};
+pub use attention::{Algorithm, FlashLayout, GpuInputs, GpuOutputs, Output, Resident, RunOptions};
 pub use backward::{
     BackwardOptions, BackwardPass, BackwardTiles, GpuForward, GpuGradients, Gradients,
 };

@@ -1,0 +1,364 @@
+// flash_rows.wgsl — fused attention with an online softmax for CPU adapters (lavapipe, llvmpipe,
+// WARP, SwiftShader): one subgroup per workgroup, 8 query rows, K and V read straight from the
+// buffers, no workgroup memory in the key loop and no barrier after the start.
+//
+// Why this shape (read from Mesa 22.3's gallivm and measured on lavapipe: README, Performance):
+// a CPU adapter runs a subgroup of WG invocations (8 with AVX2) as one SIMD vector. Arithmetic
+// is one vector instruction, but every load or store of workgroup or storage memory is a loop
+// over the lanes whatever the address, and a dynamically indexed function-scope array is memory
+// too. Subgroup shuffles stay in registers. So the kernel counts lane loops per FMA:
+// - Q·Kᵀ: key j0 + c·WG + lane belongs to lane `lane` (c < KBL). Each lane reads its keys' K as
+//   vec4 and computes their logits for all R rows; the q vector every lane needs at step d comes
+//   from the lane that read it (q is staged once in workgroup memory, one vec4 per lane per
+//   chunk of WG vec4) through subgroupShuffle. One K vector a lane loads feeds R·4 FMAs.
+// - Softmax: the block's row max through subgroupMax (the same in every lane), then each lane's
+//   weights and its share of the row sum (subgroupAdd once at the end).
+// - P·V: lane `lane` owns the output vec4 columns lane + WG·n (n < NV8) of all R rows in
+//   registers; key (c, u)'s weights come from lane u by shuffle. One V vector feeds R·4 FMAs.
+// Register arrays (logits, weights, accumulators) are only ever indexed by constants: loops
+// marked `// unroll` are unrolled in the text by kernels.rs (`unroll_marked`); the loops over
+// head-dim chunks, keys of a block and lanes stay loops (unrolling them too took lavapipe 7-30 s
+// to compile for no gain).
+//
+// The semantics are flash.wgsl's, through the same functions (visible, finish_logit, the softmax
+// rules): masked keys weigh exactly 0 and their p·v product is dropped by a select; blocks that
+// every valid row of the workgroup sees whole skip the per-element checks. PACK_GQA, PAGED and the
+// key chunks of split-K work as in flash.wgsl, and the bindings are the same.
+
+override Q_DT: u32 = 0u;
+override K_DT: u32 = 0u;
+override V_DT: u32 = 0u;
+override HEAD_DIM: u32 = 64u;
+override V_DIM: u32 = 64u;
+override WG: u32 = 8u;
+override PACK_GQA: bool = false;
+override PAGED: bool = false;
+// K and V read four elements per load (see k4 below; set by kernels.rs with the rewrite).
+override VEC4_KV: bool = false;
+
+// Query rows per workgroup (every lane works on all of them) and keys per lane per block: a
+// block is KBL·WG keys, key j0 + c·WG + lane for c < KBL; the running max moves once per block.
+// kernels.rs mirrors both (FlashTiles::ROWS_R, ROWS_KBL).
+const R: u32 = 8u;
+const KBL: u32 = 4u;
+// Lane `lane` owns the output vec4 columns lane + WG·n, n < NV8 = ceil(ceil(V_DIM / 4) / WG). A
+// function-scope array needs a constant size, which an override cannot give, so kernels.rs
+// rewrites this line for each pipeline.
+const NV8: u32 = 2u; // register columns
+override D4: u32 = (HEAD_DIM + 3u) / 4u;
+override DV4: u32 = (V_DIM + 3u) / 4u;
+// ceil(D4 / WG): q is read in chunks of WG vec4, one per lane, and shuffled to every lane.
+override ND8: u32 = (D4 + WG - 1u) / WG;
+
+var<workgroup> q_s: array<vec4<f32>, R * ND8 * WG>;
+
+@group(0) @binding(4) var<storage, read> q: array<u32>; // tensor q
+@group(0) @binding(5) var<storage, read> k: array<u32>; // tensor k
+@group(0) @binding(6) var<storage, read> v: array<u32>; // tensor v
+
+// Element loads; a variant that reads f16 natively (SHADER_F16) gets these lines rewritten.
+fn load_q(idx: u32) -> f32 { return elem_value(q[elem_word(idx, Q_DT)], idx, Q_DT); } // load q
+fn load_k(idx: u32) -> f32 { return elem_value(k[elem_word(idx, K_DT)], idx, K_DT); } // load k
+fn load_v(idx: u32) -> f32 { return elem_value(v[elem_word(idx, V_DT)], idx, V_DT); } // load v
+@group(0) @binding(7) var<storage, read_write> out: array<f32>;
+@group(0) @binding(8) var<storage, read_write> lse: array<f32>;
+
+// Four elements of K (or V) from element `base + d0`, zero past the row's `dim` elements (never
+// read: the next row may hold inf, and 0·inf would be NaN). Where every row of K and V starts at
+// a multiple of 4 elements and the head dims are multiples of 4, kernels.rs (`VEC4_KV`) rewrites
+// the K and V bindings as vec4 (f32) or vec2 (packed f16, bf16) words and these two lines into
+// one wide load each: on a CPU adapter every load is a loop over the lanes, so one load of four
+// elements costs about what one element did.
+fn k4(base: u32, d0: u32) -> vec4<f32> { return k4_scalar(base, d0); } // load k4
+fn v4(base: u32, d0: u32) -> vec4<f32> { return v4_scalar(base, d0); } // load v4
+
+fn k4_scalar(base: u32, d0: u32) -> vec4<f32> {
+    var x = vec4<f32>(0.0);
+    for (var c = 0u; c < 4u; c++) {
+        if d0 + c < HEAD_DIM {
+            x[c] = load_k(base + d0 + c);
+        }
+    }
+    return x;
+}
+
+fn v4_scalar(base: u32, d0: u32) -> vec4<f32> {
+    var x = vec4<f32>(0.0);
+    for (var c = 0u; c < 4u; c++) {
+        if d0 + c < V_DIM {
+            x[c] = load_v(base + d0 + c);
+        }
+    }
+    return x;
+}
+
+// Four elements from the words of a wide load (VEC4_KV): f32 as vec4<u32>, f16 and bf16 packed
+// two per word as vec2<u32>.
+fn wide_f32(w: vec4<u32>) -> vec4<f32> {
+    return bitcast<vec4<f32>>(w);
+}
+
+fn wide_half(w: vec2<u32>, dt: u32) -> vec4<f32> {
+    if dt == 1u {
+        return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
+    }
+    return bitcast<vec4<f32>>(vec4<u32>(w.x << 16u, w.x & 0xffff0000u, w.y << 16u, w.y & 0xffff0000u));
+}
+
+@compute @workgroup_size(WG)
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    var unit_rows = params.q_len;
+    var units = params.batch * params.q_heads;
+    if PACK_GQA {
+        unit_rows = params.q_len * params.group;
+        units = params.batch * params.kv_heads;
+    }
+    let tiles_i = (unit_rows + R - 1u) / R;
+    let flat = folded_group(wg, nwg);
+    if flat >= tiles_i * units * params.num_chunks {
+        return;
+    }
+    let ti = flat % tiles_i;
+    let unit = (flat / tiles_i) % units;
+    let chunk = flat / (tiles_i * units);
+    var b = unit / params.q_heads;
+    var kvh = (unit % params.q_heads) / params.group;
+    if PACK_GQA {
+        b = unit / params.kv_heads;
+        kvh = unit % params.kv_heads;
+    }
+    let r0 = ti * R;
+    let lq = q_valid(b);
+    let lk = kv_valid(b);
+    let off = i32(lk) - i32(lq);
+    let ninf = neg_inf();
+    let zero4 = vec4<f32>(0.0);
+
+    // q_s[(r·ND8 + n)·WG + lane] = q[row r][vec4 column n·WG + lane].
+    for (var x = lid; x < R * ND8 * WG; x += WG) {
+        let r = x / (ND8 * WG);
+        let d4 = x % (ND8 * WG);
+        let rr = r0 + r;
+        let ii = row_pos(rr);
+        var val = zero4;
+        if rr < unit_rows && ii < lq && d4 < D4 {
+            let base = b * params.q_sb + ii * params.q_ss + row_head(unit, rr) * params.q_sh + 4u * d4;
+            for (var c = 0u; c < 4u; c++) {
+                if 4u * d4 + c < HEAD_DIM {
+                    val[c] = load_q(base + c);
+                }
+            }
+        }
+        q_s[x] = val;
+    }
+    workgroupBarrier();
+
+    let i_first = row_pos(r0);
+    let i_last = row_pos(min(r0 + R, unit_rows) - 1u);
+    let band = visible_key_range(i_first, i_last, lq, lk, off);
+    var j_lo = max(band.x, i32(params.key_base));
+    var j_hi = min(band.y, i32(params.key_base + params.kv_len));
+    if params.num_chunks > 1u {
+        j_lo = max(j_lo, i32(params.key_base + chunk * params.chunk_keys));
+        j_hi = min(j_hi, i32(params.key_base + (chunk + 1u) * params.chunk_keys));
+    }
+    let i_last_valid = min(i_last, max(lq, 1u) - 1u);
+    let band_last = visible_key_range(i_last_valid, i_last_valid, lq, lk, off);
+    let band_first = visible_key_range(i_first, i_first, lq, lk, off);
+    let all_lo = max(j_lo, band_last.x);
+    let all_hi = min(j_hi, band_first.y);
+    let no_masks = !has(F_MASK) && !has(F_BIAS);
+    let plain = !has(F_BIAS) && !has(F_ALIBI) && !(params.softcap > 0.0);
+    let last_row = i32(params.kv_len) - 1;
+
+    // Row max (the same in every lane), this lane's share of the row sum, and the output
+    // columns this lane owns.
+    var m: array<f32, R>;
+    var l: array<f32, R>;
+    var acc: array<vec4<f32>, R * NV8>;
+    for (var r = 0u; r < R; r++) { // unroll
+        m[r] = ninf;
+        l[r] = 0.0;
+        for (var n = 0u; n < NV8; n++) { // unroll
+            acc[r * NV8 + n] = zero4;
+        }
+    }
+
+    for (var j0 = j_lo; j0 < j_hi; j0 += i32(WG * KBL)) {
+        // S: lane `lid` computes the logits of its keys j0 + c·WG + lid for the R rows.
+        var kb: array<u32, KBL>;
+        for (var c = 0u; c < KBL; c++) { // unroll
+            let jl = u32(clamp(j0 + i32(c * WG + lid) - i32(params.key_base), 0, last_row));
+            kb[c] = kv_row(b, jl, params.k_sb, params.k_ss) + kvh * params.k_sh;
+        }
+        var s: array<f32, R * KBL>;
+        for (var e = 0u; e < R * KBL; e++) { // unroll
+            s[e] = 0.0;
+        }
+        for (var n = 0u; n < ND8; n++) {
+            var qd: array<vec4<f32>, R>;
+            for (var r = 0u; r < R; r++) { // unroll
+                qd[r] = q_s[(r * ND8 + n) * WG + lid];
+            }
+            // Only vec4 columns inside the head dim: past it, q is 0 but K may hold inf (the
+            // next row), and 0·inf is NaN.
+            let n_u = min(WG, D4 - n * WG);
+            for (var u = 0u; u < n_u; u++) {
+                var kv: array<vec4<f32>, KBL>;
+                for (var c = 0u; c < KBL; c++) { // unroll
+                    kv[c] = k4(kb[c], 4u * (n * WG + u));
+                }
+                for (var r = 0u; r < R; r++) { // unroll
+                    let qv = subgroupShuffle(qd[r], u);
+                    for (var c = 0u; c < KBL; c++) { // unroll
+                        s[r * KBL + c] += dot(qv, kv[c]);
+                    }
+                }
+            }
+        }
+        let clean = no_masks && j0 >= all_lo && j0 + i32(WG * KBL) <= all_hi;
+        if clean && plain {
+            for (var e = 0u; e < R * KBL; e++) { // unroll
+                s[e] = params.scale * s[e];
+            }
+        } else {
+            var t: array<f32, R * KBL>;
+            for (var e = 0u; e < R * KBL; e++) { // unroll
+                t[e] = s[e];
+            }
+            for (var e = 0u; e < R * KBL; e++) {
+                let r = e / KBL;
+                let c = e % KBL;
+                let rr = r0 + r;
+                let i = row_pos(rr);
+                let h = row_head(unit, rr);
+                let j = u32(j0) + c * WG + lid;
+                var x = ninf;
+                let ok = rr < unit_rows && i < lq;
+                if clean || (ok && i32(j) < j_hi && visible(b, h, i, j, off, lk)) {
+                    x = finish_logit(b, h, i, j, off, t[e]);
+                }
+                t[e] = x;
+            }
+            for (var e = 0u; e < R * KBL; e++) { // unroll
+                s[e] = t[e];
+            }
+        }
+        // Softmax: the block's row max over every lane's keys, then this lane's weights.
+        var alpha: array<f32, R>;
+        // Weights as one vec4 per row (KBL = 4): the PV loop below picks a key by a dynamic
+        // component index, which compiles to selects; a dynamic index into an array would put
+        // the array in memory.
+        var p: array<vec4<f32>, R>;
+        for (var r = 0u; r < R; r++) { // unroll
+            var mb = m[r];
+            for (var c = 0u; c < KBL; c++) { // unroll
+                mb = max(mb, s[r * KBL + c]);
+            }
+            mb = subgroupMax(mb);
+            alpha[r] = sm_rescale(m[r], mb);
+            var ps = 0.0;
+            for (var c = 0u; c < KBL; c++) { // unroll
+                let w = sm_weight(s[r * KBL + c], mb);
+                p[r][c] = w;
+                ps += w;
+            }
+            l[r] = l[r] * alpha[r] + ps;
+            m[r] = mb;
+            for (var n = 0u; n < NV8; n++) { // unroll
+                acc[r * NV8 + n] *= alpha[r];
+            }
+        }
+        // O: lane `lid` adds p·V over every key of the block for its own output columns; the
+        // weights of key j0 + c·WG + u come from lane u.
+        for (var c = 0u; c < KBL; c++) {
+            var pc: array<f32, R>;
+            for (var r = 0u; r < R; r++) { // unroll
+                pc[r] = p[r][c];
+            }
+            // Not unrolled: with constant shuffle lanes it measured within noise (2.7-3.1 vs
+            // 3.1-3.4 GFLOP/s, D = 64) and took 0.5-1 s longer to compile.
+            for (var u = 0u; u < WG; u++) {
+                let jl = u32(clamp(j0 + i32(c * WG + u) - i32(params.key_base), 0, last_row));
+                let vb = kv_row(b, jl, params.v_sb, params.v_ss) + kvh * params.v_sh;
+                var w: array<f32, R>;
+                for (var r = 0u; r < R; r++) { // unroll
+                    w[r] = subgroupShuffle(pc[r], u);
+                }
+                for (var n = 0u; n < NV8; n++) { // unroll
+                    let col = n * WG + lid;
+                    let vv = v4(vb, 4u * min(col, DV4 - 1u));
+                    for (var r = 0u; r < R; r++) { // unroll
+                        if clean {
+                            acc[r * NV8 + n] += w[r] * vv;
+                        } else {
+                            // A weight of 0 adds nothing even where V is NaN or inf.
+                            acc[r * NV8 + n] += select(zero4, w[r] * vv, !(w[r] == 0.0));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    let rows = params.batch * params.q_heads * params.q_len;
+    for (var r = 0u; r < R; r++) { // unroll
+        let ll = subgroupAdd(l[r]);
+        let rr = r0 + r;
+        let i = row_pos(rr);
+        let h = row_head(unit, rr);
+        if rr < unit_rows {
+            let valid = i < lq && sm_row_valid(ll);
+            let row = chunk * rows + (b * params.q_heads + h) * params.q_len + i;
+            var o_base = b * params.o_sb + i * params.o_ss + h * params.o_sh;
+            if params.num_chunks > 1u {
+                o_base = row * V_DIM;
+            }
+            for (var n = 0u; n < NV8; n++) { // unroll
+                let col = n * WG + lid;
+                var o = zero4;
+                if valid {
+                    o = acc[r * NV8 + n] / ll;
+                }
+                for (var c = 0u; c < 4u; c++) {
+                    if col < DV4 && 4u * col + c < V_DIM {
+                        out[o_base + 4u * col + c] = o[c];
+                    }
+                }
+            }
+            if lid == 0u {
+                lse[row] = select(ninf, sm_lse(m[r], ll), valid);
+            }
+        }
+    }
+}
+
+// Query head of row `rr` of a unit (a (batch, head) pair, or with PACK_GQA a (batch, kv head)).
+fn row_head(unit: u32, rr: u32) -> u32 {
+    if PACK_GQA {
+        return (unit % params.kv_heads) * params.group + rr % params.group;
+    }
+    return unit % params.q_heads;
+}
+
+// Query position of row `rr` of a unit.
+fn row_pos(rr: u32) -> u32 {
+    if PACK_GQA {
+        return rr / params.group;
+    }
+    return rr;
+}
+
+// Element index of key/value row j of batch entry b (head 0, dim 0): strided, or through the
+// block table in aux when PAGED (pages of page_size rows of seq_stride elements).
+fn kv_row(b: u32, j: u32, batch_stride: u32, seq_stride: u32) -> u32 {
+    if PAGED {
+        let page = aux[params.table_off + b * params.table_stride + j / params.page_size];
+        return (page * params.page_size + j % params.page_size) * seq_stride;
+    }
+    return b * batch_stride + j * seq_stride;
+}
