@@ -1,5 +1,5 @@
 // flash_rows.wgsl — fused attention with an online softmax for CPU adapters (lavapipe, llvmpipe,
-// WARP, SwiftShader): one subgroup per workgroup, R = 16 (or 8) query rows, K and V read straight from the
+// WARP, SwiftShader): one subgroup per workgroup, 8 query rows, K and V read straight from the
 // buffers, no workgroup memory in the key loop and no barrier after the start.
 //
 // Why this shape (read from Mesa 22.3's gallivm and measured on lavapipe: README, Performance):
@@ -38,10 +38,8 @@ override VEC4_KV: bool = false;
 
 // Query rows per workgroup (every lane works on all of them) and keys per lane per block: a
 // block is KBL·WG keys, key j0 + c·WG + lane for c < KBL; the running max moves once per block.
-// R sizes register arrays, so it is a const that kernels.rs rewrites to the variant's BQ (the
-// override, which names the variant); KBL is mirrored by FlashTiles::ROWS_KBL.
-override BQ: u32 = 8u;
-const R: u32 = 8u; // register rows
+// kernels.rs mirrors both (FlashTiles::ROWS_R, ROWS_KBL).
+const R: u32 = 8u;
 const KBL: u32 = 4u;
 // Lane `lane` owns the output vec4 columns lane + WG·n, n < NV8 = ceil(ceil(V_DIM / 4) / WG). A
 // function-scope array needs a constant size, which an override cannot give, so kernels.rs

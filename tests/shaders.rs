@@ -64,10 +64,10 @@ fn variants() -> Vec<Variant> {
             }
         }
         // The row kernel for CPU adapters: AVX2 (8 lanes), SSE (4) and, unused but legal, 32.
-        for (lanes, rows) in [(8, 16), (8, 8), (4, 8), (32, 16)] {
+        for lanes in [8, 4, 32] {
             for dt in dts {
                 for (gqa, paged) in [(false, false), (true, false), (true, true)] {
-                    let t = FlashTiles::rows(lanes, rows);
+                    let t = FlashTiles::rows(lanes);
                     if !t.fits(d, dv, 48 * 1024) {
                         continue;
                     }
@@ -419,7 +419,7 @@ fn tile_choosers_match_the_declared_workgroups() {
             };
             (t.threads(), t.workgroup_bytes(d, dv))
         } else if variant.shader == Shader::FlashRows {
-            let t = FlashTiles::rows(c("WG"), c("BQ"));
+            let t = FlashTiles::rows(c("WG"));
             (t.threads(), t.workgroup_bytes(d, dv))
         } else {
             let t = CoopTiles {

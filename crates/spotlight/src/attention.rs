@@ -333,10 +333,8 @@ impl Engine {
             && caps.subgroup_min_size == caps.subgroup_max_size
             && (4..=64).contains(&caps.subgroup_min_size))
         .then_some(caps.subgroup_min_size);
-        let [few, many] = FlashTiles::ROWS_R;
-        let rows_r = if rows >= many as usize { many } else { few };
         let lanes = lanes.filter(|&n| {
-            FlashTiles::rows(n, rows_r).fits(
+            FlashTiles::rows(n).fits(
                 p.head_dim as u32,
                 p.v_head_dim as u32,
                 caps.max_workgroup_memory,
@@ -360,8 +358,8 @@ impl Engine {
                     }
                 ));
             }
-            (Some(FlashLayout::Rows), Some(lanes)) => return Ok(FlashTiles::rows(lanes, rows_r)),
-            (None, Some(lanes)) if cpu => return Ok(FlashTiles::rows(lanes, rows_r)),
+            (Some(FlashLayout::Rows), Some(lanes)) => return Ok(FlashTiles::rows(lanes)),
+            (None, Some(lanes)) if cpu => return Ok(FlashTiles::rows(lanes)),
             _ => {}
         }
         FlashTiles::choose(

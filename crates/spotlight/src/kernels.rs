@@ -276,13 +276,8 @@ pub struct FlashTiles {
 }
 
 impl FlashTiles {
-    /// Query rows per workgroup of `flash_rows.wgsl` (its `const R`, rewritten per variant):
-    /// 16 where a workgroup unit has that many rows, else 8. Measured 2026-11-28 on lavapipe
-    /// (`spotlight bench --config 1,1024,2,64 --algorithm flash`): 8 rows 3.1-3.4 GFLOP/s,
-    /// 16 rows 4.7-4.9 (each K/V vector a lane loads feeds twice the FMAs), at twice the
-    /// compile (first call 2 s -> 3.8 s at D = 64). Decoding (a few rows per key/value head)
-    /// keeps 8.
-    pub const ROWS_R: [u32; 2] = [8, 16];
+    /// Query rows per workgroup of `flash_rows.wgsl` (its `const R`).
+    pub const ROWS_R: u32 = 8;
     /// Keys per lane per block of `flash_rows.wgsl` (its `const KBL`).
     pub const ROWS_KBL: u32 = 4;
 
@@ -300,11 +295,10 @@ impl FlashTiles {
     }
 
     /// The row kernel's configuration for subgroups of `lanes` invocations (one subgroup per
-    /// workgroup): `rows` query rows (one of `ROWS_R`), blocks of `ROWS_KBL · lanes` keys; `tpr`
-    /// is the lanes.
-    pub fn rows(lanes: u32, rows: u32) -> Self {
+    /// workgroup): `ROWS_R` query rows, blocks of `ROWS_KBL · lanes` keys; `tpr` is the lanes.
+    pub fn rows(lanes: u32) -> Self {
         FlashTiles {
-            bq: rows,
+            bq: Self::ROWS_R,
             bk: Self::ROWS_KBL * lanes,
             tpr: lanes,
             layout: FlashLayout::Rows,
@@ -454,7 +448,6 @@ impl Variant {
                     ("HEAD_DIM", d),
                     ("V_DIM", dv),
                     ("WG", tiles.tpr),
-                    ("BQ", tiles.bq),
                     ("PACK_GQA", pack_gqa as u32),
                     ("PAGED", paged as u32),
                     ("VEC4_KV", 0),
@@ -661,19 +654,11 @@ impl Variant {
                     );
                 }
             }
-            let rows = self.constant("BQ");
-            let tag = "// register rows";
-            let line = src
-                .lines()
-                .find(|l| l.starts_with("const R: u32 = ") && l.ends_with(tag))
-                .expect("flash_rows.wgsl declares `const R`")
-                .to_string();
-            src = src.replace(&line, &format!("const R: u32 = {rows}u; {tag}"));
             let bounds = [
                 ("4u", 4),
-                ("R", rows),
+                ("R", FlashTiles::ROWS_R),
                 ("KBL", FlashTiles::ROWS_KBL),
-                ("R * KBL", rows * FlashTiles::ROWS_KBL),
+                ("R * KBL", FlashTiles::ROWS_R * FlashTiles::ROWS_KBL),
                 ("WG", wg),
                 ("NV8", nv),
             ];
