@@ -33,8 +33,6 @@ override V_DIM: u32 = 64u;
 override BQ: u32 = 32u;
 override BK: u32 = 32u;
 override TPR: u32 = 8u;
-override PACK_GQA: bool = false;
-override PAGED: bool = false;
 // Row max and sum through subgroup shuffles instead of workgroup memory. Only set where every
 // subgroup size is a multiple of TPR, so a row group's TPR threads share one subgroup; the
 // variant that sets it also gets the shuffle versions of row_max / row_add below (kernels.rs).
@@ -389,32 +387,6 @@ fn main(
 // the code (and lavapipe's compile time) without making the kernel faster.
 fn opaque(n: u32) -> u32 {
     return n - u32(params.q_len == 0xffffffffu);
-}
-
-// Query head of row `rr` of a unit (a (batch, head) pair, or with PACK_GQA a (batch, kv head)).
-fn row_head(unit: u32, rr: u32) -> u32 {
-    if PACK_GQA {
-        return (unit % params.kv_heads) * params.group + rr % params.group;
-    }
-    return unit % params.q_heads;
-}
-
-// Query position of row `rr` of a unit.
-fn row_pos(rr: u32) -> u32 {
-    if PACK_GQA {
-        return rr / params.group;
-    }
-    return rr;
-}
-
-// Element index of key/value row j of batch entry b (head 0, dim 0): strided, or through the
-// block table in aux when PAGED (pages of page_size rows of seq_stride elements).
-fn kv_row(b: u32, j: u32, batch_stride: u32, seq_stride: u32) -> u32 {
-    if PAGED {
-        let page = aux[params.table_off + b * params.table_stride + j / params.page_size];
-        return (page * params.page_size + j % params.page_size) * seq_stride;
-    }
-    return b * batch_stride + j * seq_stride;
 }
 
 // Row-group reductions over TPR threads, for 4 rows at once. These stubs are never called

@@ -31,8 +31,6 @@ override V_DT: u32 = 0u;
 override HEAD_DIM: u32 = 64u;
 override V_DIM: u32 = 64u;
 override WG: u32 = 8u;
-override PACK_GQA: bool = false;
-override PAGED: bool = false;
 // K and V read four elements per load (see k4 below; set by kernels.rs with the rewrite).
 override VEC4_KV: bool = false;
 
@@ -335,30 +333,4 @@ fn main(
             }
         }
     }
-}
-
-// Query head of row `rr` of a unit (a (batch, head) pair, or with PACK_GQA a (batch, kv head)).
-fn row_head(unit: u32, rr: u32) -> u32 {
-    if PACK_GQA {
-        return (unit % params.kv_heads) * params.group + rr % params.group;
-    }
-    return unit % params.q_heads;
-}
-
-// Query position of row `rr` of a unit.
-fn row_pos(rr: u32) -> u32 {
-    if PACK_GQA {
-        return rr / params.group;
-    }
-    return rr;
-}
-
-// Element index of key/value row j of batch entry b (head 0, dim 0): strided, or through the
-// block table in aux when PAGED (pages of page_size rows of seq_stride elements).
-fn kv_row(b: u32, j: u32, batch_stride: u32, seq_stride: u32) -> u32 {
-    if PAGED {
-        let page = aux[params.table_off + b * params.table_stride + j / params.page_size];
-        return (page * params.page_size + j % params.page_size) * seq_stride;
-    }
-    return b * batch_stride + j * seq_stride;
 }

@@ -22,6 +22,7 @@ pub mod source {
     pub const PV: &str = include_str!("../../../shaders/pv.wgsl");
     pub const FLASH: &str = include_str!("../../../shaders/flash.wgsl");
     pub const FLASH_ROWS: &str = include_str!("../../../shaders/flash_rows.wgsl");
+    pub const FUSED_UNITS: &str = include_str!("../../../shaders/fused_units.wgsl");
     pub const PACK: &str = include_str!("../../../shaders/pack.wgsl");
     pub const MERGE: &str = include_str!("../../../shaders/merge.wgsl");
     pub const STREAM: &str = include_str!("../../../shaders/stream.wgsl");
@@ -40,6 +41,7 @@ pub mod source {
         ("pv.wgsl", PV),
         ("flash.wgsl", FLASH),
         ("flash_rows.wgsl", FLASH_ROWS),
+        ("fused_units.wgsl", FUSED_UNITS),
         ("pack.wgsl", PACK),
         ("merge.wgsl", MERGE),
         ("stream.wgsl", STREAM),
@@ -134,8 +136,8 @@ impl Shader {
             Shader::Scores => [COMMON, LOGITS, QK_TILE, SCORES].concat(),
             Shader::Softmax => [COMMON, SOFTMAX_RULES, SOFTMAX].concat(),
             Shader::Pv => [COMMON, PV].concat(),
-            Shader::Flash => [COMMON, LOGITS, SOFTMAX_RULES, FLASH].concat(),
-            Shader::FlashRows => [COMMON, LOGITS, SOFTMAX_RULES, FLASH_ROWS].concat(),
+            Shader::Flash => [COMMON, LOGITS, SOFTMAX_RULES, FUSED_UNITS, FLASH].concat(),
+            Shader::FlashRows => [COMMON, LOGITS, SOFTMAX_RULES, FUSED_UNITS, FLASH_ROWS].concat(),
             Shader::Pack => PACK.to_string(),
             Shader::Merge => [COMMON, SOFTMAX_RULES, MERGE].concat(),
             Shader::Stream => STREAM.to_string(),
