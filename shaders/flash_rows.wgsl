@@ -37,7 +37,7 @@ override VEC4_KV: bool = false;
 // Query rows per workgroup (every lane works on all of them) and keys per lane per block: a
 // block is KBL·WG keys, key j0 + c·WG + lane for c < KBL; the running max moves once per block.
 // kernels.rs mirrors both (FlashTiles::ROWS_R, ROWS_KBL).
-const R: u32 = 8u;
+const R: u32 = 8u; // rows per workgroup
 const KBL: u32 = 4u;
 // Lane `lane` owns the output vec4 columns lane + WG·n, n < NV8 = ceil(ceil(V_DIM / 4) / WG). A
 // function-scope array needs a constant size, which an override cannot give, so kernels.rs
@@ -88,19 +88,6 @@ fn v4_scalar(base: u32, d0: u32) -> vec4<f32> {
         }
     }
     return x;
-}
-
-// Four elements from the words of a wide load (VEC4_KV): f32 as vec4<u32>, f16 and bf16 packed
-// two per word as vec2<u32>.
-fn wide_f32(w: vec4<u32>) -> vec4<f32> {
-    return bitcast<vec4<f32>>(w);
-}
-
-fn wide_half(w: vec2<u32>, dt: u32) -> vec4<f32> {
-    if dt == 1u {
-        return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
-    }
-    return bitcast<vec4<f32>>(vec4<u32>(w.x << 16u, w.x & 0xffff0000u, w.y << 16u, w.y & 0xffff0000u));
 }
 
 @compute @workgroup_size(WG)

@@ -4,7 +4,7 @@
 
 use spotlight::reference::random::Rng;
 use spotlight::reference::{self, Broadcast, compare};
-use spotlight::{BackwardOptions, DType, Engine, Problem, RunOptions, Tensor};
+use spotlight::{BackwardOptions, DType, Engine, FlashLayout, Problem, RunOptions, Tensor};
 
 use crate::common::{Data, engine, packed_engine};
 use crate::differential::random_problem;
@@ -111,6 +111,9 @@ fn backward_random_problems_match_reference_gradients() {
         let out_dtype = rng.pick(&[DType::F32, DType::F32, DType::F16, DType::Bf16]);
         let opts = BackwardOptions {
             max_tiles_per_dispatch: (seed % 3 == 0).then_some(1 + (seed % 2) as u32),
+            // A quarter of the problems run the tiled kernels where the row kernels are the
+            // default (CPU adapters); elsewhere the default already is the tiled one.
+            layout: (seed % 4 == 3).then_some(FlashLayout::Tiled),
         };
         let e = if seed % 2 == 1 {
             packed_engine().expect("engine")
@@ -284,6 +287,11 @@ fn backward_is_bitwise_deterministic() {
         BackwardOptions::default(),
         BackwardOptions {
             max_tiles_per_dispatch: Some(1),
+            ..Default::default()
+        },
+        BackwardOptions {
+            layout: Some(FlashLayout::Tiled),
+            ..Default::default()
         },
     ] {
         let runs: Vec<_> = (0..3)

@@ -3,6 +3,7 @@
 
 use spotlight::kernels::{CoopTiles, FlashLayout, FlashTiles, Shader, Variant, source};
 use spotlight::reference::DType;
+use spotlight::{BackwardPass, BackwardTiles};
 
 fn module(src: &str, name: &str) -> (naga::Module, naga::valid::ModuleInfo) {
     let module = naga::front::wgsl::parse_str(src)
@@ -73,6 +74,27 @@ fn variants() -> Vec<Variant> {
                     }
                     let v = Variant::flash([dt, dt, dt], d, dv, t, gqa, paged);
                     if d % 4 == 0 && dv % 4 == 0 {
+                        out.push(v.clone().vec4_kv(true));
+                    }
+                    out.push(v);
+                }
+            }
+        }
+    }
+    // The backward's main passes: tiled (lavapipe's and NVIDIA's workgroup memory) and the row
+    // kernels (8, 4 and 32 lanes), every dtype, dO in f32 and f16, with and without dS.
+    for (d, dv) in [(16, 16), (40, 24), (64, 64), (128, 128), (256, 256)] {
+        let mut tiles: Vec<BackwardTiles> = [32 * 1024, 48 * 1024]
+            .iter()
+            .filter_map(|&mem| BackwardTiles::choose(d, dv, mem, 256))
+            .collect();
+        tiles.extend([8, 4, 32].map(BackwardTiles::rows));
+        for t in tiles {
+            for dt in dts {
+                for (query, write_ds) in [(false, false), (true, false), (true, true)] {
+                    let d_out = if write_ds { DType::F16 } else { DType::F32 };
+                    let v = Variant::backward_main(query, [dt, dt, dt], d_out, d, dv, t, write_ds);
+                    if t.layout == FlashLayout::Rows && d % 4 == 0 && dv % 4 == 0 {
                         out.push(v.clone().vec4_kv(true));
                     }
                     out.push(v);
@@ -408,9 +430,15 @@ fn tile_choosers_match_the_declared_workgroups() {
         let bytes = workgroup_bytes(&module);
         let (d, dv) = match variant.shader {
             Shader::Flash | Shader::FlashRows | Shader::FlashCoop => (c("HEAD_DIM"), c("V_DIM")),
+            Shader::Backward(BackwardPass::KeyValueRows | BackwardPass::QueryRows) => {
+                (c("HEAD_DIM"), c("V_DIM"))
+            }
             _ => continue,
         };
-        let (threads, expect_bytes) = if variant.shader == Shader::Flash {
+        let (threads, expect_bytes) = if let Shader::Backward(_) = variant.shader {
+            let t = BackwardTiles::rows(c("WG"));
+            (t.tpr, t.rows_bytes(d, dv))
+        } else if variant.shader == Shader::Flash {
             let t = FlashTiles {
                 bq: c("BQ"),
                 bk: c("BK"),
@@ -477,9 +505,15 @@ fn unroll_marked_unrolls_nested_marked_loops_only() {
 fn row_kernel_variants_have_no_marked_loops_left() {
     let rows: Vec<Variant> = variants()
         .into_iter()
-        .filter(|v| v.shader == Shader::FlashRows)
+        .filter(|v| {
+            matches!(
+                v.shader,
+                Shader::FlashRows
+                    | Shader::Backward(BackwardPass::KeyValueRows | BackwardPass::QueryRows)
+            )
+        })
         .collect();
-    assert!(rows.len() > 50, "only {} row-kernel variants", rows.len());
+    assert!(rows.len() > 100, "only {} row-kernel variants", rows.len());
     for v in rows {
         let src = v.source();
         assert!(!src.contains("{ // unroll"), "{}: marker left", v.name());

@@ -62,7 +62,8 @@ pub struct BenchArgs {
     /// Backward pass instead: its FLOP rate and its time beside the forward's (bench_backward.rs).
     #[arg(long)]
     backward: bool,
-    /// Fused scalar kernel: tiled or rows (default: the adapter decides, rows on a CPU adapter).
+    /// Fused scalar kernels (forward and, with --backward, backward): tiled or rows (default: the
+    /// adapter decides, rows on a CPU adapter).
     #[arg(long)]
     flash_layout: Option<FlashLayout>,
     /// Timed repetitions (the median is reported).
@@ -332,7 +333,7 @@ pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
         return crate::layer::bench(a.lens.as_deref(), a.repeats, true);
     }
     if a.backward {
-        return crate::bench_backward::main(&a.configs, a.repeats);
+        return crate::bench_backward::main(&a.configs, a.repeats, a.flash_layout);
     }
     let engine = Engine::new()?;
     let info = engine.adapter_info();

@@ -5,13 +5,18 @@ use anyhow::{Context, bail};
 use spotlight::reference::random::Rng;
 use spotlight::wgpu;
 use spotlight::{
-    BackwardOptions, DType, Engine, GpuForward, GpuGradients, Inputs, Problem, RunOptions,
-    TensorRef,
+    BackwardOptions, DType, Engine, FlashLayout, GpuForward, GpuGradients, Inputs, Problem,
+    RunOptions, TensorRef,
 };
 
 /// Times forward (flash, with LSE) and backward for each `B,L,H,D[,causal]` configuration
-/// (default 1,1024,2,64), f32, median of `repeats` after one warm-up each.
-pub fn main(configs: &[String], repeats: Option<usize>) -> anyhow::Result<()> {
+/// (default 1,1024,2,64), f32, median of `repeats` after one warm-up each. `layout` forces the
+/// tiled or the row kernels for both directions (`--flash-layout`; default: the adapter decides).
+pub fn main(
+    configs: &[String],
+    repeats: Option<usize>,
+    layout: Option<FlashLayout>,
+) -> anyhow::Result<()> {
     let engine = Engine::new()?;
     let configs = if configs.is_empty() {
         vec!["1,1024,2,64".to_string()]
@@ -45,6 +50,11 @@ pub fn main(configs: &[String], repeats: Option<usize>) -> anyhow::Result<()> {
             algorithm: spotlight::Algorithm::Flash,
             lse: true,
             out_dtype: Some(DType::F32),
+            flash_layout: layout,
+            ..Default::default()
+        };
+        let bopts = BackwardOptions {
+            layout,
             ..Default::default()
         };
         let r = engine.upload(&p, &inputs, &opts)?;
@@ -93,7 +103,7 @@ pub fn main(configs: &[String], repeats: Option<usize>) -> anyhow::Result<()> {
                     &dout,
                     DType::F32,
                     &g,
-                    &BackwardOptions::default(),
+                    &bopts,
                 )
             })
         };

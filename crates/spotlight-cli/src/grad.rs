@@ -72,6 +72,7 @@ pub fn main(a: &GradArgs) -> anyhow::Result<()> {
             .with_context(|| format!("running attention on {}", engine.describe()))?;
         let bopts = BackwardOptions {
             max_tiles_per_dispatch: a.max_tiles_per_dispatch,
+            layout: None,
         };
         let g = engine
             .attention_backward(p, &inputs, &fwd, d_out.as_ref(), &bopts)

@@ -291,7 +291,7 @@ const THREE_PASS_MAX_KEYS_BOUNDED: usize = 3_600_000;
 /// Whether every K and V row starts at a multiple of 4 elements (so the row kernel may read
 /// them four elements per load): head dims and every stride (batch, sequence, head; with a paged
 /// cache the same strides inside a page) are multiples of 4.
-fn wide_kv_rows(p: &Problem) -> bool {
+pub(crate) fn wide_kv_rows(p: &Problem) -> bool {
     let (k, v) = (p.k_strides(), p.v_strides());
     [
         p.head_dim,
@@ -328,19 +328,14 @@ impl Engine {
                 8 - caps.max_storage_buffers_per_stage
             ));
         }
-        // The row kernel needs subgroups of one fixed size (its workgroup is one subgroup).
-        let lanes = (self.uses_subgroups()
-            && caps.subgroup_min_size == caps.subgroup_max_size
-            && (4..=64).contains(&caps.subgroup_min_size))
-        .then_some(caps.subgroup_min_size);
-        let lanes = lanes.filter(|&n| {
+        let lanes = self.row_lanes().filter(|&n| {
             FlashTiles::rows(n).fits(
                 p.head_dim as u32,
                 p.v_head_dim as u32,
                 caps.max_workgroup_memory,
             )
         });
-        let cpu = self.adapter_info().device_type == wgpu::DeviceType::Cpu;
+        let cpu = self.is_cpu();
         match (layout, lanes) {
             (Some(FlashLayout::Rows), None) => {
                 return Err(format!(

@@ -24,7 +24,7 @@ use spotlight_reference::{DType, Inputs, Problem, TensorRef};
 use crate::attention::{GpuInputs, Output};
 use crate::context::Engine;
 use crate::error::{Error, Result};
-use crate::kernels::{Binding, Variant, dtype_code};
+use crate::kernels::{Binding, FlashLayout, FlashTiles, Variant, dtype_code};
 use crate::params::Params;
 
 /// The WGSL sources of the backward passes.
@@ -34,6 +34,8 @@ pub mod source {
     pub const KEY_VALUE: &str = include_str!("../../../shaders/backward_kv.wgsl");
     pub const QUERY: &str = include_str!("../../../shaders/backward_q.wgsl");
     pub const REDUCE: &str = include_str!("../../../shaders/backward_reduce.wgsl");
+    pub const KEY_VALUE_ROWS: &str = include_str!("../../../shaders/backward_kv_rows.wgsl");
+    pub const QUERY_ROWS: &str = include_str!("../../../shaders/backward_q_rows.wgsl");
 }
 
 /// One pass of the backward (a kernel of [`crate::kernels::Shader::Backward`]).
@@ -47,6 +49,10 @@ pub enum BackwardPass {
     Query,
     /// dBias from dS, summed over broadcast dims.
     Reduce,
+    /// dK and dV for CPU adapters: one subgroup per workgroup (`backward_kv_rows.wgsl`).
+    KeyValueRows,
+    /// dQ (and dS) for CPU adapters: one subgroup per workgroup (`backward_q_rows.wgsl`).
+    QueryRows,
 }
 
 impl BackwardPass {
@@ -56,11 +62,13 @@ impl BackwardPass {
             BackwardPass::KeyValue => "backward_kv",
             BackwardPass::Query => "backward_q",
             BackwardPass::Reduce => "backward_reduce",
+            BackwardPass::KeyValueRows => "backward_kv_rows",
+            BackwardPass::QueryRows => "backward_q_rows",
         }
     }
 
     pub fn source(self) -> String {
-        use crate::kernels::source::{COMMON as C, LOGITS, SOFTMAX_RULES as RULES};
+        use crate::kernels::source::{COMMON as C, LOGITS, ROW_LOADS, SOFTMAX_RULES as RULES};
         match self {
             BackwardPass::Pre => [C, source::PRE].concat(),
             BackwardPass::KeyValue => {
@@ -68,6 +76,24 @@ impl BackwardPass {
             }
             BackwardPass::Query => [C, LOGITS, RULES, source::COMMON, source::QUERY].concat(),
             BackwardPass::Reduce => [C, source::REDUCE].concat(),
+            BackwardPass::KeyValueRows => [
+                C,
+                LOGITS,
+                RULES,
+                source::COMMON,
+                ROW_LOADS,
+                source::KEY_VALUE_ROWS,
+            ]
+            .concat(),
+            BackwardPass::QueryRows => [
+                C,
+                LOGITS,
+                RULES,
+                source::COMMON,
+                ROW_LOADS,
+                source::QUERY_ROWS,
+            ]
+            .concat(),
         }
     }
 
@@ -82,7 +108,10 @@ impl BackwardPass {
                 (6, Read),
                 (7, ReadWrite),
             ],
-            BackwardPass::KeyValue | BackwardPass::Query => &[
+            BackwardPass::KeyValue
+            | BackwardPass::Query
+            | BackwardPass::KeyValueRows
+            | BackwardPass::QueryRows => &[
                 (0, Uniform),
                 (1, Read),
                 (2, Read),
@@ -108,11 +137,19 @@ pub struct BackwardTiles {
     /// Query pass: query rows per workgroup and keys per streamed tile.
     pub q_bq: u32,
     pub q_bk: u32,
-    /// Threads per key (key/value pass) or per query row (query pass).
+    /// Threads per key (key/value pass) or per query row (query pass); the lanes of the
+    /// subgroup for the row kernels.
     pub tpr: u32,
+    /// The tiled kernels (`backward_kv.wgsl`, `backward_q.wgsl`) or the row kernels for CPU
+    /// adapters (`backward_kv_rows.wgsl`, `backward_q_rows.wgsl`).
+    pub layout: FlashLayout,
 }
 
 impl BackwardTiles {
+    /// Keys (key/value pass) or query rows (query pass) per workgroup of the row kernels (their
+    /// `const R`, rewritten per pipeline).
+    pub const ROWS_R: u32 = 8;
+
     /// Workgroup bytes of the key/value pass.
     pub fn kv_bytes(bk: u32, bq: u32, d: u32, dv: u32) -> u64 {
         4 * (bq * d + bq * dv + bk * d + bk * dv + 2 * bk * bq + 2 * bq) as u64
@@ -163,7 +200,30 @@ impl BackwardTiles {
             q_bq,
             q_bk,
             tpr,
+            layout: FlashLayout::Tiled,
         })
+    }
+
+    /// The row kernels' tiles for subgroups of `lanes` invocations (one subgroup per
+    /// workgroup): [`Self::ROWS_R`] keys (key/value pass) or query rows (query pass) per workgroup,
+    /// streamed in blocks of `ROWS_KBL · lanes` rows or keys (the forward row kernel's shape).
+    pub fn rows(lanes: u32) -> Self {
+        let (r, block) = (Self::ROWS_R, FlashTiles::ROWS_KBL * lanes);
+        BackwardTiles {
+            kv_bk: r,
+            kv_bq: block,
+            q_bq: r,
+            q_bk: block,
+            tpr: lanes,
+            layout: FlashLayout::Rows,
+        }
+    }
+
+    /// Workgroup bytes of the row kernels (the larger of the two): the R staged rows of
+    /// ceil(ceil(dim / 4) / lanes) · lanes vec4 for both dims.
+    pub fn rows_bytes(&self, d: u32, dv: u32) -> u64 {
+        let staged = |dim: u32| dim.div_ceil(4).div_ceil(self.tpr) * self.tpr;
+        16 * (Self::ROWS_R * (staged(d) + staged(dv))) as u64
     }
 
     /// Loop iterations one key/value-pass invocation runs per query tile and head (an estimate
@@ -214,6 +274,31 @@ impl Variant {
         tiles: BackwardTiles,
         write_ds: bool,
     ) -> Self {
+        if tiles.layout == FlashLayout::Rows {
+            let pass = if query {
+                BackwardPass::QueryRows
+            } else {
+                BackwardPass::KeyValueRows
+            };
+            let mut constants = vec![
+                ("Q_DT", dtype_code(dtypes[0])),
+                ("K_DT", dtype_code(dtypes[1])),
+                ("V_DT", dtype_code(dtypes[2])),
+                ("DO_DT", dtype_code(d_out)),
+                ("HEAD_DIM", d),
+                ("V_DIM", dv),
+                ("WG", tiles.tpr),
+            ];
+            if query {
+                constants.push(("WRITE_DS", write_ds as u32));
+            }
+            constants.push(("VEC4_KV", 0));
+            return Variant {
+                shader: crate::kernels::Shader::Backward(pass),
+                native_f16: false,
+                constants,
+            };
+        }
         let (pass, bq, bk) = if query {
             (BackwardPass::Query, tiles.q_bq, tiles.q_bk)
         } else {
@@ -256,6 +341,9 @@ pub struct BackwardOptions {
     /// dispatches of at most this many tiles, each adding to the previous ones in a fixed order.
     /// The adapter bounds it where loops are bounded (llvmpipe); `None`: the adapter decides.
     pub max_tiles_per_dispatch: Option<u32>,
+    /// Force the tiled or the row kernels (`None`: the row kernels on CPU adapters with
+    /// subgroups of one fixed size, as the forward chooses; the tiled ones elsewhere).
+    pub layout: Option<FlashLayout>,
 }
 
 /// Gradients returned by [`Engine::attention_backward`], f32, each in its input's layout.
@@ -294,6 +382,10 @@ pub struct GpuGradients<'a> {
 #[derive(Clone, Copy, Debug)]
 struct BackwardPlan {
     tiles: BackwardTiles,
+    /// Row kernels: the query pass reads K and V, the key/value pass Q and dO, four elements
+    /// per load (every row 4-aligned).
+    wide_kv: bool,
+    wide_qo: bool,
     /// Query tiles per key/value-pass dispatch and key tiles per query-pass dispatch.
     kv_step: u32,
     q_step: u32,
@@ -319,14 +411,52 @@ impl Engine {
             )));
         }
         let (d, dv) = (p.head_dim as u32, p.v_head_dim as u32);
-        let tiles = BackwardTiles::choose(d, dv, caps.max_workgroup_memory, caps.max_invocations)
-            .ok_or_else(|| {
-            unsupported(format!(
-                "head dims D={d} Dv={dv} need more than the {} bytes of workgroup memory \
-                     (or exceed 512)",
-                caps.max_workgroup_memory
-            ))
-        })?;
+        // The row kernels, as the forward chooses them: on CPU adapters whose subgroups have one
+        // fixed size, for head dims up to FlashTiles::ROWS_MAX_DIM.
+        let rows = self.row_lanes().map(BackwardTiles::rows).filter(|t| {
+            d.max(dv) <= FlashTiles::ROWS_MAX_DIM
+                && t.rows_bytes(d, dv) <= caps.max_workgroup_memory as u64
+        });
+        let tiles = match (opts.layout, rows) {
+            (Some(FlashLayout::Rows), None) => {
+                return Err(unsupported(format!(
+                    "the row kernels need head dims D, Dv <= {} and subgroups of one fixed size \
+                     between 4 and 64; this problem has D={d} Dv={dv}, this device's subgroups: {}",
+                    FlashTiles::ROWS_MAX_DIM,
+                    if caps.subgroups {
+                        format!(
+                            "sizes {}..={}",
+                            caps.subgroup_min_size, caps.subgroup_max_size
+                        )
+                    } else {
+                        "none (or they are turned off)".to_string()
+                    }
+                )));
+            }
+            (Some(FlashLayout::Rows), Some(t)) => t,
+            (None, Some(t)) if self.is_cpu() => t,
+            _ => BackwardTiles::choose(d, dv, caps.max_workgroup_memory, caps.max_invocations)
+                .ok_or_else(|| {
+                    unsupported(format!(
+                        "head dims D={d} Dv={dv} need more than the {} bytes of workgroup \
+                         memory (or exceed 512)",
+                        caps.max_workgroup_memory
+                    ))
+                })?,
+        };
+        let (qs, os) = (p.q_strides(), p.o_strides());
+        let wide_qo = [
+            p.head_dim,
+            p.v_head_dim,
+            qs.batch,
+            qs.seq,
+            qs.head,
+            os.batch,
+            os.seq,
+            os.head,
+        ]
+        .iter()
+        .all(|x| x % 4 == 0);
         let rows = p.lse_elems() as u64;
         let ds = p.bias.map_or(0, |_| p.probs_elems() as u64);
         let bcast = |b: Option<spotlight_reference::Broadcast>| {
@@ -409,6 +539,8 @@ impl Engine {
         }
         Ok(BackwardPlan {
             tiles,
+            wide_kv: crate::attention::wide_kv_rows(p),
+            wide_qo,
             kv_step,
             q_step,
         })
@@ -720,6 +852,7 @@ impl Engine {
         let kv = self.cache.get(
             dev,
             &Variant::backward_main(false, i.dtypes, d_out.1, d, dv, t, false)
+                .vec4_kv(plan.wide_qo)
                 .native_f16(self.native_f16()),
         )?;
         let kv_groups = (p.batch * p.kv_heads) as u64 * p.kv_len.div_ceil(t.kv_bk as usize) as u64;
@@ -759,6 +892,7 @@ impl Engine {
         let qk = self.cache.get(
             dev,
             &Variant::backward_main(true, i.dtypes, d_out.1, d, dv, t, ds_elems > 0)
+                .vec4_kv(plan.wide_kv)
                 .native_f16(self.native_f16()),
         )?;
         let q_groups = (p.batch * p.q_heads) as u64 * p.q_len.div_ceil(t.q_bq as usize) as u64;

@@ -357,6 +357,22 @@ impl Engine {
         self.use_subgroups && self.caps.subgroups
     }
 
+    /// The lanes of the row kernels (`flash_rows.wgsl` and the backward's): their workgroup is
+    /// one subgroup, so the device must use subgroups of one fixed size, 4 to 64.
+    pub(crate) fn row_lanes(&self) -> Option<u32> {
+        let c = &self.caps;
+        (self.uses_subgroups()
+            && c.subgroup_min_size == c.subgroup_max_size
+            && (4..=64).contains(&c.subgroup_min_size))
+        .then_some(c.subgroup_min_size)
+    }
+
+    /// Whether this is a CPU adapter (lavapipe, llvmpipe, WARP, SwiftShader), where the row
+    /// kernels are the default.
+    pub(crate) fn is_cpu(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
     /// Whether kernels read f16 tensors natively (`SHADER_F16`).
     pub fn native_f16(&self) -> bool {
         self.native_f16

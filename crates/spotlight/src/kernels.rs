@@ -23,6 +23,7 @@ pub mod source {
     pub const FLASH: &str = include_str!("../../../shaders/flash.wgsl");
     pub const FLASH_ROWS: &str = include_str!("../../../shaders/flash_rows.wgsl");
     pub const FUSED_UNITS: &str = include_str!("../../../shaders/fused_units.wgsl");
+    pub const ROW_LOADS: &str = include_str!("../../../shaders/row_loads.wgsl");
     pub const PACK: &str = include_str!("../../../shaders/pack.wgsl");
     pub const MERGE: &str = include_str!("../../../shaders/merge.wgsl");
     pub const STREAM: &str = include_str!("../../../shaders/stream.wgsl");
@@ -42,6 +43,7 @@ pub mod source {
         ("flash.wgsl", FLASH),
         ("flash_rows.wgsl", FLASH_ROWS),
         ("fused_units.wgsl", FUSED_UNITS),
+        ("row_loads.wgsl", ROW_LOADS),
         ("pack.wgsl", PACK),
         ("merge.wgsl", MERGE),
         ("stream.wgsl", STREAM),
@@ -53,6 +55,11 @@ pub mod source {
         ("backward_kv.wgsl", crate::backward::source::KEY_VALUE),
         ("backward_q.wgsl", crate::backward::source::QUERY),
         ("backward_reduce.wgsl", crate::backward::source::REDUCE),
+        (
+            "backward_kv_rows.wgsl",
+            crate::backward::source::KEY_VALUE_ROWS,
+        ),
+        ("backward_q_rows.wgsl", crate::backward::source::QUERY_ROWS),
     ];
 }
 
@@ -94,7 +101,7 @@ pub enum Binding {
 }
 
 impl Shader {
-    pub const ALL: [Shader; 15] = [
+    pub const ALL: [Shader; 17] = [
         Shader::Scores,
         Shader::Softmax,
         Shader::Pv,
@@ -110,6 +117,8 @@ impl Shader {
         Shader::Backward(crate::backward::BackwardPass::KeyValue),
         Shader::Backward(crate::backward::BackwardPass::Query),
         Shader::Backward(crate::backward::BackwardPass::Reduce),
+        Shader::Backward(crate::backward::BackwardPass::KeyValueRows),
+        Shader::Backward(crate::backward::BackwardPass::QueryRows),
     ];
 
     pub fn name(self) -> &'static str {
@@ -137,7 +146,15 @@ impl Shader {
             Shader::Softmax => [COMMON, SOFTMAX_RULES, SOFTMAX].concat(),
             Shader::Pv => [COMMON, PV].concat(),
             Shader::Flash => [COMMON, LOGITS, SOFTMAX_RULES, FUSED_UNITS, FLASH].concat(),
-            Shader::FlashRows => [COMMON, LOGITS, SOFTMAX_RULES, FUSED_UNITS, FLASH_ROWS].concat(),
+            Shader::FlashRows => [
+                COMMON,
+                LOGITS,
+                SOFTMAX_RULES,
+                FUSED_UNITS,
+                ROW_LOADS,
+                FLASH_ROWS,
+            ]
+            .concat(),
             Shader::Pack => PACK.to_string(),
             Shader::Merge => [COMMON, SOFTMAX_RULES, MERGE].concat(),
             Shader::Stream => STREAM.to_string(),
@@ -549,8 +566,13 @@ impl Variant {
         self.constants
             .iter()
             .filter(|&&(k, v)| v == 1 && matches!(k, "Q_DT" | "K_DT" | "V_DT"))
-            // Wide K/V loads read packed words (no native f16 binding).
-            .filter(|&&(k, _)| k == "Q_DT" || self.constant("VEC4_KV") == 0)
+            // Wide loads read packed words (no native f16 binding).
+            .filter(|&&(k, _)| {
+                self.constant("VEC4_KV") == 0
+                    || !self
+                        .row_kernel()
+                        .is_some_and(|spec| spec.wide.iter().any(|w| w.1 == k))
+            })
             .map(|&(k, _)| match k {
                 "Q_DT" => "q",
                 "K_DT" => "k",
@@ -579,6 +601,38 @@ impl Variant {
 
     fn uses_subgroups(&self) -> bool {
         self.constants.contains(&("SUBGROUP_ROWS", 1))
+    }
+
+    /// What the row-kernel rewrite does to this variant (`None`: not a row kernel).
+    fn row_kernel(&self) -> Option<RowKernel> {
+        use crate::backward::BackwardPass;
+        let wg = self.constant("WG").max(1);
+        let cols = |dim: &str| self.constant(dim).div_ceil(4).div_ceil(wg).max(1);
+        const KV: [(&str, &str, &str); 2] = [("k", "K_DT", "HEAD_DIM"), ("v", "V_DT", "V_DIM")];
+        let (registers, wide) = match self.shader {
+            Shader::FlashRows => (vec![("NV8", "// register columns", cols("V_DIM"))], KV),
+            Shader::Backward(BackwardPass::QueryRows) => {
+                (vec![("NK8", "// register columns k", cols("HEAD_DIM"))], KV)
+            }
+            Shader::Backward(BackwardPass::KeyValueRows) => (
+                vec![
+                    ("NK8", "// register columns k", cols("HEAD_DIM")),
+                    ("NV8", "// register columns v", cols("V_DIM")),
+                ],
+                [("q", "Q_DT", "HEAD_DIM"), ("dout", "DO_DT", "V_DIM")],
+            ),
+            _ => return None,
+        };
+        let rows = match self.shader {
+            Shader::FlashRows => FlashTiles::ROWS_R,
+            _ => crate::backward::BackwardTiles::ROWS_R,
+        };
+        Some(RowKernel {
+            lanes: wg,
+            rows,
+            registers,
+            wide,
+        })
     }
 
     /// Reads f16 tensors natively when `native` and the variant has any (else unchanged).
@@ -610,61 +664,8 @@ impl Variant {
                 .to_string();
             src = src.replace(&line, &format!("const NC: u32 = {nc}u; {tag}"));
         }
-        if self.shader == Shader::FlashRows {
-            // The accumulator array sized for this variant (see its line in flash_rows.wgsl),
-            // then its marked loops unrolled.
-            let wg = self.constant("WG").max(1);
-            let nv = self.constant("V_DIM").div_ceil(4).div_ceil(wg).max(1);
-            let tag = "// register columns";
-            let line = src
-                .lines()
-                .find(|l| l.starts_with("const NV8: u32 = ") && l.ends_with(tag))
-                .expect("flash_rows.wgsl declares `const NV8`")
-                .to_string();
-            src = src.replace(&line, &format!("const NV8: u32 = {nv}u; {tag}"));
-            if self.constant("VEC4_KV") == 1 {
-                for (t, dt) in [("k", self.constant("K_DT")), ("v", self.constant("V_DT"))] {
-                    let (word, wide) = if dt == 0 {
-                        ("vec4<u32>", format!("wide_f32({t}[(base + d0) / 4u])"))
-                    } else {
-                        (
-                            "vec2<u32>",
-                            format!("wide_half({t}[(base + d0) / 4u], {dt}u)"),
-                        )
-                    };
-                    // Zero past the row, like the scalar loads (the dims are multiples of 4).
-                    let dim = if t == "k" { "HEAD_DIM" } else { "V_DIM" };
-                    let wide = format!("select(vec4<f32>(0.0), {wide}, d0 < {dim})");
-                    let binding = format!("array<u32>; // tensor {t}");
-                    assert!(src.contains(&binding), "flash_rows.wgsl: no tensor {t}");
-                    src = src.replace(&binding, &format!("array<{word}>; // tensor {t}"));
-                    let load = format!("fn load_{t}(idx: u32)");
-                    let start = src.find(&load).expect("flash_rows.wgsl defines its loads");
-                    let end = start + src[start..].find('\n').expect("one line");
-                    src.replace_range(start..end, "");
-                    let scalar = format!("fn {t}4_scalar(");
-                    let start = src.find(&scalar).expect("flash_rows.wgsl: scalar loads");
-                    let end = start + src[start..].find("\n}\n").expect("a function") + 3;
-                    src.replace_range(start..end, "");
-                    let line = format!(
-                        "fn {t}4(base: u32, d0: u32) -> vec4<f32> {{ return {t}4_scalar(base, d0); }} // load {t}4"
-                    );
-                    assert!(src.contains(&line), "flash_rows.wgsl: no {t}4 line");
-                    src = src.replace(
-                        &line,
-                        &format!("fn {t}4(base: u32, d0: u32) -> vec4<f32> {{ return {wide}; }}"),
-                    );
-                }
-            }
-            let bounds = [
-                ("4u", 4),
-                ("R", FlashTiles::ROWS_R),
-                ("KBL", FlashTiles::ROWS_KBL),
-                ("R * KBL", FlashTiles::ROWS_R * FlashTiles::ROWS_KBL),
-                ("WG", wg),
-                ("NV8", nv),
-            ];
-            src = unroll_marked(&src, &bounds);
+        if let Some(spec) = self.row_kernel() {
+            src = row_kernel_source(src, self, &spec);
         }
         if self.uses_subgroups() {
             for (name, op) in [
@@ -748,6 +749,85 @@ impl Variant {
 }
 
 /// Unrolls, in the text, every loop whose header line is
+/// The text rewrite of a row kernel (`flash_rows.wgsl`, `backward_q_rows.wgsl`,
+/// `backward_kv_rows.wgsl`; see the first's header for why).
+struct RowKernel {
+    /// Lanes of the subgroup (the workgroup).
+    lanes: u32,
+    /// Rows (query rows or keys) one workgroup owns: the kernel's `const R`.
+    rows: u32,
+    /// Register arrays sized per variant: the `const NAME: u32 = ..; TAG` line and its value.
+    registers: Vec<(&'static str, &'static str, u32)>,
+    /// The tensors each lane streams: (binding, dtype constant, dim constant), read four
+    /// elements per load when the variant's `VEC4_KV` is on.
+    wide: [(&'static str, &'static str, &'static str); 2],
+}
+
+/// Sizes the register arrays of a row kernel, rewrites its streamed tensors' loads as wide loads
+/// where the variant asks (`VEC4_KV`), then unrolls its marked loops.
+fn row_kernel_source(mut src: String, variant: &Variant, spec: &RowKernel) -> String {
+    let name = variant.shader.name();
+    let registers = [("R", "// rows per workgroup", spec.rows)];
+    for &(reg, tag, value) in registers.iter().chain(&spec.registers) {
+        let line = src
+            .lines()
+            .find(|l| l.starts_with(&format!("const {reg}: u32 = ")) && l.ends_with(tag))
+            .unwrap_or_else(|| panic!("{name}: no `const {reg}` line"))
+            .to_string();
+        src = src.replace(&line, &format!("const {reg}: u32 = {value}u; {tag}"));
+    }
+    if variant.constant("VEC4_KV") == 1 {
+        for (t, dt_name, dim) in spec.wide {
+            let dt = variant.constant(dt_name);
+            let (word, wide) = if dt == 0 {
+                ("vec4<u32>", format!("wide_f32({t}[(base + d0) / 4u])"))
+            } else {
+                (
+                    "vec2<u32>",
+                    format!("wide_half({t}[(base + d0) / 4u], {dt}u)"),
+                )
+            };
+            // Zero past the row, like the scalar loads (the dims are multiples of 4).
+            let wide = format!("select(vec4<f32>(0.0), {wide}, d0 < {dim})");
+            let binding = format!("array<u32>; // tensor {t}");
+            assert!(src.contains(&binding), "{name}: no tensor {t}");
+            src = src.replace(&binding, &format!("array<{word}>; // tensor {t}"));
+            let load = format!("fn load_{t}(idx: u32)");
+            let start = src.find(&load).expect("row kernels define their loads");
+            let end = start + src[start..].find('\n').expect("one line");
+            src.replace_range(start..end, "");
+            let scalar = format!("fn {t}4_scalar(");
+            let start = src.find(&scalar).expect("row kernels: scalar loads");
+            let end = start + src[start..].find("\n}\n").expect("a function") + 3;
+            src.replace_range(start..end, "");
+            let line = format!(
+                "fn {t}4(base: u32, d0: u32) -> vec4<f32> {{ return {t}4_scalar(base, d0); }} // load {t}4"
+            );
+            assert!(src.contains(&line), "{name}: no {t}4 line");
+            src = src.replace(
+                &line,
+                &format!("fn {t}4(base: u32, d0: u32) -> vec4<f32> {{ return {wide}; }}"),
+            );
+        }
+    }
+    let (r, kbl) = (spec.rows, FlashTiles::ROWS_KBL);
+    let products: Vec<(String, u32)> = spec
+        .registers
+        .iter()
+        .map(|&(reg, _, v)| (format!("R * {reg}"), r * v))
+        .collect();
+    let mut bounds: Vec<(&str, u32)> = vec![
+        ("4u", 4),
+        ("R", r),
+        ("KBL", kbl),
+        ("R * KBL", r * kbl),
+        ("WG", spec.lanes),
+    ];
+    bounds.extend(spec.registers.iter().map(|&(reg, _, v)| (reg, v)));
+    bounds.extend(products.iter().map(|(k, v)| (k.as_str(), *v)));
+    unroll_marked(&src, &bounds)
+}
+
 /// `for (var X = 0u; X < N; X++) { // unroll` with `N` a name in `bounds` (or `4u`): the body is
 /// repeated N times, each copy a block that starts with `let X = <i>u;`. The WGSL stays valid
 /// (and means the same) either way; unrolled, every index by X is a constant. Nested marked loops

@@ -1,0 +1,322 @@
+// backward_q_rows.wgsl — dQ for CPU adapters: backward_q.wgsl's pass written with the recipe of
+// flash_rows.wgsl (read its header first: why loads are counted, why registers are only indexed
+// by constants and why marked loops are unrolled in the text).
+//
+// One subgroup per workgroup owns R query rows of one (batch, query head); Q and dO of those rows
+// are staged once in workgroup memory. For each block of KBL·WG keys the rows can see (key
+// j0 + c·WG + lane belongs to lane `lane`):
+// - S = Q·Kᵀ and dP = dO·Vᵀ: each lane reads its keys' K and V rows as vec4 and computes both
+//   for all R rows; the q and dO vectors come from the lane that read them by subgroupShuffle;
+// - P = exp(S - LSE), g = P·(dP - D_i)·∂s/∂dot, or P = -1 where the key is not visible;
+// - dQ += g·K: lane `lane` owns the dQ vec4 columns lane + WG·n of all R rows; key (c, u)'s g
+//   comes from lane u by shuffle, its K row is read once per owned column.
+// Results, order of accumulation per element and semantics are those of backward_q.wgsl (the
+// same logit_grad; a key adds to dQ exactly when it is visible), so both kernels agree to f32
+// rounding and each is deterministic. With WRITE_DS the logit gradients go out as there.
+
+override Q_DT: u32 = 0u;
+override K_DT: u32 = 0u;
+override V_DT: u32 = 0u;
+override DO_DT: u32 = 0u;
+override HEAD_DIM: u32 = 64u;
+override V_DIM: u32 = 64u;
+override WG: u32 = 8u;
+override WRITE_DS: bool = false;
+// K and V read four elements per load (kernels.rs rewrites k4/v4, as for flash_rows.wgsl).
+override VEC4_KV: bool = false;
+
+// Query rows per workgroup and keys per lane per block (kernels.rs: BackwardTiles::rows).
+const R: u32 = 8u; // rows per workgroup
+const KBL: u32 = 4u;
+// dQ vec4 columns per lane, ceil(ceil(HEAD_DIM / 4) / WG): rewritten by kernels.rs per pipeline.
+const NK8: u32 = 2u; // register columns k
+override D4: u32 = (HEAD_DIM + 3u) / 4u;
+override DV4: u32 = (V_DIM + 3u) / 4u;
+override ND8: u32 = (D4 + WG - 1u) / WG;
+override NDV8: u32 = (DV4 + WG - 1u) / WG;
+
+var<workgroup> q_s: array<vec4<f32>, R * ND8 * WG>;
+var<workgroup> do_s: array<vec4<f32>, R * NDV8 * WG>;
+
+@group(0) @binding(4) var<storage, read> q: array<u32>; // tensor q
+@group(0) @binding(5) var<storage, read> k: array<u32>; // tensor k
+@group(0) @binding(6) var<storage, read> v: array<u32>; // tensor v
+
+fn load_q(idx: u32) -> f32 { return elem_value(q[elem_word(idx, Q_DT)], idx, Q_DT); } // load q
+fn load_k(idx: u32) -> f32 { return elem_value(k[elem_word(idx, K_DT)], idx, K_DT); } // load k
+fn load_v(idx: u32) -> f32 { return elem_value(v[elem_word(idx, V_DT)], idx, V_DT); } // load v
+@group(0) @binding(7) var<storage, read> dout: array<u32>;
+// [dQ in Q's layout][with WRITE_DS: dS as [B, Hq, Lq, Lk] from range.dv_offset], f32.
+@group(0) @binding(8) var<storage, read_write> dqs: array<f32>;
+
+fn load_do(idx: u32) -> f32 {
+    return elem_value(dout[elem_word(idx, DO_DT)], idx, DO_DT);
+}
+
+fn k4(base: u32, d0: u32) -> vec4<f32> { return k4_scalar(base, d0); } // load k4
+fn v4(base: u32, d0: u32) -> vec4<f32> { return v4_scalar(base, d0); } // load v4
+
+fn k4_scalar(base: u32, d0: u32) -> vec4<f32> {
+    var x = vec4<f32>(0.0);
+    for (var c = 0u; c < 4u; c++) {
+        if d0 + c < HEAD_DIM {
+            x[c] = load_k(base + d0 + c);
+        }
+    }
+    return x;
+}
+
+fn v4_scalar(base: u32, d0: u32) -> vec4<f32> {
+    var x = vec4<f32>(0.0);
+    for (var c = 0u; c < 4u; c++) {
+        if d0 + c < V_DIM {
+            x[c] = load_v(base + d0 + c);
+        }
+    }
+    return x;
+}
+
+@compute @workgroup_size(WG)
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let tiles_i = (params.q_len + R - 1u) / R;
+    let units = params.batch * params.q_heads;
+    let flat = folded_group(wg, nwg);
+    if flat >= tiles_i * units {
+        return;
+    }
+    let ti = flat % tiles_i;
+    let unit = flat / tiles_i;
+    let b = unit / params.q_heads;
+    let h = unit % params.q_heads;
+    let kvh = h / params.group;
+    let i0 = ti * R;
+    let lq = q_valid(b);
+    let lk = kv_valid(b);
+    let off = i32(lk) - i32(lq);
+    let ninf = neg_inf();
+    let zero4 = vec4<f32>(0.0);
+    let row0 = (b * params.q_heads + h) * params.q_len + i0;
+
+    // The rows' statistics (the same in every lane); a row passes a gradient on only when it is
+    // valid and saw something (LSE > -inf).
+    var lse_r: array<f32, R>;
+    var delta_r: array<f32, R>;
+    var live: array<bool, R>;
+    for (var r = 0u; r < R; r++) { // unroll
+        var l = ninf;
+        var dl = 0.0;
+        if i0 + r < lq {
+            l = row_lse(row0 + r);
+            dl = row_delta(row0 + r);
+        }
+        lse_r[r] = l;
+        delta_r[r] = dl;
+        live[r] = i0 + r < lq && !(l == ninf);
+    }
+
+    // q_s[(r·ND8 + n)·WG + lane] = q[row r][vec4 column n·WG + lane]; do_s likewise (dO of a
+    // row that passes nothing on is never read: 0).
+    for (var x = lid; x < R * ND8 * WG; x += WG) {
+        let r = x / (ND8 * WG);
+        let d4 = x % (ND8 * WG);
+        let ii = i0 + r;
+        var val = zero4;
+        if ii < lq && d4 < D4 {
+            let base = b * params.q_sb + ii * params.q_ss + h * params.q_sh + 4u * d4;
+            for (var c = 0u; c < 4u; c++) {
+                if 4u * d4 + c < HEAD_DIM {
+                    val[c] = load_q(base + c);
+                }
+            }
+        }
+        q_s[x] = val;
+    }
+    for (var x = lid; x < R * NDV8 * WG; x += WG) {
+        let r = x / (NDV8 * WG);
+        let d4 = x % (NDV8 * WG);
+        let ii = i0 + r;
+        var val = zero4;
+        if ii < lq && d4 < DV4 && !(row_lse(row0 + r) == ninf) {
+            let base = b * params.o_sb + ii * params.o_ss + h * params.o_sh + 4u * d4;
+            for (var c = 0u; c < 4u; c++) {
+                if 4u * d4 + c < V_DIM {
+                    val[c] = load_do(base + c);
+                }
+            }
+        }
+        do_s[x] = val;
+    }
+    workgroupBarrier();
+
+    let blk = KBL * WG;
+    let i_last = min(i0 + R, params.q_len) - 1u;
+    let band = visible_key_range(i0, i_last, lq, lk, off);
+    let t_lo = max(u32(band.x) / blk, range.begin);
+    let t_hi = min(u32(max(band.y, band.x) + i32(blk) - 1) / blk, range.end);
+    // Keys every valid row of the workgroup sees (causal/window bounds): blocks inside skip the
+    // per-element checks.
+    let i_last_valid = min(i_last, max(lq, 1u) - 1u);
+    let all_lo = visible_key_range(i_last_valid, i_last_valid, lq, lk, off).x;
+    let all_hi = visible_key_range(i0, i0, lq, lk, off).y;
+    let no_masks = !has(F_MASK) && !has(F_BIAS);
+    let plain = !has(F_BIAS) && !has(F_ALIBI) && !(params.softcap > 0.0);
+    let last_key = params.kv_len - 1u;
+
+    var acc: array<vec4<f32>, R * NK8>;
+    for (var e = 0u; e < R * NK8; e++) { // unroll
+        acc[e] = zero4;
+    }
+
+    for (var tk = t_lo; tk < t_hi; tk++) {
+        let j0 = tk * blk;
+        var kb: array<u32, KBL>;
+        var vb: array<u32, KBL>;
+        for (var c = 0u; c < KBL; c++) { // unroll
+            let jl = min(j0 + c * WG + lid, last_key);
+            kb[c] = b * params.k_sb + jl * params.k_ss + kvh * params.k_sh;
+            vb[c] = b * params.v_sb + jl * params.v_ss + kvh * params.v_sh;
+        }
+        // S and dP of this lane's keys for the R rows.
+        var s: array<f32, R * KBL>;
+        var dp: array<f32, R * KBL>;
+        for (var e = 0u; e < R * KBL; e++) { // unroll
+            s[e] = 0.0;
+            dp[e] = 0.0;
+        }
+        for (var n = 0u; n < ND8; n++) {
+            var qd: array<vec4<f32>, R>;
+            for (var r = 0u; r < R; r++) { // unroll
+                qd[r] = q_s[(r * ND8 + n) * WG + lid];
+            }
+            // Only columns inside the head dim (past it K may hold inf, and 0·inf is NaN).
+            let n_u = min(WG, D4 - n * WG);
+            for (var u = 0u; u < n_u; u++) {
+                var kv: array<vec4<f32>, KBL>;
+                for (var c = 0u; c < KBL; c++) { // unroll
+                    kv[c] = k4(kb[c], 4u * (n * WG + u));
+                }
+                for (var r = 0u; r < R; r++) { // unroll
+                    let qv = subgroupShuffle(qd[r], u);
+                    for (var c = 0u; c < KBL; c++) { // unroll
+                        s[r * KBL + c] += dot(qv, kv[c]);
+                    }
+                }
+            }
+        }
+        for (var n = 0u; n < NDV8; n++) {
+            var od: array<vec4<f32>, R>;
+            for (var r = 0u; r < R; r++) { // unroll
+                od[r] = do_s[(r * NDV8 + n) * WG + lid];
+            }
+            let n_u = min(WG, DV4 - n * WG);
+            for (var u = 0u; u < n_u; u++) {
+                var vv: array<vec4<f32>, KBL>;
+                for (var c = 0u; c < KBL; c++) { // unroll
+                    vv[c] = v4(vb[c], 4u * (n * WG + u));
+                }
+                for (var r = 0u; r < R; r++) { // unroll
+                    let ov = subgroupShuffle(od[r], u);
+                    for (var c = 0u; c < KBL; c++) { // unroll
+                        dp[r * KBL + c] += dot(ov, vv[c]);
+                    }
+                }
+            }
+        }
+        // P (or -1 where not visible) and g, one vec4 of keys per row (KBL = 4): the dQ loop
+        // below picks a key by a dynamic component index, which compiles to selects.
+        var p: array<vec4<f32>, R>;
+        var g: array<vec4<f32>, R>;
+        let clean = no_masks && i32(j0) >= all_lo && i32(j0 + blk) <= all_hi;
+        if clean && plain {
+            for (var r = 0u; r < R; r++) { // unroll
+                for (var c = 0u; c < KBL; c++) { // unroll
+                    let w = sm_weight(params.scale * s[r * KBL + c], lse_r[r]);
+                    p[r][c] = select(-1.0, w, live[r]);
+                    g[r][c] = w * (dp[r * KBL + c] - delta_r[r]) * params.scale;
+                }
+            }
+        } else {
+            var ts: array<f32, R * KBL>;
+            var tdp: array<f32, R * KBL>;
+            for (var e = 0u; e < R * KBL; e++) { // unroll
+                ts[e] = s[e];
+                tdp[e] = dp[e];
+            }
+            var tp: array<vec4<f32>, R>;
+            var tg: array<vec4<f32>, R>;
+            for (var e = 0u; e < R * KBL; e++) {
+                let r = e / KBL;
+                let c = e % KBL;
+                let i = i0 + r;
+                let j = j0 + c * WG + lid;
+                var pg = vec3<f32>(-1.0, 0.0, 0.0);
+                if i < lq && j < lk {
+                    let lse = row_lse(row0 + r);
+                    if !(lse == ninf) && visible(b, h, i, j, off, lk) {
+                        pg = logit_grad(b, h, i, j, off, ts[e], tdp[e], lse, row_delta(row0 + r));
+                        if WRITE_DS {
+                            dqs[range.dv_offset + (row0 + r) * params.kv_len + j] = pg.y;
+                        }
+                    }
+                }
+                tp[r][c] = pg.x;
+                tg[r][c] = pg.z;
+            }
+            for (var r = 0u; r < R; r++) { // unroll
+                p[r] = tp[r];
+                g[r] = tg[r];
+            }
+        }
+        // dQ: lane `lid` adds g·K over every key of the block for its own columns; the values of
+        // key j0 + c·WG + u come from lane u.
+        for (var c = 0u; c < KBL; c++) {
+            var pc: array<f32, R>;
+            var gc: array<f32, R>;
+            for (var r = 0u; r < R; r++) { // unroll
+                pc[r] = p[r][c];
+                gc[r] = g[r][c];
+            }
+            for (var u = 0u; u < WG; u++) {
+                let jl = min(j0 + c * WG + u, last_key);
+                let kbu = b * params.k_sb + jl * params.k_ss + kvh * params.k_sh;
+                var wp: array<f32, R>;
+                var gw: array<f32, R>;
+                for (var r = 0u; r < R; r++) { // unroll
+                    wp[r] = subgroupShuffle(pc[r], u);
+                    gw[r] = subgroupShuffle(gc[r], u);
+                }
+                for (var n = 0u; n < NK8; n++) { // unroll
+                    let col = n * WG + lid;
+                    let kk = k4(kbu, 4u * min(col, D4 - 1u));
+                    for (var r = 0u; r < R; r++) { // unroll
+                        acc[r * NK8 + n] += select(zero4, gw[r] * kk, !(wp[r] < 0.0));
+                    }
+                }
+            }
+        }
+    }
+
+    for (var r = 0u; r < R; r++) { // unroll
+        let i = i0 + r;
+        if i < params.q_len {
+            let qb = b * params.q_sb + i * params.q_ss + h * params.q_sh;
+            for (var n = 0u; n < NK8; n++) { // unroll
+                let col = n * WG + lid;
+                let a = acc[r * NK8 + n];
+                for (var c = 0u; c < 4u; c++) {
+                    if col < D4 && 4u * col + c < HEAD_DIM {
+                        var val = a[c];
+                        if range.accumulate != 0u {
+                            val = dqs[qb + 4u * col + c] + val;
+                        }
+                        dqs[qb + 4u * col + c] = val;
+                    }
+                }
+            }
+        }
+    }
+}
