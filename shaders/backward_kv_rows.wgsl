@@ -27,6 +27,9 @@ override WG: u32 = 8u;
 override VEC4_KV: bool = false;
 
 // Keys per workgroup and query rows per lane per block (kernels.rs: BackwardTiles::rows).
+// R is the host's ROWS (8 or 16; FlashTiles::row_count), written into this line per pipeline
+// (it sizes register arrays, which an override cannot).
+override ROWS: u32 = 8u;
 const R: u32 = 8u; // rows per workgroup
 const KBL: u32 = 4u;
 // dK and dV vec4 columns per lane, ceil(ceil(dim / 4) / WG): rewritten by kernels.rs.

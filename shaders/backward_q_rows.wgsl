@@ -26,10 +26,15 @@ override WRITE_DS: bool = false;
 override VEC4_KV: bool = false;
 
 // Query rows per workgroup and keys per lane per block (kernels.rs: BackwardTiles::rows).
+// R is the host's ROWS (8 or 16; FlashTiles::row_count), written into this line per pipeline
+// (it sizes register arrays, which an override cannot).
+override ROWS: u32 = 8u;
 const R: u32 = 8u; // rows per workgroup
 const KBL: u32 = 4u;
 // dQ vec4 columns per lane, ceil(ceil(HEAD_DIM / 4) / WG): rewritten by kernels.rs per pipeline.
 const NK8: u32 = 2u; // register columns k
+// Words of the visibility bits (R·KBL of them, see `vis`).
+const NVW: u32 = (R * KBL + 31u) / 32u;
 override D4: u32 = (HEAD_DIM + 3u) / 4u;
 override DV4: u32 = (V_DIM + 3u) / 4u;
 override ND8: u32 = (D4 + WG - 1u) / WG;
@@ -271,29 +276,42 @@ fn main(
                 g[r] = tg[r];
             }
         }
+        // Which of this lane's keys each row sees, one bit per (row, key): bit (r % 8)·KBL + c of
+        // word r / 8. The dQ loop needs P only for that, and moving one word between lanes costs
+        // what moving one weight does (a shuffle is a per-component operation on a CPU adapter).
+        var vis: array<u32, NVW>;
+        for (var w = 0u; w < NVW; w++) { // unroll
+            vis[w] = 0u;
+        }
+        for (var r = 0u; r < R; r++) { // unroll
+            for (var c = 0u; c < KBL; c++) { // unroll
+                vis[r / 8u] |= select(0u, 1u << ((r % 8u) * KBL + c), !(p[r][c] < 0.0));
+            }
+        }
         // dQ: lane `lid` adds g·K over every key of the block for its own columns; the values of
         // key j0 + c·WG + u come from lane u.
         for (var c = 0u; c < KBL; c++) {
-            var pc: array<f32, R>;
             var gc: array<f32, R>;
             for (var r = 0u; r < R; r++) { // unroll
-                pc[r] = p[r][c];
                 gc[r] = g[r][c];
             }
             for (var u = 0u; u < WG; u++) {
                 let jl = min(j0 + c * WG + u, last_key);
                 let kbu = b * params.k_sb + jl * params.k_ss + kvh * params.k_sh;
-                var wp: array<f32, R>;
+                var vu: array<u32, NVW>;
+                for (var w = 0u; w < NVW; w++) { // unroll
+                    vu[w] = subgroupShuffle(vis[w], u) >> c;
+                }
                 var gw: array<f32, R>;
                 for (var r = 0u; r < R; r++) { // unroll
-                    wp[r] = subgroupShuffle(pc[r], u);
                     gw[r] = subgroupShuffle(gc[r], u);
                 }
                 for (var n = 0u; n < NK8; n++) { // unroll
                     let col = n * WG + lid;
                     let kk = k4(kbu, 4u * min(col, D4 - 1u));
                     for (var r = 0u; r < R; r++) { // unroll
-                        acc[r * NK8 + n] += select(zero4, gw[r] * kk, !(wp[r] < 0.0));
+                        let seen = ((vu[r / 8u] >> ((r % 8u) * KBL)) & 1u) != 0u;
+                        acc[r * NK8 + n] += select(zero4, gw[r] * kk, seen);
                     }
                 }
             }

@@ -37,6 +37,9 @@ override VEC4_KV: bool = false;
 // Query rows per workgroup (every lane works on all of them) and keys per lane per block: a
 // block is KBL·WG keys, key j0 + c·WG + lane for c < KBL; the running max moves once per block.
 // kernels.rs mirrors both (FlashTiles::ROWS_R, ROWS_KBL).
+// R is the host's ROWS (8 or 16; FlashTiles::row_count), written into this line per pipeline
+// (it sizes register arrays, which an override cannot).
+override ROWS: u32 = 8u;
 const R: u32 = 8u; // rows per workgroup
 const KBL: u32 = 4u;
 // Lane `lane` owns the output vec4 columns lane + WG·n, n < NV8 = ceil(ceil(V_DIM / 4) / WG). A

@@ -173,12 +173,16 @@ fn random_problems_every_option() {
             // Every fourth problem runs the tiled fused kernel where the adapter's default is the
             // row kernel (CPU adapters with subgroups), so both meet every option.
             let flash_layout = (seed % 4 == 3).then_some(FlashLayout::Tiled);
+            // Every 32nd runs the row kernel with 16 rows per workgroup (what large problems
+            // get; these small ones would get 8).
+            let rows_per_workgroup = (seed % 32 == 1).then_some(16);
             let opts = RunOptions {
                 algorithm: alg,
                 probs,
                 out_dtype,
                 max_chunk_keys,
                 flash_layout,
+                rows_per_workgroup,
                 ..Default::default()
             };
             // Odd seeds read f16 through the packed fallback even where SHADER_F16 exists.

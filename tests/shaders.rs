@@ -64,11 +64,12 @@ fn variants() -> Vec<Variant> {
                 }
             }
         }
-        // The row kernel for CPU adapters: AVX2 (8 lanes), SSE (4) and, unused but legal, 32.
-        for lanes in [8, 4, 32] {
+        // The row kernel for CPU adapters: AVX2 (8 lanes; 8 and 16 rows), SSE (4) and, unused but
+        // legal, 32.
+        for (lanes, r) in [(8, 8), (8, 16), (4, 8), (32, 8)] {
             for dt in dts {
                 for (gqa, paged) in [(false, false), (true, false), (true, true)] {
-                    let t = FlashTiles::rows(lanes);
+                    let t = FlashTiles::rows(lanes, r);
                     if !t.fits(d, dv, 48 * 1024) {
                         continue;
                     }
@@ -88,7 +89,7 @@ fn variants() -> Vec<Variant> {
             .iter()
             .filter_map(|&mem| BackwardTiles::choose(d, dv, mem, 256))
             .collect();
-        tiles.extend([8, 4, 32].map(BackwardTiles::rows));
+        tiles.extend([(8, 8), (4, 8), (8, 16), (32, 8)].map(|(n, r)| BackwardTiles::rows(n, r)));
         for t in tiles {
             for dt in dts {
                 for (query, write_ds) in [(false, false), (true, false), (true, true)] {
@@ -436,7 +437,7 @@ fn tile_choosers_match_the_declared_workgroups() {
             _ => continue,
         };
         let (threads, expect_bytes) = if let Shader::Backward(_) = variant.shader {
-            let t = BackwardTiles::rows(c("WG"));
+            let t = BackwardTiles::rows(c("WG"), c("ROWS"));
             (t.tpr, t.rows_bytes(d, dv))
         } else if variant.shader == Shader::Flash {
             let t = FlashTiles {
@@ -447,7 +448,7 @@ fn tile_choosers_match_the_declared_workgroups() {
             };
             (t.threads(), t.workgroup_bytes(d, dv))
         } else if variant.shader == Shader::FlashRows {
-            let t = FlashTiles::rows(c("WG"));
+            let t = FlashTiles::rows(c("WG"), c("ROWS"));
             (t.threads(), t.workgroup_bytes(d, dv))
         } else {
             let t = CoopTiles {
@@ -522,4 +523,16 @@ fn row_kernel_variants_have_no_marked_loops_left() {
             assert!(src.contains("array<vec"), "{}: no wide binding", v.name());
         }
     }
+}
+
+/// The row kernels' rows per workgroup: 16 from `ROWS_LARGE_LOGITS` logits with at least 64 rows
+/// per unit, else 8 (decoding keeps 8 however long the cache).
+#[test]
+fn row_count_takes_sixteen_rows_only_for_large_problems() {
+    let large = FlashTiles::ROWS_LARGE_LOGITS;
+    assert_eq!(FlashTiles::row_count(large, 64), 16);
+    assert_eq!(FlashTiles::row_count(large - 1, 64), 8);
+    assert_eq!(FlashTiles::row_count(large * 1024, 63), 8);
+    assert_eq!(FlashTiles::row_count(0, 0), 8);
+    assert!(FlashTiles::ROWS_R.contains(&16) && FlashTiles::ROWS_R.contains(&8));
 }

@@ -66,6 +66,9 @@ pub struct BenchArgs {
     /// adapter decides, rows on a CPU adapter).
     #[arg(long)]
     flash_layout: Option<FlashLayout>,
+    /// Row kernels: rows per workgroup, 8 or 16 (default: by the problem's size).
+    #[arg(long)]
+    rows_per_workgroup: Option<u32>,
     /// Timed repetitions (the median is reported).
     #[arg(long)]
     repeats: Option<usize>,
@@ -333,7 +336,12 @@ pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
         return crate::layer::bench(a.lens.as_deref(), a.repeats, true);
     }
     if a.backward {
-        return crate::bench_backward::main(&a.configs, a.repeats, a.flash_layout);
+        return crate::bench_backward::main(
+            &a.configs,
+            a.repeats,
+            a.flash_layout,
+            a.rows_per_workgroup,
+        );
     }
     let engine = Engine::new()?;
     let info = engine.adapter_info();
@@ -390,6 +398,7 @@ pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
             &RunOptions {
                 algorithm,
                 flash_layout: a.flash_layout,
+                rows_per_workgroup: a.rows_per_workgroup,
                 ..Default::default()
             },
             repeats,

@@ -11,11 +11,13 @@ use spotlight::{
 
 /// Times forward (flash, with LSE) and backward for each `B,L,H,D[,causal]` configuration
 /// (default 1,1024,2,64), f32, median of `repeats` after one warm-up each. `layout` forces the
-/// tiled or the row kernels for both directions (`--flash-layout`; default: the adapter decides).
+/// tiled or the row kernels for both directions (`--flash-layout`; default: the adapter decides),
+/// `rows_per_workgroup` their rows per workgroup.
 pub fn main(
     configs: &[String],
     repeats: Option<usize>,
     layout: Option<FlashLayout>,
+    rows_per_workgroup: Option<u32>,
 ) -> anyhow::Result<()> {
     let engine = Engine::new()?;
     let configs = if configs.is_empty() {
@@ -51,10 +53,12 @@ pub fn main(
             lse: true,
             out_dtype: Some(DType::F32),
             flash_layout: layout,
+            rows_per_workgroup,
             ..Default::default()
         };
         let bopts = BackwardOptions {
             layout,
+            rows_per_workgroup,
             ..Default::default()
         };
         let r = engine.upload(&p, &inputs, &opts)?;

@@ -73,6 +73,7 @@ pub fn main(a: &GradArgs) -> anyhow::Result<()> {
         let bopts = BackwardOptions {
             max_tiles_per_dispatch: a.max_tiles_per_dispatch,
             layout: None,
+            rows_per_workgroup: None,
         };
         let g = engine
             .attention_backward(p, &inputs, &fwd, d_out.as_ref(), &bopts)

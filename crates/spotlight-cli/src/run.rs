@@ -279,6 +279,7 @@ pub fn main(a: &RunArgs) -> anyhow::Result<()> {
             max_chunk_keys: a.max_chunk_keys,
             allow_reduced_precision: a.reduced_precision,
             flash_layout: None,
+            rows_per_workgroup: None,
         };
         if a.stats {
             let est = engine.estimate(p, inputs.dtypes(), &opts)?;

@@ -77,6 +77,9 @@ pub struct RunOptions {
     /// Fused scalar path (flash, split-K): which kernel runs. `None`: the adapter decides, the
     /// row kernel on CPU adapters and the tiled kernel elsewhere ([`FlashLayout`]).
     pub flash_layout: Option<FlashLayout>,
+    /// Row kernel: query rows per workgroup, 8 or 16 (`None`: by the problem's size,
+    /// [`FlashTiles::row_count`]). Other kernels ignore it.
+    pub rows_per_workgroup: Option<u32>,
 }
 
 /// The result of [`Engine::attention`].
@@ -312,14 +315,28 @@ fn padded(bytes: u64) -> u64 {
 }
 
 impl Engine {
-    /// Flash tiles for this problem on this adapter, or why there are none. `rows` is the number
-    /// of query rows one workgroup unit holds (see [`FlashTiles::choose`]).
+    /// Flash tiles for this problem on this adapter, or why there are none. `rows` caps the
+    /// query rows of a tiled workgroup (see [`FlashTiles::choose`]); `unit_rows` is the number of
+    /// query rows one unit holds (a head's, or with split-K a key/value group's), which the row
+    /// kernel's row count depends on.
     fn flash_tiles(
         &self,
         p: &Problem,
         rows: usize,
-        layout: Option<FlashLayout>,
+        unit_rows: usize,
+        opts: &RunOptions,
     ) -> std::result::Result<FlashTiles, String> {
+        let layout = opts.flash_layout;
+        let r = match opts.rows_per_workgroup {
+            Some(r) if FlashTiles::ROWS_R.contains(&r) => r,
+            Some(r) => {
+                return Err(format!(
+                    "rows_per_workgroup = {r}: the row kernel takes {:?}",
+                    FlashTiles::ROWS_R
+                ));
+            }
+            None => FlashTiles::row_count(p.probs_elems() as u64, unit_rows),
+        };
         let caps = self.capabilities();
         if caps.max_storage_buffers_per_stage < 8 {
             return Err(format!(
@@ -329,7 +346,7 @@ impl Engine {
             ));
         }
         let lanes = self.row_lanes().filter(|&n| {
-            FlashTiles::rows(n).fits(
+            FlashTiles::rows(n, r).fits(
                 p.head_dim as u32,
                 p.v_head_dim as u32,
                 caps.max_workgroup_memory,
@@ -353,8 +370,8 @@ impl Engine {
                     }
                 ));
             }
-            (Some(FlashLayout::Rows), Some(lanes)) => return Ok(FlashTiles::rows(lanes)),
-            (None, Some(lanes)) if cpu => return Ok(FlashTiles::rows(lanes)),
+            (Some(FlashLayout::Rows), Some(lanes)) => return Ok(FlashTiles::rows(lanes, r)),
+            (None, Some(lanes)) if cpu => return Ok(FlashTiles::rows(lanes, r)),
             _ => {}
         }
         FlashTiles::choose(
@@ -380,13 +397,13 @@ impl Engine {
     fn fused_plan(&self, p: &Problem, algorithm: Algorithm, opts: &RunOptions) -> Result<Plan> {
         let name = algorithm.name();
         let split_k = algorithm == Algorithm::SplitK;
-        let rows = if split_k {
-            p.q_len * p.group_size()
+        let (rows, unit_rows) = if split_k {
+            (p.q_len * p.group_size(), p.q_len * p.group_size())
         } else {
-            64
+            (64, p.q_len)
         };
         let tiles = self
-            .flash_tiles(p, rows, opts.flash_layout)
+            .flash_tiles(p, rows, unit_rows, opts)
             .map_err(|reason| Error::Unsupported {
                 algorithm: name,
                 reason,

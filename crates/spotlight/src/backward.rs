@@ -146,10 +146,6 @@ pub struct BackwardTiles {
 }
 
 impl BackwardTiles {
-    /// Keys (key/value pass) or query rows (query pass) per workgroup of the row kernels (their
-    /// `const R`, rewritten per pipeline).
-    pub const ROWS_R: u32 = 8;
-
     /// Workgroup bytes of the key/value pass.
     pub fn kv_bytes(bk: u32, bq: u32, d: u32, dv: u32) -> u64 {
         4 * (bq * d + bq * dv + bk * d + bk * dv + 2 * bk * bq + 2 * bq) as u64
@@ -205,10 +201,11 @@ impl BackwardTiles {
     }
 
     /// The row kernels' tiles for subgroups of `lanes` invocations (one subgroup per
-    /// workgroup): [`Self::ROWS_R`] keys (key/value pass) or query rows (query pass) per workgroup,
-    /// streamed in blocks of `ROWS_KBL · lanes` rows or keys (the forward row kernel's shape).
-    pub fn rows(lanes: u32) -> Self {
-        let (r, block) = (Self::ROWS_R, FlashTiles::ROWS_KBL * lanes);
+    /// workgroup): `r` keys (key/value pass) or query rows (query pass) per workgroup (one of
+    /// [`FlashTiles::ROWS_R`]), streamed in blocks of `ROWS_KBL · lanes` rows or keys (the
+    /// forward row kernel's shape).
+    pub fn rows(lanes: u32, r: u32) -> Self {
+        let block = FlashTiles::ROWS_KBL * lanes;
         BackwardTiles {
             kv_bk: r,
             kv_bq: block,
@@ -223,7 +220,7 @@ impl BackwardTiles {
     /// ceil(ceil(dim / 4) / lanes) · lanes vec4 for both dims.
     pub fn rows_bytes(&self, d: u32, dv: u32) -> u64 {
         let staged = |dim: u32| dim.div_ceil(4).div_ceil(self.tpr) * self.tpr;
-        16 * (Self::ROWS_R * (staged(d) + staged(dv))) as u64
+        16 * (self.kv_bk * (staged(d) + staged(dv))) as u64
     }
 
     /// Loop iterations one key/value-pass invocation runs per query tile and head (an estimate
@@ -288,6 +285,7 @@ impl Variant {
                 ("HEAD_DIM", d),
                 ("V_DIM", dv),
                 ("WG", tiles.tpr),
+                ("ROWS", tiles.kv_bk),
             ];
             if query {
                 constants.push(("WRITE_DS", write_ds as u32));
@@ -344,6 +342,9 @@ pub struct BackwardOptions {
     /// Force the tiled or the row kernels (`None`: the row kernels on CPU adapters with
     /// subgroups of one fixed size, as the forward chooses; the tiled ones elsewhere).
     pub layout: Option<FlashLayout>,
+    /// Row kernels: keys or query rows per workgroup, 8 or 16 (`None`: by the problem's size,
+    /// [`FlashTiles::row_count`]). The tiled kernels ignore it.
+    pub rows_per_workgroup: Option<u32>,
 }
 
 /// Gradients returned by [`Engine::attention_backward`], f32, each in its input's layout.
@@ -413,10 +414,23 @@ impl Engine {
         let (d, dv) = (p.head_dim as u32, p.v_head_dim as u32);
         // The row kernels, as the forward chooses them: on CPU adapters whose subgroups have one
         // fixed size, for head dims up to FlashTiles::ROWS_MAX_DIM.
-        let rows = self.row_lanes().map(BackwardTiles::rows).filter(|t| {
-            d.max(dv) <= FlashTiles::ROWS_MAX_DIM
-                && t.rows_bytes(d, dv) <= caps.max_workgroup_memory as u64
-        });
+        let r = match opts.rows_per_workgroup {
+            Some(r) if FlashTiles::ROWS_R.contains(&r) => r,
+            Some(r) => {
+                return Err(unsupported(format!(
+                    "rows_per_workgroup = {r}: the row kernels take {:?}",
+                    FlashTiles::ROWS_R
+                )));
+            }
+            None => FlashTiles::row_count(p.probs_elems() as u64, p.q_len.min(p.kv_len)),
+        };
+        let rows = self
+            .row_lanes()
+            .map(|n| BackwardTiles::rows(n, r))
+            .filter(|t| {
+                d.max(dv) <= FlashTiles::ROWS_MAX_DIM
+                    && t.rows_bytes(d, dv) <= caps.max_workgroup_memory as u64
+            });
         let tiles = match (opts.layout, rows) {
             (Some(FlashLayout::Rows), None) => {
                 return Err(unsupported(format!(

@@ -295,8 +295,29 @@ pub struct FlashTiles {
 }
 
 impl FlashTiles {
-    /// Query rows per workgroup of `flash_rows.wgsl` (its `const R`).
-    pub const ROWS_R: u32 = 8;
+    /// Query rows (or, in the backward's key/value pass, keys) per workgroup of the row kernels
+    /// (their `const R`, rewritten per pipeline from the `ROWS` constant): 8, or 16 for large
+    /// problems ([`FlashTiles::row_count`]).
+    pub const ROWS_R: [u32; 2] = [8, 16];
+    /// Logits (B·Hq·Lq·Lk) from which the row kernels own 16 rows per workgroup.
+    ///
+    /// Why a threshold: 16 rows make every K/V vector a lane loads feed twice the FMAs
+    /// (lavapipe, 1,1024,2,64 f32: forward 3.1-3.4 → 4.7-4.9 GFLOP/s; backward 590 → 321 ms), but
+    /// the unrolled kernel takes 2-2.5× as long to compile (forward first call ~2 → ~4.8 s at
+    /// D = 64; backward ~9.5 → ~23 s), which only a long run pays back (and which made the test
+    /// suite, mostly small problems, 17 minutes slower when every problem used 16).
+    pub const ROWS_LARGE_LOGITS: u64 = 1 << 19;
+
+    /// The rows per workgroup of the row kernels for a problem of `logits` logits whose
+    /// workgroups own rows out of `rows` (query rows of a unit, or keys): 16 for large problems
+    /// with at least 64 such rows, else 8 (decoding, with a few rows per unit, keeps 8).
+    pub fn row_count(logits: u64, rows: usize) -> u32 {
+        if logits >= Self::ROWS_LARGE_LOGITS && rows >= 64 {
+            Self::ROWS_R[1]
+        } else {
+            Self::ROWS_R[0]
+        }
+    }
     /// Keys per lane per block of `flash_rows.wgsl` (its `const KBL`).
     pub const ROWS_KBL: u32 = 4;
 
@@ -314,10 +335,11 @@ impl FlashTiles {
     }
 
     /// The row kernel's configuration for subgroups of `lanes` invocations (one subgroup per
-    /// workgroup): `ROWS_R` query rows, blocks of `ROWS_KBL · lanes` keys; `tpr` is the lanes.
-    pub fn rows(lanes: u32) -> Self {
+    /// workgroup): `rows` query rows (one of [`FlashTiles::ROWS_R`]), blocks of
+    /// `ROWS_KBL · lanes` keys; `tpr` is the lanes.
+    pub fn rows(lanes: u32, rows: u32) -> Self {
         FlashTiles {
-            bq: Self::ROWS_R,
+            bq: rows,
             bk: Self::ROWS_KBL * lanes,
             tpr: lanes,
             layout: FlashLayout::Rows,
@@ -467,6 +489,7 @@ impl Variant {
                     ("HEAD_DIM", d),
                     ("V_DIM", dv),
                     ("WG", tiles.tpr),
+                    ("ROWS", tiles.bq),
                     ("PACK_GQA", pack_gqa as u32),
                     ("PAGED", paged as u32),
                     ("VEC4_KV", 0),
@@ -623,13 +646,9 @@ impl Variant {
             ),
             _ => return None,
         };
-        let rows = match self.shader {
-            Shader::FlashRows => FlashTiles::ROWS_R,
-            _ => crate::backward::BackwardTiles::ROWS_R,
-        };
         Some(RowKernel {
             lanes: wg,
-            rows,
+            rows: self.constant("ROWS"),
             registers,
             wide,
         })
@@ -822,6 +841,7 @@ fn row_kernel_source(mut src: String, variant: &Variant, spec: &RowKernel) -> St
         ("KBL", kbl),
         ("R * KBL", r * kbl),
         ("WG", spec.lanes),
+        ("NVW", (r * kbl).div_ceil(32)),
     ];
     bounds.extend(spec.registers.iter().map(|&(reg, _, v)| (reg, v)));
     bounds.extend(products.iter().map(|(k, v)| (k.as_str(), *v)));
