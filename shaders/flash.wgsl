@@ -136,23 +136,15 @@ fn main(
         q_s[row * DS4 + x % D4] = val;
     }
 
-    // Keys visible to at least one row of this tile: [j_lo, j_hi). Rows are ordered by position.
+    // Keys visible to at least one row of this tile, [j_lo, j_hi), and the keys every valid row
+    // sees, [all_lo, all_hi) (fused_units.wgsl).
     let i_first = row_pos(r0);
     let i_last = row_pos(min(r0 + BQ, unit_rows) - 1u);
-    let band = visible_key_range(i_first, i_last, lq, lk, off);
-    var j_lo = max(band.x, i32(params.key_base));
-    var j_hi = min(band.y, i32(params.key_base + params.kv_len));
-    if params.num_chunks > 1u {
-        j_lo = max(j_lo, i32(params.key_base + chunk * params.chunk_keys));
-        j_hi = min(j_hi, i32(params.key_base + (chunk + 1u) * params.chunk_keys));
-    }
-    // Keys every valid row of the tile sees (from the causal/window bands alone): a key tile
-    // inside it, inside [j_lo, j_hi) and without mask or bias needs no per-element checks.
-    let i_last_valid = min(i_last, max(lq, 1u) - 1u);
-    let band_last = visible_key_range(i_last_valid, i_last_valid, lq, lk, off);
-    let band_first = visible_key_range(i_first, i_first, lq, lk, off);
-    let all_lo = max(j_lo, band_last.x);
-    let all_hi = min(j_hi, band_first.y);
+    let keys = key_band(i_first, i_last, lq, lk, off, chunk);
+    let j_lo = keys.x;
+    let j_hi = keys.y;
+    let all_lo = keys.z;
+    let all_hi = keys.w;
     let no_masks = !has(F_MASK) && !has(F_BIAS);
     // Logits that are scale·(q·k) alone.
     let plain = !has(F_BIAS) && !has(F_ALIBI) && !(params.softcap > 0.0);

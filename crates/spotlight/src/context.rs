@@ -345,8 +345,7 @@ impl Engine {
     /// (lavapipe: 8; NVIDIA: 32; sizes are powers of two).
     pub(crate) fn subgroup_rows(&self, tpr: u32) -> bool {
         let c = &self.caps;
-        self.use_subgroups
-            && c.subgroups
+        self.uses_subgroups()
             && c.subgroup_min_size >= tpr
             && c.subgroup_min_size.is_multiple_of(tpr)
     }
