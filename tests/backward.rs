@@ -335,6 +335,29 @@ fn backward_refuses_bad_input() {
         )
         .unwrap_err();
     assert!(e.to_string().contains("LSE"), "{e}");
+    let fwd_lse = engine
+        .attention(
+            &p,
+            &data.inputs(),
+            &RunOptions {
+                lse: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let e = engine
+        .attention_backward(
+            &p,
+            &data.inputs(),
+            &fwd_lse,
+            d_out.as_ref(),
+            &BackwardOptions {
+                rows_per_workgroup: Some(3),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("rows_per_workgroup = 3"), "{e}");
     let fwd = engine
         .attention(
             &p,

@@ -195,6 +195,20 @@ fn flash_refuses_what_it_cannot_do_and_auto_falls_back() {
     );
     assert!(err.to_string().contains("D=1024"), "{err}");
     check(engine, &p, &d, Algorithm::Auto, false, None, None).unwrap();
+    // A row count the row kernel does not have is refused, whatever the adapter.
+    let p = Problem::new(1, 3, 5, 1, 1, 8);
+    let d = Data::random(&p, [DType::F32; 3], 0.1, &mut Rng::new(5));
+    let odd = RunOptions {
+        algorithm: Algorithm::Flash,
+        rows_per_workgroup: Some(12),
+        ..Default::default()
+    };
+    let err = engine.attention(&p, &d.inputs(), &odd).unwrap_err();
+    assert!(
+        matches!(err, Error::Unsupported { .. })
+            && err.to_string().contains("rows_per_workgroup = 12"),
+        "{err}"
+    );
 }
 
 #[test]

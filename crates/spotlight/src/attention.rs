@@ -78,7 +78,7 @@ pub struct RunOptions {
     /// row kernel on CPU adapters and the tiled kernel elsewhere ([`FlashLayout`]).
     pub flash_layout: Option<FlashLayout>,
     /// Row kernel: query rows per workgroup, 8 or 16 (`None`: by the problem's size,
-    /// [`FlashTiles::row_count`]). Other kernels ignore it.
+    /// [`FlashTiles::row_count`]). Other kernels ignore it; other values are refused everywhere.
     pub rows_per_workgroup: Option<u32>,
 }
 
@@ -327,16 +327,6 @@ impl Engine {
         opts: &RunOptions,
     ) -> std::result::Result<FlashTiles, String> {
         let layout = opts.flash_layout;
-        let r = match opts.rows_per_workgroup {
-            Some(r) if FlashTiles::ROWS_R.contains(&r) => r,
-            Some(r) => {
-                return Err(format!(
-                    "rows_per_workgroup = {r}: the row kernel takes {:?}",
-                    FlashTiles::ROWS_R
-                ));
-            }
-            None => FlashTiles::row_count(p.probs_elems() as u64, unit_rows),
-        };
         let caps = self.capabilities();
         if caps.max_storage_buffers_per_stage < 8 {
             return Err(format!(
@@ -345,6 +335,7 @@ impl Engine {
                 8 - caps.max_storage_buffers_per_stage
             ));
         }
+        let r = Engine::row_count(opts.rows_per_workgroup, p.probs_elems(), unit_rows)?;
         let lanes = self.row_lanes().filter(|&n| {
             FlashTiles::rows(n, r).fits(
                 p.head_dim as u32,
@@ -355,20 +346,7 @@ impl Engine {
         let cpu = self.is_cpu();
         match (layout, lanes) {
             (Some(FlashLayout::Rows), None) => {
-                return Err(format!(
-                    "the row kernel needs head dims D, Dv <= {} and subgroups of one fixed size between 4 and 64; this problem has D={} Dv={}, this device's subgroups: {}",
-                    FlashTiles::ROWS_MAX_DIM,
-                    p.head_dim,
-                    p.v_head_dim,
-                    if caps.subgroups {
-                        format!(
-                            "sizes {}..={}",
-                            caps.subgroup_min_size, caps.subgroup_max_size
-                        )
-                    } else {
-                        "none (or they are turned off)".to_string()
-                    }
-                ));
+                return Err(self.row_kernel_refusal(p.head_dim, p.v_head_dim));
             }
             (Some(FlashLayout::Rows), Some(lanes)) => return Ok(FlashTiles::rows(lanes, r)),
             (None, Some(lanes)) if cpu => return Ok(FlashTiles::rows(lanes, r)),

@@ -271,37 +271,6 @@ impl Variant {
         tiles: BackwardTiles,
         write_ds: bool,
     ) -> Self {
-        if tiles.layout == FlashLayout::Rows {
-            let pass = if query {
-                BackwardPass::QueryRows
-            } else {
-                BackwardPass::KeyValueRows
-            };
-            let mut constants = vec![
-                ("Q_DT", dtype_code(dtypes[0])),
-                ("K_DT", dtype_code(dtypes[1])),
-                ("V_DT", dtype_code(dtypes[2])),
-                ("DO_DT", dtype_code(d_out)),
-                ("HEAD_DIM", d),
-                ("V_DIM", dv),
-                ("WG", tiles.tpr),
-                ("ROWS", tiles.kv_bk),
-            ];
-            if query {
-                constants.push(("WRITE_DS", write_ds as u32));
-            }
-            constants.push(("VEC4_KV", 0));
-            return Variant {
-                shader: crate::kernels::Shader::Backward(pass),
-                native_f16: false,
-                constants,
-            };
-        }
-        let (pass, bq, bk) = if query {
-            (BackwardPass::Query, tiles.q_bq, tiles.q_bk)
-        } else {
-            (BackwardPass::KeyValue, tiles.kv_bq, tiles.kv_bk)
-        };
         let mut constants = vec![
             ("Q_DT", dtype_code(dtypes[0])),
             ("K_DT", dtype_code(dtypes[1])),
@@ -309,12 +278,26 @@ impl Variant {
             ("DO_DT", dtype_code(d_out)),
             ("HEAD_DIM", d),
             ("V_DIM", dv),
-            ("BQ", bq),
-            ("BK", bk),
-            ("TPR", tiles.tpr),
         ];
+        let pass = if tiles.layout == FlashLayout::Rows {
+            constants.extend([("WG", tiles.tpr), ("ROWS", tiles.kv_bk)]);
+            if query {
+                BackwardPass::QueryRows
+            } else {
+                BackwardPass::KeyValueRows
+            }
+        } else if query {
+            constants.extend([("BQ", tiles.q_bq), ("BK", tiles.q_bk), ("TPR", tiles.tpr)]);
+            BackwardPass::Query
+        } else {
+            constants.extend([("BQ", tiles.kv_bq), ("BK", tiles.kv_bk), ("TPR", tiles.tpr)]);
+            BackwardPass::KeyValue
+        };
         if query {
             constants.push(("WRITE_DS", write_ds as u32));
+        }
+        if tiles.layout == FlashLayout::Rows {
+            constants.push(("VEC4_KV", 0));
         }
         Variant {
             shader: crate::kernels::Shader::Backward(pass),
@@ -343,7 +326,7 @@ pub struct BackwardOptions {
     /// subgroups of one fixed size, as the forward chooses; the tiled ones elsewhere).
     pub layout: Option<FlashLayout>,
     /// Row kernels: keys or query rows per workgroup, 8 or 16 (`None`: by the problem's size,
-    /// [`FlashTiles::row_count`]). The tiled kernels ignore it.
+    /// [`FlashTiles::row_count`]). The tiled kernels ignore it; other values are refused.
     pub rows_per_workgroup: Option<u32>,
 }
 
@@ -414,16 +397,12 @@ impl Engine {
         let (d, dv) = (p.head_dim as u32, p.v_head_dim as u32);
         // The row kernels, as the forward chooses them: on CPU adapters whose subgroups have one
         // fixed size, for head dims up to FlashTiles::ROWS_MAX_DIM.
-        let r = match opts.rows_per_workgroup {
-            Some(r) if FlashTiles::ROWS_R.contains(&r) => r,
-            Some(r) => {
-                return Err(unsupported(format!(
-                    "rows_per_workgroup = {r}: the row kernels take {:?}",
-                    FlashTiles::ROWS_R
-                )));
-            }
-            None => FlashTiles::row_count(p.probs_elems() as u64, p.q_len.min(p.kv_len)),
-        };
+        let r = Engine::row_count(
+            opts.rows_per_workgroup,
+            p.probs_elems(),
+            p.q_len.min(p.kv_len),
+        )
+        .map_err(unsupported)?;
         let rows = self
             .row_lanes()
             .map(|n| BackwardTiles::rows(n, r))
@@ -433,19 +412,9 @@ impl Engine {
             });
         let tiles = match (opts.layout, rows) {
             (Some(FlashLayout::Rows), None) => {
-                return Err(unsupported(format!(
-                    "the row kernels need head dims D, Dv <= {} and subgroups of one fixed size \
-                     between 4 and 64; this problem has D={d} Dv={dv}, this device's subgroups: {}",
-                    FlashTiles::ROWS_MAX_DIM,
-                    if caps.subgroups {
-                        format!(
-                            "sizes {}..={}",
-                            caps.subgroup_min_size, caps.subgroup_max_size
-                        )
-                    } else {
-                        "none (or they are turned off)".to_string()
-                    }
-                )));
+                return Err(unsupported(
+                    self.row_kernel_refusal(p.head_dim, p.v_head_dim),
+                ));
             }
             (Some(FlashLayout::Rows), Some(t)) => t,
             (None, Some(t)) if self.is_cpu() => t,

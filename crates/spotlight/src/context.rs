@@ -366,6 +366,39 @@ impl Engine {
         .then_some(c.subgroup_min_size)
     }
 
+    /// Why the row kernels cannot run head dims `d`, `dv` here (for a caller that forced them).
+    pub(crate) fn row_kernel_refusal(&self, d: usize, dv: usize) -> String {
+        let c = &self.caps;
+        format!(
+            "the row kernels need head dims D, Dv <= {} and subgroups of one fixed size between 4 \
+             and 64; this problem has D={d} Dv={dv}, this device's subgroups: {}",
+            crate::kernels::FlashTiles::ROWS_MAX_DIM,
+            if c.subgroups && self.use_subgroups {
+                format!("sizes {}..={}", c.subgroup_min_size, c.subgroup_max_size)
+            } else {
+                "none (or they are turned off)".to_string()
+            }
+        )
+    }
+
+    /// The row kernels' rows per workgroup: the caller's (`rows_per_workgroup`, checked) or
+    /// [`crate::kernels::FlashTiles::row_count`]'s for `logits` logits and `rows` rows per unit.
+    pub(crate) fn row_count(
+        asked: Option<u32>,
+        logits: usize,
+        rows: usize,
+    ) -> std::result::Result<u32, String> {
+        use crate::kernels::FlashTiles;
+        match asked {
+            Some(r) if FlashTiles::ROWS_R.contains(&r) => Ok(r),
+            Some(r) => Err(format!(
+                "rows_per_workgroup = {r}: the row kernels take {:?}",
+                FlashTiles::ROWS_R
+            )),
+            None => Ok(FlashTiles::row_count(logits as u64, rows)),
+        }
+    }
+
     /// Whether this is a CPU adapter (lavapipe, llvmpipe, WARP, SwiftShader), where the row
     /// kernels are the default.
     pub(crate) fn is_cpu(&self) -> bool {
