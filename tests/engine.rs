@@ -203,12 +203,21 @@ fn flash_refuses_what_it_cannot_do_and_auto_falls_back() {
         rows_per_workgroup: Some(12),
         ..Default::default()
     };
-    let err = engine.attention(&p, &d.inputs(), &odd).unwrap_err();
-    assert!(
-        matches!(err, Error::Unsupported { .. })
-            && err.to_string().contains("rows_per_workgroup = 12"),
-        "{err}"
-    );
+    for algorithm in [Algorithm::Flash, Algorithm::Auto, Algorithm::ThreePass] {
+        let odd = RunOptions { algorithm, ..odd };
+        let err = match engine.attention(&p, &d.inputs(), &odd) {
+            Ok(o) => panic!(
+                "{algorithm:?} with rows_per_workgroup 12 ran ({:?})",
+                o.algorithm
+            ),
+            Err(e) => e,
+        };
+        assert!(
+            matches!(err, Error::Unsupported { .. })
+                && err.to_string().contains("rows_per_workgroup = 12"),
+            "{algorithm:?}: {err}"
+        );
+    }
 }
 
 #[test]

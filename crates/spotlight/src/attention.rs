@@ -447,6 +447,12 @@ impl Engine {
         paged: bool,
     ) -> Result<Plan> {
         p.validate()?;
+        // A row count the row kernel does not have is the caller's mistake on every algorithm
+        // (auto must not fall back to three-pass over it).
+        Engine::row_count(opts.rows_per_workgroup, 0, 0).map_err(|reason| Error::Unsupported {
+            algorithm: opts.algorithm.name(),
+            reason,
+        })?;
         if opts.probs
             && matches!(
                 opts.algorithm,

@@ -767,7 +767,6 @@ impl Variant {
     }
 }
 
-/// Unrolls, in the text, every loop whose header line is
 /// The text rewrite of a row kernel (`flash_rows.wgsl`, `backward_q_rows.wgsl`,
 /// `backward_kv_rows.wgsl`; see the first's header for why).
 struct RowKernel {
@@ -848,6 +847,7 @@ fn row_kernel_source(mut src: String, variant: &Variant, spec: &RowKernel) -> St
     unroll_marked(&src, &bounds)
 }
 
+/// Unrolls, in the text, every loop whose header line is
 /// `for (var X = 0u; X < N; X++) { // unroll` with `N` a name in `bounds` (or `4u`): the body is
 /// repeated N times, each copy a block that starts with `let X = <i>u;`. The WGSL stays valid
 /// (and means the same) either way; unrolled, every index by X is a constant. Nested marked loops
