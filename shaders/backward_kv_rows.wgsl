@@ -23,6 +23,9 @@ override DO_DT: u32 = 0u;
 override HEAD_DIM: u32 = 64u;
 override V_DIM: u32 = 64u;
 override WG: u32 = 8u;
+// Also write the logit gradients g for backward_dq_rows.wgsl (see its header for the layout and
+// the encoding), after dV in dkv.
+override WRITE_DS: bool = false;
 // Q and dO read four elements per load (kernels.rs rewrites q4/dout4, as for flash_rows.wgsl).
 override VEC4_KV: bool = false;
 
@@ -51,7 +54,8 @@ fn load_q(idx: u32) -> f32 { return elem_value(q[elem_word(idx, Q_DT)], idx, Q_D
 fn load_k(idx: u32) -> f32 { return elem_value(k[elem_word(idx, K_DT)], idx, K_DT); } // load k
 fn load_v(idx: u32) -> f32 { return elem_value(v[elem_word(idx, V_DT)], idx, V_DT); } // load v
 @group(0) @binding(7) var<storage, read> dout: array<u32>; // tensor dout
-// [dK in K's layout][dV in V's layout at range.dv_offset], f32.
+// [dK in K's layout][dV in V's layout at range.dv_offset][with WRITE_DS: g as [B, Hq, Lq, LK4]
+// from the next multiple of 4 elements], f32.
 @group(0) @binding(8) var<storage, read_write> dkv: array<f32>;
 
 fn load_dout(idx: u32) -> f32 { return elem_value(dout[elem_word(idx, DO_DT)], idx, DO_DT); } // load dout
@@ -272,6 +276,25 @@ fn main(
                 for (var r = 0u; r < R; r++) { // unroll
                     p[r] = tp[r];
                     g[r] = tg[r];
+                }
+            }
+            if WRITE_DS {
+                let dv_elems = params.batch * params.kv_len * params.kv_heads * V_DIM;
+                let ds_off = (range.dv_offset + dv_elems + 3u) / 4u * 4u;
+                let lk4 = (params.kv_len + 3u) / 4u * 4u;
+                for (var r = 0u; r < R; r++) { // unroll
+                    let j = j0 + r;
+                    for (var c = 0u; c < KBL; c++) { // unroll
+                        let i = i0 + c * WG + lid;
+                        if i < params.q_len && j < params.kv_len {
+                            let seen = !(p[r][c] < 0.0);
+                            var w = select(0u, bitcast<u32>(g[r][c]), seen);
+                            if seen && g[r][c] == 0.0 {
+                                w = 0x80000000u;
+                            }
+                            dkv[ds_off + (rows0 + i) * lk4 + j] = bitcast<f32>(w);
+                        }
+                    }
                 }
             }
             // dV and dK: lane `lid` adds P·dO and g·Q over every row of the block for its own

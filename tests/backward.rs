@@ -116,6 +116,9 @@ fn backward_random_problems_match_reference_gradients() {
             layout: (seed % 4 == 3).then_some(FlashLayout::Tiled),
             // And one in 16 the row kernels with 16 rows per workgroup (large problems' choice).
             rows_per_workgroup: (seed % 16 == 1).then_some(16),
+            // The row kernels take dQ from the stored logit gradients where they fit and there
+            // is no bias; one in five problems recomputes them instead.
+            dq_from_gradients: (seed % 5 == 2).then_some(false),
         };
         let e = if seed % 2 == 1 {
             packed_engine().expect("engine")
@@ -169,15 +172,27 @@ fn backward_awkward_shapes_and_gqa() {
 
 /// Rows that see nothing and padded rows get zero gradient; NaN in what no row sees (masked and
 /// padded keys, padded query rows, dO of rows that see nothing) does not leak; a NaN in dO of a
-/// row reaches exactly the gradients the reference says (compared with NaN matching NaN).
+/// row reaches exactly the gradients the reference says (compared with NaN matching NaN). With a
+/// bias (dQ recomputed), and without one, dQ from the stored logit gradients and recomputed.
 #[test]
 fn backward_nan_and_padding_rules() {
     let Some(engine) = engine() else { return };
+    nan_and_padding_rules(engine, true, &Default::default());
+    for stored in [true, false] {
+        let opts = BackwardOptions {
+            dq_from_gradients: Some(stored),
+            ..Default::default()
+        };
+        nan_and_padding_rules(engine, false, &opts);
+    }
+}
+
+fn nan_and_padding_rules(engine: &Engine, with_bias: bool, opts: &BackwardOptions) {
     let mut p = Problem::new(2, 6, 9, 2, 1, 8).causal(true);
     p.q_seqlens = true;
     p.kv_seqlens = true;
     p.mask = Some(Broadcast { batch: 1, heads: 1 });
-    p.bias = Some(Broadcast { batch: 1, heads: 2 });
+    p.bias = with_bias.then_some(Broadcast { batch: 1, heads: 2 });
     let mut rng = Rng::new(0x4A4);
     let mut data = Data::random(&p, [DType::F32; 3], 1.0, &mut rng);
     data.q_seqlens = Some(vec![4, 6]);
@@ -188,7 +203,8 @@ fn backward_nan_and_padding_rules() {
     }
     mask[0..9].fill(0); // row 0 sees nothing
     data.mask = Some(mask);
-    data.bias = Some(rng.vec(2 * 6 * 9));
+    let bias = rng.vec(2 * 6 * 9);
+    data.bias = with_bias.then_some(bias);
     let s = p.k_strides();
     let mut k = data.k.to_f32_vec();
     let mut v = data.v.to_f32_vec();
@@ -210,16 +226,7 @@ fn backward_nan_and_padding_rules() {
     let d_out_t = Tensor::F32(d_out.clone());
     // The backward is given the reference forward: the fused forward itself lets a NaN in V of
     // a masked key reach O (0·NaN), which is the forward's matter, not the backward's.
-    check_grads_with(
-        engine,
-        &p,
-        &data,
-        &d_out_t,
-        DType::F32,
-        &Default::default(),
-        true,
-    )
-    .expect("finite case");
+    check_grads_with(engine, &p, &data, &d_out_t, DType::F32, opts, true).expect("finite case");
     let fwd_ref = reference::attention(&p, &data.inputs()).unwrap();
     let f = |x: &[f64]| x.iter().map(|&v| v as f32).collect::<Vec<f32>>();
     let fwd = spotlight::Output {
@@ -229,13 +236,7 @@ fn backward_nan_and_padding_rules() {
         algorithm: spotlight::Algorithm::Flash,
     };
     let g = engine
-        .attention_backward(
-            &p,
-            &data.inputs(),
-            &fwd,
-            d_out_t.as_ref(),
-            &Default::default(),
-        )
+        .attention_backward(&p, &data.inputs(), &fwd, d_out_t.as_ref(), opts)
         .unwrap();
     for (name, t) in [("dq", &g.dq), ("dk", &g.dk), ("dv", &g.dv)] {
         assert!(
@@ -243,7 +244,8 @@ fn backward_nan_and_padding_rules() {
             "{name} has a non-finite value"
         );
     }
-    assert!(g.dbias.as_ref().unwrap().iter().all(|x| x.is_finite()));
+    assert_eq!(g.dbias.is_some(), with_bias);
+    assert!(g.dbias.iter().flatten().all(|x| x.is_finite()));
     let qs = p.q_strides();
     for h in 0..2 {
         for d in 0..8 {
@@ -263,22 +265,127 @@ fn backward_nan_and_padding_rules() {
         &data,
         &Tensor::F32(d_out),
         DType::F32,
-        &Default::default(),
+        opts,
         true,
     )
     .expect("NaN case");
 }
 
+/// A visible key whose logit gradient is exactly 0 still multiplies its K into dQ: with a softcap
+/// a key with K = +inf has a finite logit (cap·tanh(inf) = cap) and ∂s/∂dot = 0, so dQ gets 0·inf
+/// = NaN in that column, as in the reference, while an invisible (masked) key with inf in K adds
+/// nothing. Every way of computing dQ: stored gradients (their encoding tells a visible 0 from an
+/// invisible key), recomputed ones, the tiled passes.
+#[test]
+fn backward_zero_gradient_of_a_visible_key_meets_its_k() {
+    let Some(engine) = engine() else { return };
+    let mut p = Problem::new(1, 5, 7, 2, 1, 8).softcap(Some(5.0));
+    p.mask = Some(Broadcast { batch: 1, heads: 1 });
+    let mut rng = Rng::new(0x2E0);
+    let mut data = Data::random(&p, [DType::F32; 3], 1.0, &mut rng);
+    let mut mask = vec![1u8; 5 * 7];
+    for i in 0..5 {
+        mask[i * 7 + 4] = 0; // key 4 hidden from every row
+    }
+    data.mask = Some(mask);
+    let (qs, ks) = (p.q_strides(), p.k_strides());
+    let mut q = data.q.to_f32_vec();
+    let mut k = data.k.to_f32_vec();
+    for i in 0..5 {
+        for h in 0..2 {
+            q[qs.index(0, i, h, 3)] = 1.0; // q·k_2 = +inf, never NaN
+        }
+    }
+    k[ks.index(0, 2, 0, 3)] = f32::INFINITY; // visible to every row
+    k[ks.index(0, 4, 0, 5)] = f32::INFINITY; // masked
+    data.q = Tensor::F32(q);
+    data.k = Tensor::F32(k);
+    let d_out = Tensor::F32(rng.vec(p.o_elems()));
+    let want = {
+        let fwd = reference::attention(&p, &data.inputs()).unwrap();
+        reference::attention_backward(&p, &data.inputs(), &fwd, d_out.as_ref()).unwrap()
+    };
+    assert!(
+        (0..5).all(|i| want.dq[qs.index(0, i, 0, 3)].is_nan()),
+        "the reference's dQ column 3 is 0·inf"
+    );
+    assert!(
+        want.dq[qs.index(0, 0, 0, 5)].is_finite(),
+        "a masked key adds nothing"
+    );
+    for opts in [
+        BackwardOptions::default(),
+        BackwardOptions {
+            dq_from_gradients: Some(true),
+            ..Default::default()
+        },
+        BackwardOptions {
+            dq_from_gradients: Some(false),
+            ..Default::default()
+        },
+        BackwardOptions {
+            layout: Some(FlashLayout::Tiled),
+            ..Default::default()
+        },
+    ] {
+        check_grads_with(engine, &p, &data, &d_out, DType::F32, &opts, true)
+            .unwrap_or_else(|e| panic!("{opts:?}: {e}"));
+    }
+}
+
+/// Stored logit gradients that do not fit the binding limit: `auto` recomputes them (right
+/// gradients), asking for them is a typed limit error (row kernels; the tiled ones ignore it).
+#[test]
+fn backward_stored_gradients_follow_the_binding_limit() {
+    if engine().is_none() {
+        return;
+    }
+    let small = Engine::new().unwrap().with_binding_limit(8 << 10);
+    let p = Problem::new(1, 64, 64, 1, 1, 8);
+    let mut rng = Rng::new(0xB1D);
+    let data = Data::random(&p, [DType::F32; 3], 1.0, &mut rng);
+    let d_out = Tensor::F32(rng.vec(p.o_elems()));
+    check_grads_with(
+        &small,
+        &p,
+        &data,
+        &d_out,
+        DType::F32,
+        &Default::default(),
+        true,
+    )
+    .expect("auto recomputes the gradients");
+    let rows = BackwardOptions {
+        layout: Some(FlashLayout::Rows),
+        dq_from_gradients: Some(true),
+        ..Default::default()
+    };
+    match check_grads_with(&small, &p, &data, &d_out, DType::F32, &rows, true) {
+        Err(e) if e.contains("row kernels") => {} // adapter without them
+        Err(e) => assert!(
+            e.contains("logit gradients") && e.contains("max_storage_buffer_binding_size"),
+            "{e}"
+        ),
+        Ok(()) => panic!("20 KiB of dK, dV and gradients stored under an 8 KiB binding limit"),
+    }
+}
+
 /// The same inputs give bit-identical gradients on three runs (no atomics, fixed order), also
-/// with the loops split into dispatches.
+/// with the loops split into dispatches; with a bias, and without one (dQ from the stored
+/// logit gradients on CPU adapters).
 #[test]
 fn backward_is_bitwise_deterministic() {
     let Some(engine) = engine() else { return };
+    deterministic(engine, true);
+    deterministic(engine, false);
+}
+
+fn deterministic(engine: &Engine, with_bias: bool) {
     let mut p = Problem::new(2, 70, 90, 4, 2, 64).causal(true);
-    p.bias = Some(Broadcast { batch: 1, heads: 1 });
+    p.bias = with_bias.then_some(Broadcast { batch: 1, heads: 1 });
     let mut rng = Rng::new(0xDE7);
     let mut data = Data::random(&p, [DType::F16, DType::Bf16, DType::F32], 2.0, &mut rng);
-    data.bias = Some(rng.vec(70 * 90));
+    data.bias = with_bias.then(|| rng.vec(70 * 90));
     let d_out = Tensor::from_f32(&rng.vec(p.o_elems()), DType::F32);
     let run = RunOptions {
         lse: true,
@@ -306,11 +413,14 @@ fn backward_is_bitwise_deterministic() {
                     bits(&g.dq),
                     bits(&g.dk),
                     bits(&g.dv),
-                    bits(&g.dbias.unwrap()),
+                    bits(&g.dbias.unwrap_or_default()),
                 )
             })
             .collect();
-        assert!(runs[0] == runs[1] && runs[1] == runs[2], "{opts:?}");
+        assert!(
+            runs[0] == runs[1] && runs[1] == runs[2],
+            "bias {with_bias} {opts:?}"
+        );
     }
 }
 
@@ -358,6 +468,45 @@ fn backward_refuses_bad_input() {
         )
         .unwrap_err();
     assert!(e.to_string().contains("rows_per_workgroup = 3"), "{e}");
+    // dQ from stored logit gradients takes no bias: refused with the row kernels, ignored by the
+    // tiled ones (adapters without the row kernels refuse those instead).
+    let mut pb = p.clone();
+    pb.bias = Some(Broadcast { batch: 1, heads: 1 });
+    let bias = rng.vec(16);
+    let mut with_bias = data.inputs();
+    with_bias.bias = Some(&bias);
+    let run = RunOptions {
+        lse: true,
+        ..Default::default()
+    };
+    let fwd_b = engine.attention(&pb, &with_bias, &run).unwrap();
+    let e = engine
+        .attention_backward(
+            &pb,
+            &with_bias,
+            &fwd_b,
+            d_out.as_ref(),
+            &BackwardOptions {
+                layout: Some(FlashLayout::Rows),
+                dq_from_gradients: Some(true),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(e, spotlight::Error::Unsupported { .. }), "{e}");
+    let rows_refused = e.to_string().contains("row kernel");
+    assert!(
+        rows_refused || e.to_string().contains("dq_from_gradients"),
+        "{e}"
+    );
+    let tiled = BackwardOptions {
+        layout: Some(FlashLayout::Tiled),
+        dq_from_gradients: Some(true),
+        ..Default::default()
+    };
+    engine
+        .attention_backward(&pb, &with_bias, &fwd_b, d_out.as_ref(), &tiled)
+        .expect("the tiled kernels ignore dq_from_gradients");
     let fwd = engine
         .attention(
             &p,

@@ -83,7 +83,8 @@ fn variants() -> Vec<Variant> {
         }
     }
     // The backward's main passes: tiled (lavapipe's and NVIDIA's workgroup memory) and the row
-    // kernels (8, 4 and 32 lanes), every dtype, dO in f32 and f16, with and without dS.
+    // kernels (8, 4 and 32 lanes), every dtype, dO in f32 and f16, with and without dS (the row
+    // key/value pass also with stored gradients, and the dQ pass that reads them).
     for (d, dv) in [(16, 16), (40, 24), (64, 64), (128, 128), (256, 256)] {
         let mut tiles: Vec<BackwardTiles> = [32 * 1024, 48 * 1024]
             .iter()
@@ -92,10 +93,20 @@ fn variants() -> Vec<Variant> {
         tiles.extend([(8, 8), (4, 8), (8, 16), (32, 8)].map(|(n, r)| BackwardTiles::rows(n, r)));
         for t in tiles {
             for dt in dts {
-                for (query, write_ds) in [(false, false), (true, false), (true, true)] {
+                let rows = t.layout == FlashLayout::Rows;
+                for (query, write_ds) in
+                    [(false, false), (true, false), (true, true), (false, rows)]
+                {
                     let d_out = if write_ds { DType::F16 } else { DType::F32 };
                     let v = Variant::backward_main(query, [dt, dt, dt], d_out, d, dv, t, write_ds);
                     if t.layout == FlashLayout::Rows && d % 4 == 0 && dv % 4 == 0 {
+                        out.push(v.clone().vec4_kv(true));
+                    }
+                    out.push(v);
+                }
+                if rows {
+                    let v = Variant::backward_dq_rows([dt, dt, dt], d, dv, t);
+                    if d % 4 == 0 {
                         out.push(v.clone().vec4_kv(true));
                     }
                     out.push(v);
@@ -431,34 +442,40 @@ fn tile_choosers_match_the_declared_workgroups() {
         let bytes = workgroup_bytes(&module);
         let (d, dv) = match variant.shader {
             Shader::Flash | Shader::FlashRows | Shader::FlashCoop => (c("HEAD_DIM"), c("V_DIM")),
-            Shader::Backward(BackwardPass::KeyValueRows | BackwardPass::QueryRows) => {
-                (c("HEAD_DIM"), c("V_DIM"))
-            }
+            Shader::Backward(
+                BackwardPass::KeyValueRows
+                | BackwardPass::QueryRows
+                | BackwardPass::QueryFromGradients,
+            ) => (c("HEAD_DIM"), c("V_DIM")),
             _ => continue,
         };
-        let (threads, expect_bytes) = if let Shader::Backward(_) = variant.shader {
-            let t = BackwardTiles::rows(c("WG"), c("ROWS"));
-            (t.tpr, t.rows_bytes(d, dv))
-        } else if variant.shader == Shader::Flash {
-            let t = FlashTiles {
-                bq: c("BQ"),
-                bk: c("BK"),
-                tpr: c("TPR"),
-                layout: FlashLayout::Tiled,
+        let (threads, expect_bytes) =
+            if variant.shader == Shader::Backward(BackwardPass::QueryFromGradients) {
+                // No workgroup memory: K comes from the tensor, the gradients by shuffle.
+                (c("WG"), 0)
+            } else if let Shader::Backward(_) = variant.shader {
+                let t = BackwardTiles::rows(c("WG"), c("ROWS"));
+                (t.tpr, t.rows_bytes(d, dv))
+            } else if variant.shader == Shader::Flash {
+                let t = FlashTiles {
+                    bq: c("BQ"),
+                    bk: c("BK"),
+                    tpr: c("TPR"),
+                    layout: FlashLayout::Tiled,
+                };
+                (t.threads(), t.workgroup_bytes(d, dv))
+            } else if variant.shader == Shader::FlashRows {
+                let t = FlashTiles::rows(c("WG"), c("ROWS"));
+                (t.threads(), t.workgroup_bytes(d, dv))
+            } else {
+                let t = CoopTiles {
+                    edge: c("EDGE"),
+                    wg: c("WG"),
+                    ns: c("NS"),
+                    bk: c("BK"),
+                };
+                (t.ns * t.wg, t.bytes(d, dv) as u64)
             };
-            (t.threads(), t.workgroup_bytes(d, dv))
-        } else if variant.shader == Shader::FlashRows {
-            let t = FlashTiles::rows(c("WG"), c("ROWS"));
-            (t.threads(), t.workgroup_bytes(d, dv))
-        } else {
-            let t = CoopTiles {
-                edge: c("EDGE"),
-                wg: c("WG"),
-                ns: c("NS"),
-                bk: c("BK"),
-            };
-            (t.ns * t.wg, t.bytes(d, dv) as u64)
-        };
         assert_eq!(
             size,
             [threads, 1, 1],
@@ -510,7 +527,11 @@ fn row_kernel_variants_have_no_marked_loops_left() {
             matches!(
                 v.shader,
                 Shader::FlashRows
-                    | Shader::Backward(BackwardPass::KeyValueRows | BackwardPass::QueryRows)
+                    | Shader::Backward(
+                        BackwardPass::KeyValueRows
+                            | BackwardPass::QueryRows
+                            | BackwardPass::QueryFromGradients
+                    )
             )
         })
         .collect();

@@ -69,6 +69,10 @@ pub struct BenchArgs {
     /// Row kernels: rows per workgroup, 8 or 16 (default: by the problem's size).
     #[arg(long)]
     rows_per_workgroup: Option<u32>,
+    /// With --backward, row kernels: dQ from the logit gradients the key/value pass stores
+    /// (true) or recomputing them (false) (default: stored where they fit, no bias).
+    #[arg(long)]
+    dq_from_gradients: Option<bool>,
     /// Timed repetitions (the median is reported).
     #[arg(long)]
     repeats: Option<usize>,
@@ -341,6 +345,7 @@ pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
             a.repeats,
             a.flash_layout,
             a.rows_per_workgroup,
+            a.dq_from_gradients,
         );
     }
     let engine = Engine::new()?;

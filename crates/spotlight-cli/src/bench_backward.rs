@@ -12,12 +12,14 @@ use spotlight::{
 /// Times forward (flash, with LSE) and backward for each `B,L,H,D[,causal]` configuration
 /// (default 1,1024,2,64), f32, median of `repeats` after one warm-up each. `layout` forces the
 /// tiled or the row kernels for both directions (`--flash-layout`; default: the adapter decides),
-/// `rows_per_workgroup` their rows per workgroup.
+/// `rows_per_workgroup` their rows per workgroup, `dq_from_gradients` how the row kernels get dQ
+/// ([`BackwardOptions::dq_from_gradients`]).
 pub fn main(
     configs: &[String],
     repeats: Option<usize>,
     layout: Option<FlashLayout>,
     rows_per_workgroup: Option<u32>,
+    dq_from_gradients: Option<bool>,
 ) -> anyhow::Result<()> {
     let engine = Engine::new()?;
     let configs = if configs.is_empty() {
@@ -59,6 +61,7 @@ pub fn main(
         let bopts = BackwardOptions {
             layout,
             rows_per_workgroup,
+            dq_from_gradients,
             ..Default::default()
         };
         let r = engine.upload(&p, &inputs, &opts)?;

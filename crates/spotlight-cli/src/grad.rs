@@ -74,6 +74,7 @@ pub fn main(a: &GradArgs) -> anyhow::Result<()> {
             max_tiles_per_dispatch: a.max_tiles_per_dispatch,
             layout: None,
             rows_per_workgroup: None,
+            dq_from_gradients: None,
         };
         let g = engine
             .attention_backward(p, &inputs, &fwd, d_out.as_ref(), &bopts)

@@ -36,6 +36,7 @@ pub mod source {
     pub const REDUCE: &str = include_str!("../../../shaders/backward_reduce.wgsl");
     pub const KEY_VALUE_ROWS: &str = include_str!("../../../shaders/backward_kv_rows.wgsl");
     pub const QUERY_ROWS: &str = include_str!("../../../shaders/backward_q_rows.wgsl");
+    pub const DQ_ROWS: &str = include_str!("../../../shaders/backward_dq_rows.wgsl");
 }
 
 /// One pass of the backward (a kernel of [`crate::kernels::Shader::Backward`]).
@@ -53,6 +54,9 @@ pub enum BackwardPass {
     KeyValueRows,
     /// dQ (and dS) for CPU adapters: one subgroup per workgroup (`backward_q_rows.wgsl`).
     QueryRows,
+    /// dQ = dS·K for CPU adapters from the logit gradients the key/value row pass stored
+    /// (`backward_dq_rows.wgsl`).
+    QueryFromGradients,
 }
 
 impl BackwardPass {
@@ -64,6 +68,7 @@ impl BackwardPass {
             BackwardPass::Reduce => "backward_reduce",
             BackwardPass::KeyValueRows => "backward_kv_rows",
             BackwardPass::QueryRows => "backward_q_rows",
+            BackwardPass::QueryFromGradients => "backward_dq_rows",
         }
     }
 
@@ -94,6 +99,9 @@ impl BackwardPass {
                 source::QUERY_ROWS,
             ]
             .concat(),
+            BackwardPass::QueryFromGradients => {
+                [C, LOGITS, RULES, source::COMMON, ROW_LOADS, source::DQ_ROWS].concat()
+            }
         }
     }
 
@@ -124,6 +132,14 @@ impl BackwardPass {
                 (12, Uniform),
             ],
             BackwardPass::Reduce => &[(0, Uniform), (4, Read), (5, ReadWrite), (13, Uniform)],
+            BackwardPass::QueryFromGradients => &[
+                (0, Uniform),
+                (1, Read),
+                (5, Read),
+                (7, Read),
+                (8, ReadWrite),
+                (12, Uniform),
+            ],
         }
     }
 }
@@ -261,7 +277,9 @@ impl Variant {
         }
     }
 
-    /// The key/value (`query = false`) or query pass; `write_ds` (query pass) also writes dS.
+    /// The key/value (`query = false`) or query pass; `write_ds` also writes the logit
+    /// gradients: dS for dBias (query pass), g for [`Variant::backward_dq_rows`] (key/value row
+    /// pass).
     pub fn backward_main(
         query: bool,
         dtypes: [DType; 3],
@@ -293,7 +311,7 @@ impl Variant {
             constants.extend([("BQ", tiles.kv_bq), ("BK", tiles.kv_bk), ("TPR", tiles.tpr)]);
             BackwardPass::KeyValue
         };
-        if query {
+        if query || pass == BackwardPass::KeyValueRows {
             constants.push(("WRITE_DS", write_ds as u32));
         }
         if tiles.layout == FlashLayout::Rows {
@@ -303,6 +321,22 @@ impl Variant {
             shader: crate::kernels::Shader::Backward(pass),
             native_f16: false,
             constants,
+        }
+    }
+
+    /// dQ = g·K from the gradients the key/value row pass wrote (`tiles` are row tiles).
+    pub fn backward_dq_rows(dtypes: [DType; 3], d: u32, dv: u32, tiles: BackwardTiles) -> Self {
+        Variant {
+            shader: crate::kernels::Shader::Backward(BackwardPass::QueryFromGradients),
+            native_f16: false,
+            constants: vec![
+                ("K_DT", dtype_code(dtypes[1])),
+                ("HEAD_DIM", d),
+                ("V_DIM", dv),
+                ("WG", tiles.tpr),
+                ("ROWS", tiles.q_bq),
+                ("VEC4_KV", 0),
+            ],
         }
     }
 
@@ -328,7 +362,18 @@ pub struct BackwardOptions {
     /// Row kernels: keys or query rows per workgroup, 8 or 16 (`None`: by the problem's size,
     /// [`FlashTiles::row_count`]). The tiled kernels ignore it; other values are refused.
     pub rows_per_workgroup: Option<u32>,
+    /// Row kernels without a bias: the key/value pass stores the logit gradients
+    /// `[B, Hq, Lq, ceil(Lk/4)·4]` (f32, beside dK and dV in one binding) and dQ is their product
+    /// with K (`true`), or the query pass recomputes them (`false`; needs no O(L²) memory, does
+    /// three products per logit instead of one). `None`: stored when they fit
+    /// [`DQ_FROM_GRADIENTS_BYTES`] and the adapter's binding and buffer limits. `Some(true)`
+    /// where they cannot be stored is refused.
+    pub dq_from_gradients: Option<bool>,
 }
+
+/// The most bytes of stored logit gradients the backward allocates on its own
+/// ([`BackwardOptions::dq_from_gradients`]).
+pub const DQ_FROM_GRADIENTS_BYTES: u64 = 256 << 20;
 
 /// Gradients returned by [`Engine::attention_backward`], f32, each in its input's layout.
 #[derive(Clone, Debug)]
@@ -373,6 +418,9 @@ struct BackwardPlan {
     /// Query tiles per key/value-pass dispatch and key tiles per query-pass dispatch.
     kv_step: u32,
     q_step: u32,
+    /// Elements before the stored logit gradients in the key/value pass's output (a multiple
+    /// of 4) and how many there are: `Some` exactly when dQ is computed from them.
+    gradients: Option<(u64, u64)>,
 }
 
 fn padded(bytes: u64) -> u64 {
@@ -442,6 +490,41 @@ impl Engine {
         .all(|x| x % 4 == 0);
         let rows = p.lse_elems() as u64;
         let ds = p.bias.map_or(0, |_| p.probs_elems() as u64);
+        // dQ from stored logit gradients: row kernels, no bias (its dS is another quantity),
+        // [dK][dV][g] in one binding.
+        let g_at = (p.k_elems() + p.v_elems()).div_ceil(4) as u64 * 4;
+        let g_elems = (p.batch * p.q_heads * p.q_len * p.kv_len.div_ceil(4) * 4) as u64;
+        let g_bytes = (g_at + g_elems) * 4;
+        let g_fits = g_bytes <= caps.max_storage_binding.min(caps.max_buffer_size);
+        let gradients = match opts.dq_from_gradients {
+            _ if tiles.layout != FlashLayout::Rows => None,
+            Some(false) => None,
+            Some(true) if p.bias.is_some() => {
+                return Err(unsupported(
+                    "dQ from stored logit gradients does not take a bias (its dBias needs the \
+                     query pass's dS); leave dq_from_gradients unset or false"
+                        .to_string(),
+                ));
+            }
+            Some(true) if !g_fits => {
+                let limit = caps.max_storage_binding.min(caps.max_buffer_size);
+                return Err(Error::LimitExceeded {
+                    what: format!(
+                        "the backward's dK, dV and logit gradients [B={}, Hq={}, Lq={}, Lk={}] \
+                         in one binding (dq_from_gradients)",
+                        p.batch, p.q_heads, p.q_len, p.kv_len
+                    ),
+                    bytes: g_bytes,
+                    limit_name: "max_storage_buffer_binding_size",
+                    limit,
+                });
+            }
+            Some(true) => Some((g_at, g_elems)),
+            None if p.bias.is_none() && g_fits && g_elems * 4 <= DQ_FROM_GRADIENTS_BYTES => {
+                Some((g_at, g_elems))
+            }
+            None => None,
+        };
         let bcast = |b: Option<spotlight_reference::Broadcast>| {
             b.map_or(0, |b| (b.batch * b.heads * p.q_len * p.kv_len) as u64)
         };
@@ -526,6 +609,7 @@ impl Engine {
             wide_qo,
             kv_step,
             q_step,
+            gradients,
         })
     }
 
@@ -830,11 +914,19 @@ impl Engine {
         let t = plan.tiles;
 
         // 2. dK and dV over key tiles, the query tiles split into dispatches of kv_step.
+        //    With plan.gradients the pass also stores g after dV (zero where nothing is written).
         let (k_bytes, v_bytes) = (p.k_elems() as u64 * 4, p.v_elems() as u64 * 4);
-        let dkv = self.storage_scratch("dk dv", k_bytes + v_bytes);
+        let dkv = match plan.gradients {
+            Some((at, n)) => {
+                let dkv = self.storage_scratch("dk dv g", (at + n) * 4);
+                enc.clear_buffer(&dkv, at * 4, Some(n * 4));
+                dkv
+            }
+            None => self.storage_scratch("dk dv", k_bytes + v_bytes),
+        };
         let kv = self.cache.get(
             dev,
-            &Variant::backward_main(false, i.dtypes, d_out.1, d, dv, t, false)
+            &Variant::backward_main(false, i.dtypes, d_out.1, d, dv, t, plan.gradients.is_some())
                 .vec4_kv(plan.wide_qo)
                 .native_f16(self.native_f16()),
         )?;
@@ -865,7 +957,43 @@ impl Engine {
             self.dispatch(enc, &kv, &binds, kv_groups)?;
         }
 
-        // 3. dQ (and dS) over query tiles, the key tiles split into dispatches of q_step.
+        // 3. dQ (and dS) over query tiles, the key tiles split into dispatches of q_step: from the
+        //    stored gradients, or recomputing them.
+        let q_groups = (p.batch * p.q_heads) as u64 * p.q_len.div_ceil(t.q_bq as usize) as u64;
+        let k_tiles = p.kv_len.div_ceil(t.q_bk as usize) as u32;
+        if let Some((at, _)) = plan.gradients {
+            let dq = self.storage_scratch("dq", p.q_elems() as u64 * 4);
+            let pass = self.cache.get(
+                dev,
+                &Variant::backward_dq_rows(i.dtypes, d, dv, t)
+                    .vec4_kv(plan.wide_kv)
+                    .native_f16(self.native_f16()),
+            )?;
+            for begin in (0..k_tiles.max(1)).step_by(plan.q_step as usize) {
+                let range = self.uniform_words(
+                    "backward range",
+                    [
+                        begin,
+                        (begin + plan.q_step).min(k_tiles),
+                        (begin > 0) as u32,
+                        (at / 4) as u32,
+                    ],
+                );
+                let binds = [
+                    (0, &params),
+                    (1, aux_full),
+                    (5, i.k),
+                    (7, &dkv),
+                    (8, &dq),
+                    (12, &range),
+                ];
+                self.dispatch(enc, &pass, &binds, q_groups)?;
+            }
+            enc.copy_buffer_to_buffer(&dkv, 0, g.dk, 0, k_bytes);
+            enc.copy_buffer_to_buffer(&dkv, k_bytes, g.dv, 0, v_bytes);
+            enc.copy_buffer_to_buffer(&dq, 0, g.dq, 0, p.q_elems() as u64 * 4);
+            return Ok(());
+        }
         let ds_elems = p.bias.map_or(0, |_| p.probs_elems() as u64);
         let q_bytes = p.q_elems() as u64 * 4;
         let dqs = self.storage_scratch("dq ds", q_bytes + ds_elems * 4);
@@ -878,8 +1006,6 @@ impl Engine {
                 .vec4_kv(plan.wide_kv)
                 .native_f16(self.native_f16()),
         )?;
-        let q_groups = (p.batch * p.q_heads) as u64 * p.q_len.div_ceil(t.q_bq as usize) as u64;
-        let k_tiles = p.kv_len.div_ceil(t.q_bk as usize) as u32;
         for begin in (0..k_tiles.max(1)).step_by(plan.q_step as usize) {
             let range = self.uniform_words(
                 "backward range",

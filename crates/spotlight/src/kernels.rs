@@ -101,7 +101,7 @@ pub enum Binding {
 }
 
 impl Shader {
-    pub const ALL: [Shader; 17] = [
+    pub const ALL: [Shader; 18] = [
         Shader::Scores,
         Shader::Softmax,
         Shader::Pv,
@@ -119,6 +119,7 @@ impl Shader {
         Shader::Backward(crate::backward::BackwardPass::Reduce),
         Shader::Backward(crate::backward::BackwardPass::KeyValueRows),
         Shader::Backward(crate::backward::BackwardPass::QueryRows),
+        Shader::Backward(crate::backward::BackwardPass::QueryFromGradients),
     ];
 
     pub fn name(self) -> &'static str {
@@ -631,8 +632,11 @@ impl Variant {
         use crate::backward::BackwardPass;
         let wg = self.constant("WG").max(1);
         let cols = |dim: &str| self.constant(dim).div_ceil(4).div_ceil(wg).max(1);
-        const KV: [(&str, &str, &str); 2] = [("k", "K_DT", "HEAD_DIM"), ("v", "V_DT", "V_DIM")];
-        let (registers, wide) = match self.shader {
+        type Wide = &'static [(&'static str, &'static str, &'static str)];
+        const KV: Wide = &[("k", "K_DT", "HEAD_DIM"), ("v", "V_DT", "V_DIM")];
+        const QO: Wide = &[("q", "Q_DT", "HEAD_DIM"), ("dout", "DO_DT", "V_DIM")];
+        const K: Wide = &[("k", "K_DT", "HEAD_DIM")];
+        let (registers, wide): (_, Wide) = match self.shader {
             Shader::FlashRows => (vec![("NV8", "// register columns", cols("V_DIM"))], KV),
             Shader::Backward(BackwardPass::QueryRows) => {
                 (vec![("NK8", "// register columns k", cols("HEAD_DIM"))], KV)
@@ -642,8 +646,11 @@ impl Variant {
                     ("NK8", "// register columns k", cols("HEAD_DIM")),
                     ("NV8", "// register columns v", cols("V_DIM")),
                 ],
-                [("q", "Q_DT", "HEAD_DIM"), ("dout", "DO_DT", "V_DIM")],
+                QO,
             ),
+            Shader::Backward(BackwardPass::QueryFromGradients) => {
+                (vec![("NK8", "// register columns k", cols("HEAD_DIM"))], K)
+            }
             _ => return None,
         };
         Some(RowKernel {
@@ -778,7 +785,7 @@ struct RowKernel {
     registers: Vec<(&'static str, &'static str, u32)>,
     /// The tensors each lane streams: (binding, dtype constant, dim constant), read four
     /// elements per load when the variant's `VEC4_KV` is on.
-    wide: [(&'static str, &'static str, &'static str); 2],
+    wide: &'static [(&'static str, &'static str, &'static str)],
 }
 
 /// Sizes the register arrays of a row kernel, rewrites its streamed tensors' loads as wide loads
@@ -795,7 +802,7 @@ fn row_kernel_source(mut src: String, variant: &Variant, spec: &RowKernel) -> St
         src = src.replace(&line, &format!("const {reg}: u32 = {value}u; {tag}"));
     }
     if variant.constant("VEC4_KV") == 1 {
-        for (t, dt_name, dim) in spec.wide {
+        for &(t, dt_name, dim) in spec.wide {
             let dt = variant.constant(dt_name);
             let (word, wide) = if dt == 0 {
                 ("vec4<u32>", format!("wide_f32({t}[(base + d0) / 4u])"))

@@ -37,7 +37,8 @@ mod pieces;
 
 pub use attention::{Algorithm, FlashLayout, GpuInputs, GpuOutputs, Output, Resident, RunOptions};
 pub use backward::{
-    BackwardOptions, BackwardPass, BackwardTiles, GpuForward, GpuGradients, Gradients,
+    BackwardOptions, BackwardPass, BackwardTiles, DQ_FROM_GRADIENTS_BYTES, GpuForward,
+    GpuGradients, Gradients,
 };
 pub use cache::{DecodeOptions, KvCache, KvCacheConfig, SeqId};
 pub use context::{Capabilities, Engine, EngineOptions, TimerSource, Timing, adapter_report};
