@@ -6,11 +6,71 @@ use std::sync::OnceLock;
 use spotlight::reference::{self, Reference, compare, random::Rng};
 use spotlight::{Algorithm, DType, Engine, Inputs, Output, Problem, RunOptions, Tensor};
 
-/// The shared engine. With `CI=true` and no adapter the test fails; elsewhere it says loudly that
-/// it skips.
+/// How many engines the tests share (`SPOTLIGHT_TEST_ENGINES`, default 2). Each engine is its
+/// own device, and a software adapter compiles a kernel the first time it runs it, on that
+/// device's queue: with one engine for all tests, every first compile waits for the others; with
+/// one per test thread they run side by side.
+fn engine_count() -> usize {
+    std::env::var("SPOTLIGHT_TEST_ENGINES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2)
+        .clamp(1, 8)
+}
+
+struct Shared {
+    engine: Option<Engine>,
+    /// Tests (threads) using it now.
+    users: std::sync::atomic::AtomicUsize,
+}
+
+/// Gives a thread's engine back when the thread (the test) ends.
+struct Slot(Option<usize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let (Some(i), Some(all)) = (self.0, ENGINES.get()) {
+            all[i]
+                .users
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+static ENGINES: OnceLock<Vec<Shared>> = OnceLock::new();
+
+thread_local! {
+    static SLOT: std::cell::RefCell<Slot> = const { std::cell::RefCell::new(Slot(None)) };
+}
+
+/// The engine of this test: one of `engine_count()` shared engines, the least used one when the
+/// test first asks (and the same one for the rest of it). With `CI=true` and no adapter the test
+/// fails; elsewhere it says loudly that it skips.
 pub fn engine() -> Option<&'static Engine> {
-    static ENGINE: OnceLock<Option<Engine>> = OnceLock::new();
-    let e = ENGINE.get_or_init(|| match Engine::new() {
+    let all = ENGINES.get_or_init(|| {
+        (0..engine_count())
+            .map(|_| Shared {
+                engine: new_engine(),
+                users: 0.into(),
+            })
+            .collect()
+    });
+    let i = SLOT.with(|slot| {
+        let mut slot = slot.borrow_mut();
+        *slot.0.get_or_insert_with(|| {
+            use std::sync::atomic::Ordering::SeqCst;
+            let i = (0..all.len())
+                .min_by_key(|&i| all[i].users.load(SeqCst))
+                .unwrap_or(0);
+            all[i].users.fetch_add(1, SeqCst);
+            i
+        })
+    });
+    all[i].engine.as_ref()
+}
+
+fn new_engine() -> Option<Engine> {
+    match Engine::new() {
         Ok(e) => {
             eprintln!("spotlight-tests: adapter {}", e.describe());
             // A run asked for one backend (scripts/test: vulkan, then gl) really runs on it.
@@ -30,8 +90,7 @@ pub fn engine() -> Option<&'static Engine> {
             eprintln!("SKIPPING GPU TEST: no adapter ({err})");
             None
         }
-    });
-    e.as_ref()
+    }
 }
 
 /// A second engine on the same adapter that uses no optional feature (f16 read as packed words,
