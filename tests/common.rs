@@ -266,3 +266,36 @@ pub fn check_opts(
 
 /// The GPU algorithms every differential test runs.
 pub const ALGORITHMS: [Algorithm; 3] = [Algorithm::ThreePass, Algorithm::Flash, Algorithm::SplitK];
+
+/// One `#[test]` per algorithm of [`ALGORITHMS`] for a body `fn(Algorithm)`, in a module named
+/// after the body: a failure names its cell (`differential::random_problems::flash`), and the
+/// cells run side by side on the test threads (and their engines). `covers_every_algorithm`
+/// fails when `ALGORITHMS` gains a member the cells do not have.
+macro_rules! per_algorithm {
+    ($module:ident, $body:path) => {
+        mod $module {
+            use spotlight::Algorithm;
+
+            #[test]
+            fn three_pass() {
+                $body(Algorithm::ThreePass)
+            }
+
+            #[test]
+            fn flash() {
+                $body(Algorithm::Flash)
+            }
+
+            #[test]
+            fn split_k() {
+                $body(Algorithm::SplitK)
+            }
+
+            #[test]
+            fn covers_every_algorithm() {
+                let cells = [Algorithm::ThreePass, Algorithm::Flash, Algorithm::SplitK];
+                assert_eq!(crate::common::ALGORITHMS, cells);
+            }
+        }
+    };
+}

@@ -5,12 +5,13 @@ use spotlight::reference::random::Rng;
 use spotlight::reference::{Broadcast, Layout, Window};
 use spotlight::{Algorithm, DType, FlashLayout, Problem, RunOptions};
 
-use crate::common::{ALGORITHMS, Budget, Data, check, check_opts, engine, packed_engine};
+use crate::common::{Budget, Data, check, check_opts, engine, packed_engine};
 
-/// Lq, Lk in {1, 7, 33, 100, 257} both ways; D, head ratios, causal and layout rotate so each
-/// value meets many others. Every problem runs on every algorithm.
-#[test]
-fn awkward_shapes_f32() {
+// Lq, Lk in {1, 7, 33, 100, 257} both ways; D, head ratios, causal and layout rotate so each
+// value meets many others. Every problem runs on every algorithm (one test each).
+per_algorithm!(awkward_shapes_f32, super::awkward_shapes_f32);
+
+fn awkward_shapes_f32(alg: Algorithm) {
     let Some(engine) = engine() else { return };
     let lens = [1usize, 7, 33, 100, 257];
     let dims = [16usize, 40, 64, 80, 96, 128, 256];
@@ -40,24 +41,22 @@ fn awkward_shapes_f32() {
                     .causal(causal)
                     .layout(layout);
                 let data = Data::random(&p, [DType::F32; 3], 1.0, &mut rng);
-                for alg in ALGORITHMS {
-                    n += 1;
-                    if let Err(e) = check(
-                        engine,
-                        &p,
-                        &data,
-                        alg,
-                        alg == Algorithm::ThreePass,
-                        None,
-                        Some(Budget::strict()),
-                    ) {
-                        failures.push(format!("{p:?}: {e}"));
-                    }
+                n += 1;
+                if let Err(e) = check(
+                    engine,
+                    &p,
+                    &data,
+                    alg,
+                    alg == Algorithm::ThreePass,
+                    None,
+                    Some(Budget::strict()),
+                ) {
+                    failures.push(format!("{p:?}: {e}"));
                 }
             }
         }
     }
-    assert!(n >= 100, "ran only {n} cases");
+    assert!(n >= 50, "ran only {n} cases");
     assert!(
         failures.is_empty(),
         "{} of {n} failed:\n{}",
@@ -138,11 +137,13 @@ pub fn random_problem(seed: u64) -> (Problem, Data, Option<DType>) {
     (p, data, out_dtype)
 }
 
-/// Property test: random problems with random combinations of every option, on every algorithm.
-/// `SPOTLIGHT_PROPTEST_CASES` raises the count (default 320); `SPOTLIGHT_PROPTEST_SEED` picks the
-/// base seed. A failure prints `seed=…` to rerun it alone with `SPOTLIGHT_PROPTEST_ONLY=seed`.
-#[test]
-fn random_problems_every_option() {
+// Property test: random problems with random combinations of every option, on every algorithm
+// (one test each: `differential::random_problems::flash` ...). `SPOTLIGHT_PROPTEST_CASES` sets
+// the count (default 320); `SPOTLIGHT_PROPTEST_SEED` picks the base seed. A failure prints
+// `seed=…` to rerun it alone with `SPOTLIGHT_PROPTEST_ONLY=seed`.
+per_algorithm!(random_problems, super::random_problems_every_option);
+
+fn random_problems_every_option(alg: Algorithm) {
     let Some(engine) = engine() else { return };
     // An explicit count is taken as asked (scripts/test runs fewer on the GL backend, where each
     // new kernel variant costs a GLSL compile); without one, at least 300 run.
@@ -165,7 +166,7 @@ fn random_problems_every_option() {
     let mut failures = Vec::new();
     for &seed in &seeds {
         let (p, data, out_dtype) = random_problem(seed);
-        for alg in ALGORITHMS {
+        {
             let probs = alg == Algorithm::ThreePass && seed % 2 == 0;
             // Every third problem splits the fused path's key range into small chunks, so the
             // LSE merge meets every option too.
@@ -193,7 +194,8 @@ fn random_problems_every_option() {
             };
             if let Err(e) = check_opts(e, &p, &data, &opts, None) {
                 failures.push(format!(
-                    "seed={seed} (SPOTLIGHT_PROPTEST_ONLY={seed}) dtypes={:?} out={out_dtype:?} {p:?}: {e}",
+                    "seed={seed} (SPOTLIGHT_PROPTEST_ONLY={seed}, {}) dtypes={:?} out={out_dtype:?} {p:?}: {e}",
+                    alg.name(),
                     data.inputs().dtypes()
                 ));
             }

@@ -1,6 +1,7 @@
 //! Spotlight's integration tests: one crate, one root file that pulls in every module
-//! (as wgpu's own `tests/` crate does). GPU tests share one engine per process.
+//! (as wgpu's own `tests/` crate does). GPU tests share two engines per process (`common::engine`).
 
+#[macro_use]
 mod common;
 
 mod bad_input;
