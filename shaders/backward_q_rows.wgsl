@@ -58,18 +58,7 @@ fn load_do(idx: u32) -> f32 {
     return elem_value(dout[elem_word(idx, DO_DT)], idx, DO_DT);
 }
 
-fn k4(base: u32, d0: u32) -> vec4<f32> { return k4_scalar(base, d0); } // load k4
 fn v4(base: u32, d0: u32) -> vec4<f32> { return v4_scalar(base, d0); } // load v4
-
-fn k4_scalar(base: u32, d0: u32) -> vec4<f32> {
-    var x = vec4<f32>(0.0);
-    for (var c = 0u; c < 4u; c++) {
-        if d0 + c < HEAD_DIM {
-            x[c] = load_k(base + d0 + c);
-        }
-    }
-    return x;
-}
 
 fn v4_scalar(base: u32, d0: u32) -> vec4<f32> {
     var x = vec4<f32>(0.0);
@@ -87,18 +76,14 @@ fn main(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let tiles_i = (params.q_len + R - 1u) / R;
-    let units = params.batch * params.q_heads;
-    let flat = folded_group(wg, nwg);
-    if flat >= tiles_i * units {
+    let unit = query_rows(wg, nwg);
+    if !unit.ok {
         return;
     }
-    let ti = flat % tiles_i;
-    let unit = flat / tiles_i;
-    let b = unit / params.q_heads;
-    let h = unit % params.q_heads;
+    let b = unit.b;
+    let h = unit.h;
+    let i0 = unit.i0;
     let kvh = h / params.group;
-    let i0 = ti * R;
     let lq = q_valid(b);
     let lk = kv_valid(b);
     let off = i32(lk) - i32(lq);
@@ -318,23 +303,5 @@ fn main(
         }
     }
 
-    for (var r = 0u; r < R; r++) { // unroll
-        let i = i0 + r;
-        if i < params.q_len {
-            let qb = b * params.q_sb + i * params.q_ss + h * params.q_sh;
-            for (var n = 0u; n < NK8; n++) { // unroll
-                let col = n * WG + lid;
-                let a = acc[r * NK8 + n];
-                for (var c = 0u; c < 4u; c++) {
-                    if col < D4 && 4u * col + c < HEAD_DIM {
-                        var val = a[c];
-                        if range.accumulate != 0u {
-                            val = dqs[qb + 4u * col + c] + val;
-                        }
-                        dqs[qb + 4u * col + c] = val;
-                    }
-                }
-            }
-        }
-    }
+    store_dq(acc, b, h, i0, lid);
 }

@@ -699,6 +699,32 @@ fn limit_messages_say_the_right_unit_and_the_truth() {
         msg.contains("300 workgroups") && !msg.contains("bytes"),
         "{msg}"
     );
+    // The backward's grids too: 16 384 keys make 512 key tiles at least (2048 rows of 8).
+    let p = Problem::new(1, 8, 16384, 1, 1, 16);
+    let data = Data::random(&p, [DType::F32; 3], 1.0, &mut Rng::new(15));
+    let run_lse = RunOptions {
+        algorithm: Algorithm::Flash,
+        lse: true,
+        ..Default::default()
+    };
+    let fwd = e.attention(&p, &data.inputs(), &run_lse).unwrap();
+    let d_out = Tensor::F32(vec![1.0; p.o_elems()]);
+    let err = e
+        .attention_backward(
+            &p,
+            &data.inputs(),
+            &fwd,
+            d_out.as_ref(),
+            &Default::default(),
+        )
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, Error::GridTooLarge { limit: 256, .. })
+            && msg.contains("backward")
+            && !msg.contains("bytes"),
+        "{msg}"
+    );
     let small = Engine::new().unwrap().with_binding_limit(16 << 10);
     let p = Problem::new(1, 64, 128, 2, 2, 16).bias(Some(Broadcast { batch: 1, heads: 2 }));
     let err = small

@@ -162,6 +162,24 @@ fn every_shader_file_is_used_by_a_module() {
         let used = Shader::ALL.iter().any(|s| s.source().contains(src));
         assert!(used, "{name} is in shaders/ but no kernel includes it");
     }
+    // And every file in shaders/ is one of them (a file the list forgot would go unchecked).
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../shaders");
+    let mut on_disk = 0;
+    for entry in std::fs::read_dir(dir).expect("shaders/") {
+        let name = entry.unwrap().file_name().to_string_lossy().to_string();
+        if name.ends_with(".wgsl") {
+            on_disk += 1;
+            assert!(
+                source::FILES.iter().any(|(n, _)| *n == name),
+                "shaders/{name} is not in kernels::source::FILES"
+            );
+        }
+    }
+    assert_eq!(
+        on_disk,
+        source::FILES.len(),
+        "FILES lists a file not in shaders/"
+    );
 }
 
 #[test]

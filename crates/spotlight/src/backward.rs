@@ -37,6 +37,7 @@ pub mod source {
     pub const KEY_VALUE_ROWS: &str = include_str!("../../../shaders/backward_kv_rows.wgsl");
     pub const QUERY_ROWS: &str = include_str!("../../../shaders/backward_q_rows.wgsl");
     pub const DQ_ROWS: &str = include_str!("../../../shaders/backward_dq_rows.wgsl");
+    pub const QUERY_ROWS_COMMON: &str = include_str!("../../../shaders/query_rows.wgsl");
 }
 
 /// One pass of the backward (a kernel of [`crate::kernels::Shader::Backward`]).
@@ -96,12 +97,20 @@ impl BackwardPass {
                 RULES,
                 source::COMMON,
                 ROW_LOADS,
+                source::QUERY_ROWS_COMMON,
                 source::QUERY_ROWS,
             ]
             .concat(),
-            BackwardPass::QueryFromGradients => {
-                [C, LOGITS, RULES, source::COMMON, ROW_LOADS, source::DQ_ROWS].concat()
-            }
+            BackwardPass::QueryFromGradients => [
+                C,
+                LOGITS,
+                RULES,
+                source::COMMON,
+                ROW_LOADS,
+                source::QUERY_ROWS_COMMON,
+                source::DQ_ROWS,
+            ]
+            .concat(),
         }
     }
 
@@ -581,10 +590,9 @@ impl Engine {
         ];
         for (what, groups) in grids {
             if groups > max * max {
-                return Err(Error::LimitExceeded {
-                    what: format!("the backward's {what} dispatch ({groups} workgroups)"),
-                    bytes: groups,
-                    limit_name: "max_compute_workgroups_per_dimension squared",
+                return Err(Error::GridTooLarge {
+                    what: format!("the backward's {what} pass"),
+                    workgroups: groups,
                     limit: max * max,
                 });
             }

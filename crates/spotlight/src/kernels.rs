@@ -60,6 +60,11 @@ pub mod source {
             crate::backward::source::KEY_VALUE_ROWS,
         ),
         ("backward_q_rows.wgsl", crate::backward::source::QUERY_ROWS),
+        ("backward_dq_rows.wgsl", crate::backward::source::DQ_ROWS),
+        (
+            "query_rows.wgsl",
+            crate::backward::source::QUERY_ROWS_COMMON,
+        ),
     ];
 }
 
