@@ -85,11 +85,12 @@ var<workgroup> v_h: array<f16, BK * VS>;
 var<workgroup> s_f: array<f32, BQ * SS>;
 var<workgroup> p_h: array<f16, BQ * PS>;
 var<workgroup> o_f: array<f32, BQ * OS>;
-var<workgroup> zero_f: array<f32, EDGE * EDGE>;
 var<workgroup> m_w: array<f32, BQ>; // each row's reference max for this tile
+var<workgroup> a_w: array<f32, BQ>; // each row's rescale factor for this tile (1: none)
 var<workgroup> l_w: array<f32, BQ>; // each row's final sum
 var<workgroup> bad_sg: array<u32, NS>; // a subgroup staged a non-finite V value as 0
-var<workgroup> bad_any: u32;
+var<workgroup> fix_w: array<u32, BQ>; // this row's O must be rescaled (or fixed up) this tile
+var<workgroup> fix_any: u32; // some row's O must: O goes through workgroup memory this tile
 
 @compute @workgroup_size(NS * WG)
 fn main(
@@ -133,15 +134,21 @@ fn main(
         q_h[o + 2u] = f16(val.z);
         q_h[o + 3u] = f16(val.w);
     }
-    for (var x = lid; x < BQ * OS; x += nt) {
-        o_f[x] = 0.0;
-    }
-    for (var x = lid; x < EDGE * EDGE; x += nt) {
-        zero_f[x] = 0.0;
-    }
     workgroupBarrier();
-    let z = 0u;
-    let zero = coopLoadT<coop_mat16x16<f32, C>>(&zero_f[z], EDGE);
+    let sq = sg * EDGE; // this subgroup's first row in the tile
+    // This subgroup's Q rows, in matrix registers for the whole key loop: HEAD_DIM / EDGE
+    // fragments (qf_0, qf_1, ...; the host writes one line per fragment, because WGSL cannot
+    // size an array of cooperative matrices by the head dim).
+    // each t < DQ {
+    let qo_{t} = sq * QS + {t}u * EDGE;
+    let qf_{t} = coopLoadT<coop_mat16x16<f16, A>>(&q_h[qo_{t}], QS);
+    // } each t
+    // This subgroup's O rows, in accumulators across all key tiles (of_0, of_1, ...: V_DIM /
+    // EDGE of them). They go through workgroup memory only in a tile where a row's reference max
+    // moves (rare: the lazy rescale) or a non-finite V value must be added, and at the end.
+    // each t < DO {
+    var of_{t} = coop_mat16x16<f32, C>();
+    // } each t
 
     // Keys visible to at least one row of this tile: [j_lo, j_hi); this dispatch holds keys
     // [key_base, key_base + kv_len); with num_chunks > 1 this workgroup takes one chunk of them.
@@ -161,7 +168,6 @@ fn main(
     let i = i0 + r;
     var m = ninf;
     var l = 0.0;
-    let sq = sg * EDGE; // this subgroup's first row in the tile
     var j0 = (j_lo / i32(BK)) * i32(BK);
     for (; j0 < j_hi; j0 += i32(BK)) {
         let ju = u32(j0);
@@ -206,20 +212,21 @@ fn main(
         }
         workgroupBarrier();
 
-        // S = Q·Kᵀ for this subgroup's rows: A = Q rows (row-major), B = Kᵀ (K row-major is Kᵀ
-        // column-major), f32 accumulation.
-        for (var kb = 0u; kb < BK; kb += EDGE) {
-            var acc = zero;
-            for (var d0 = 0u; d0 < HEAD_DIM; d0 += EDGE) {
-                let qo = sq * QS + d0;
-                let ko = kb * QS + d0;
-                let qa = coopLoadT<coop_mat16x16<f16, A>>(&q_h[qo], QS);
-                let kt = coopLoad<coop_mat16x16<f16, B>>(&k_h[ko], QS);
-                acc = coopMultiplyAdd(qa, kt, acc);
-            }
-            let so = sq * SS + kb;
-            coopStoreT(acc, &s_f[so], SS);
-        }
+        // S = Q·Kᵀ for this subgroup's rows: A = the Q fragments, B = Kᵀ (K row-major is Kᵀ
+        // column-major), f32 accumulation: one load per product.
+        // each u < KQ {
+        var acc_{u} = coop_mat16x16<f32, C>();
+        // } each u
+        // each t < DQ {
+        // each u < KQ {
+        let ko_{t}_{u} = {u}u * EDGE * QS + {t}u * EDGE;
+        acc_{u} = coopMultiplyAdd(qf_{t}, coopLoad<coop_mat16x16<f16, B>>(&k_h[ko_{t}_{u}], QS), acc_{u});
+        // } each u
+        // } each t
+        // each u < KQ {
+        let so_{u} = sq * SS + {u}u * EDGE;
+        coopStoreT(acc_{u}, &s_f[so_{u}], SS);
+        // } each u
         workgroupBarrier();
 
         // The semantics of each logit (logits.wgsl), one element per lane; invisible = −inf.
@@ -239,28 +246,27 @@ fn main(
         }
         workgroupBarrier();
 
-        // Per row: the tile's max, and the lazy rescale (see the header).
+        // Per row: the tile's max, and the lazy rescale (see the header). O is rescaled below
+        // only where a row had keys before (else it is still exactly 0).
         if lid < BQ {
             var m_tile = ninf;
             for (var kk = 0u; kk < BK; kk++) {
                 m_tile = max(m_tile, s_f[r * SS + kk]);
             }
+            var alpha = 1.0;
+            let had_keys = m != ninf;
             if m_tile > m + TAU {
-                let alpha = sm_rescale(m, m_tile);
+                alpha = sm_rescale(m, m_tile);
                 l *= alpha;
-                for (var c = 0u; c < V_DIM; c++) {
-                    o_f[r * OS + c] *= alpha;
-                }
                 m = m_tile;
             }
             m_w[r] = m;
-            if lid == 0u {
-                var flag = 0u;
-                for (var s = 0u; s < NS; s++) {
-                    flag |= bad_sg[s];
-                }
-                bad_any = flag;
+            a_w[r] = alpha;
+            var bad_any = 0u;
+            for (var s = 0u; s < NS; s++) {
+                bad_any |= bad_sg[s];
             }
+            fix_w[r] = u32(had_keys && alpha != 1.0) | bad_any;
         }
         workgroupBarrier();
 
@@ -272,7 +278,48 @@ fn main(
             let s = s_f[rr * SS + kk];
             p_h[rr * PS + kk] = f16(sm_weight(s, m_w[rr]));
         }
-        workgroupBarrier();
+        if lid == 0u {
+            var flag = 0u;
+            for (var rr = 0u; rr < BQ; rr++) {
+                flag |= fix_w[rr];
+            }
+            fix_any = flag;
+        }
+        // A workgroup-uniform answer (cooperative operations need uniform control flow): does
+        // O go through workgroup memory this tile? Also the barrier after P.
+        if workgroupUniformLoad(&fix_any) != 0u {
+            // each t < DO {
+            let oo_{t} = sq * OS + {t}u * EDGE;
+            coopStoreT(of_{t}, &o_f[oo_{t}], OS);
+            // } each t
+            workgroupBarrier();
+            if lid < BQ && fix_w[r] != 0u {
+                let alpha = a_w[r];
+                for (var c = 0u; c < V_DIM; c++) {
+                    o_f[r * OS + c] *= alpha;
+                }
+                // Non-finite V values were staged as 0; the rows that see their keys add them.
+                for (var kk = 0u; kk < BK; kk++) {
+                    let s = s_f[r * SS + kk];
+                    if s == ninf {
+                        continue;
+                    }
+                    let p = sm_weight(s, m);
+                    let jl = ju + kk - params.key_base;
+                    let base = b * params.v_sb + jl * params.v_ss + kvh * params.v_sh;
+                    for (var c = 0u; c < V_DIM; c++) {
+                        let val = load_v(base + c);
+                        if !finite(val) {
+                            o_f[r * OS + c] += p * val;
+                        }
+                    }
+                }
+            }
+            workgroupBarrier();
+            // each t < DO {
+            of_{t} = coopLoadT<coop_mat16x16<f32, C>>(&o_f[oo_{t}], OS);
+            // } each t
+        }
 
         // The row sums of what P·V multiplies (the f16 P), so O stays normalised.
         if lid < BQ {
@@ -282,44 +329,26 @@ fn main(
             }
             l += row_sum;
         }
-        // O += P·V for this subgroup's rows, EDGE output columns at a time: one accumulator
-        // load and store per BK keys.
-        for (var c0 = 0u; c0 < V_DIM; c0 += EDGE) {
-            let oo = sq * OS + c0;
-            var oc = coopLoadT<coop_mat16x16<f32, C>>(&o_f[oo], OS);
-            for (var kb = 0u; kb < BK; kb += EDGE) {
-                let po = sq * PS + kb;
-                let vo = kb * VS + c0;
-                let pa = coopLoadT<coop_mat16x16<f16, A>>(&p_h[po], PS);
-                let vb = coopLoadT<coop_mat16x16<f16, B>>(&v_h[vo], VS);
-                oc = coopMultiplyAdd(pa, vb, oc);
-            }
-            coopStoreT(oc, &o_f[oo], OS);
-        }
-        workgroupBarrier();
-
-        // Non-finite V values were staged as 0; the rows that see their keys add them here.
-        if lid < BQ && bad_any != 0u {
-            for (var kk = 0u; kk < BK; kk++) {
-                let s = s_f[r * SS + kk];
-                if s == ninf {
-                    continue;
-                }
-                let p = sm_weight(s, m_w[r]);
-                let jl = ju + kk - params.key_base;
-                let base = b * params.v_sb + jl * params.v_ss + kvh * params.v_sh;
-                for (var c = 0u; c < V_DIM; c++) {
-                    let val = load_v(base + c);
-                    if !finite(val) {
-                        o_f[r * OS + c] += p * val;
-                    }
-                }
-            }
+        // O += P·V for this subgroup's rows: the P fragments loaded once, then one V load per
+        // product into the accumulators.
+        for (var kb = 0u; kb < BK; kb += EDGE) {
+            let po = sq * PS + kb;
+            let pa = coopLoadT<coop_mat16x16<f16, A>>(&p_h[po], PS);
+            // each t < DO {
+            let vo_{t} = kb * VS + {t}u * EDGE;
+            of_{t} = coopMultiplyAdd(pa, coopLoadT<coop_mat16x16<f16, B>>(&v_h[vo_{t}], VS), of_{t});
+            // } each t
         }
     }
 
-    // Unsplit: O in the problem's layout. Split: partial O as [chunk][b][h][i][Dv] and partial
-    // LSE as [chunk][b][h][i], for the merge pass.
+    // O to workgroup memory once, then normalised rows out. Unsplit: O in the problem's
+    // layout. Split: partial O as [chunk][b][h][i][Dv] and partial LSE as [chunk][b][h][i], for
+    // the merge pass.
+    workgroupBarrier();
+    // each t < DO {
+    let oe_{t} = sq * OS + {t}u * EDGE;
+    coopStoreT(of_{t}, &o_f[oe_{t}], OS);
+    // } each t
     let rows = params.batch * params.q_heads * params.q_len;
     if live && lid < BQ && i < params.q_len {
         // l is 0 exactly when no key was visible; NaN when a logit was NaN.

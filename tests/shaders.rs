@@ -159,7 +159,7 @@ fn variants() -> Vec<Variant> {
 #[test]
 fn every_shader_file_is_used_by_a_module() {
     for (name, src) in source::FILES {
-        let used = Shader::ALL.iter().any(|s| s.source().contains(src));
+        let used = Shader::ALL.iter().any(|s| s.template().contains(src));
         assert!(used, "{name} is in shaders/ but no kernel includes it");
     }
     // And every file in shaders/ is one of them (a file the list forgot would go unchecked).
@@ -533,6 +533,73 @@ fn unroll_marked_unrolls_nested_marked_loops_only() {
     let src_ok = src.replace("i < N", "i < 3u");
     module(&src_ok, "unroll input");
     module(&out, "unrolled");
+}
+
+/// `kernels::expand_marked`, which holds flash-coop's Q fragments and O accumulators: a block
+/// becomes N copies in the enclosing scope with `{X}` numbered, nested blocks expand both names,
+/// text outside blocks stays, and the result is valid WGSL that uses the numbered variables.
+#[test]
+fn expand_marked_numbers_copies_in_the_enclosing_scope() {
+    let src = "fn f() -> u32 {\n    \
+                   // each t < N {\n    \
+                   var a_{t} = {t}u;\n    \
+                   // } each t\n    \
+                   // each t < N {\n    \
+                   // each u < M {\n    \
+                   a_{t} += {u}u * 10u;\n    \
+                   // } each u\n    \
+                   // } each t\n    \
+                   return a_0 + a_1 + a_2;\n\
+               }\n";
+    let out = spotlight::kernels::expand_marked(src, &[("N", 3), ("M", 2)]);
+    assert!(
+        !out.contains("// each") && !out.contains("{t}") && !out.contains("{u}"),
+        "{out}"
+    );
+    for t in 0..3 {
+        assert_eq!(
+            out.matches(&format!("var a_{t} = {t}u;")).count(),
+            1,
+            "{out}"
+        );
+        for u in 0..2 {
+            let line = format!("a_{t} += {u}u * 10u;");
+            assert_eq!(out.matches(&line).count(), 1, "{out}");
+        }
+    }
+    // Copies keep their order: a_0's lines before a_1's.
+    assert!(
+        out.find("a_0 += 1u").unwrap() < out.find("a_1 += 0u").unwrap(),
+        "{out}"
+    );
+    module(&out, "expanded");
+}
+
+/// Every flash-coop variant has its blocks expanded (a marker left would leave `{t}` in the
+/// WGSL) and holds one Q fragment per EDGE columns of the head dim.
+#[test]
+fn flash_coop_variants_hold_one_fragment_per_block() {
+    let mut checked = 0;
+    for v in variants()
+        .into_iter()
+        .filter(|v| v.shader == Shader::FlashCoop)
+    {
+        let src = v.source();
+        let left = src
+            .lines()
+            .any(|l| l.trim().starts_with("// each ") && l.trim().ends_with(" {"));
+        assert!(
+            !left && !src.contains("{t}") && !src.contains("{u}"),
+            "{}",
+            v.name()
+        );
+        let c = |k: &str| v.constants.iter().find(|x| x.0 == k).unwrap().1;
+        let n = c("HEAD_DIM") / c("EDGE");
+        assert_eq!(src.matches("let qf_").count() as u32, n, "{}", v.name());
+        assert!(src.contains(&format!("let qf_{} =", n - 1)), "{}", v.name());
+        checked += 1;
+    }
+    assert!(checked >= 30, "only {checked} flash-coop variants");
 }
 
 /// Every row-kernel variant has all its marked loops unrolled (a marker left behind would mean

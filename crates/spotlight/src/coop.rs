@@ -67,9 +67,11 @@ impl CoopTiles {
     /// Workgroup memory the kernel declares for head dims `d`, `dv` (the padded strides of
     /// flash_coop.wgsl: 8 f16 or 4 f32 per row).
     pub fn bytes(&self, d: u32, dv: u32) -> u32 {
-        let (bq, bk, e) = (self.rows(), self.bk, self.edge);
+        let (bq, bk) = (self.rows(), self.bk);
         let f16s = bq * (d + 8) + bk * (d + 8) + bk * (dv + 8) + bq * (bk + 8);
-        let f32s = bq * (bk + 4) + bq * (dv + 4) + e * e + 2 * bq + self.ns + 1;
+        // S, O, and per row: reference max, rescale factor, final sum, fix-up flag; a flag per
+        // subgroup and one for the workgroup.
+        let f32s = bq * (bk + 4) + bq * (dv + 4) + 4 * bq + self.ns + 1;
         2 * f16s + 4 * f32s
     }
 

@@ -144,8 +144,20 @@ impl Shader {
         }
     }
 
-    /// The full module source: shared files first, then the kernel's own.
+    /// The full module source: shared files first, then the kernel's own; valid WGSL at the
+    /// overrides' defaults (flash-coop's numbered blocks expanded for them: [`Variant::source`]
+    /// expands them for its own head dims and tiles).
     pub fn source(self) -> String {
+        let src = self.template();
+        if self == Shader::FlashCoop {
+            // HEAD_DIM = V_DIM = 64, BK = 32, EDGE = 16 (flash_coop.wgsl's defaults).
+            return expand_marked(&src, &[("DQ", 4), ("DO", 4), ("KQ", 2)]);
+        }
+        src
+    }
+
+    /// The module source before flash-coop's numbered blocks are expanded.
+    pub fn template(self) -> String {
         use source::*;
         match self {
             Shader::Scores => [COMMON, LOGITS, QK_TILE, SCORES].concat(),
@@ -675,10 +687,22 @@ impl Variant {
     /// The module source of this variant: the shader's, with the element type and loads of
     /// f16 tensors rewritten when they are read natively.
     pub fn source(&self) -> String {
-        let mut src = self.shader.source();
+        let mut src = self.shader.template();
         if self.constants.contains(&("EDGE", 8)) {
             // A cooperative-matrix type cannot be overridden: the 8x8 variant is spelled so.
             src = src.replace("coop_mat16x16", "coop_mat8x8");
+        }
+        if self.shader == Shader::FlashCoop {
+            // One line per Q fragment and O accumulator (see flash_coop.wgsl).
+            let e = self.constant("EDGE").max(1);
+            src = expand_marked(
+                &src,
+                &[
+                    ("DQ", self.constant("HEAD_DIM") / e),
+                    ("DO", self.constant("V_DIM") / e),
+                    ("KQ", self.constant("BK") / e),
+                ],
+            );
         }
         if self.shader == Shader::Flash {
             // The accumulator array sized for this variant (see its line in flash.wgsl).
@@ -921,6 +945,47 @@ pub fn unroll_marked(src: &str, bounds: &[(&str, u32)]) -> String {
             out.push(format!("{indent}}}"));
         }
         lines.splice(at..=end, out);
+    }
+    let mut s = lines.join("\n");
+    s.push('\n');
+    s
+}
+
+/// Expands, in the text, every block between a line `// each X < N {` (N a name in `bounds`) and
+/// the line `// } each X`: its lines are repeated N times, with `{X}` replaced by 0, 1, ...
+/// Unlike [`unroll_marked`], the copies share the enclosing scope, so they can declare numbered
+/// variables (`var acc_{X}`) that later blocks use: how a kernel holds a number of values the
+/// language cannot put in an array (cooperative matrices). Blocks nest (with different names;
+/// the outer is expanded first, so inner lines may use both).
+pub fn expand_marked(src: &str, bounds: &[(&str, u32)]) -> String {
+    let mut lines: Vec<String> = src.lines().map(str::to_string).collect();
+    while let Some(at) = lines.iter().position(|l| {
+        let t = l.trim();
+        t.starts_with("// each ") && t.ends_with(" {")
+    }) {
+        let header = lines[at].trim().to_string();
+        let spec = &header["// each ".len()..header.len() - " {".len()];
+        let (name, bound) = spec
+            .split_once(" < ")
+            .unwrap_or_else(|| panic!("not an expandable block: {header}"));
+        let n = bounds
+            .iter()
+            .find(|b| b.0 == bound)
+            .unwrap_or_else(|| panic!("no bound for {bound}: {header}"))
+            .1;
+        let end_marker = format!("// }} each {name}");
+        let end = at
+            + lines[at..]
+                .iter()
+                .position(|l| l.trim() == end_marker)
+                .unwrap_or_else(|| panic!("{header}: no closing `{end_marker}`"));
+        let key = format!("{{{name}}}");
+        let mut copies = Vec::with_capacity((end - at) * n as usize);
+        for i in 0..n {
+            let i = i.to_string();
+            copies.extend(lines[at + 1..end].iter().map(|l| l.replace(&key, &i)));
+        }
+        lines.splice(at..=end, copies);
     }
     let mut s = lines.join("\n");
     s.push('\n');
