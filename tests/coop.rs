@@ -244,24 +244,45 @@ fn flash_coop_values_beyond_f16_range_fall_back_or_are_refused() {
 }
 
 /// `auto` takes the matrix units for f16 inputs once the self-test (values that f16 must round,
-/// logits that grow along the keys) passed, and the result matches the reference.
+/// logits that grow along the keys) passed, where the engine lets it: by default only on
+/// hardware matrix units, so on a CPU adapter (lavapipe here, where they are emulated and the
+/// scalar row kernel is faster) `auto` stays on flash unless asked.
 #[test]
 fn flash_coop_auto_takes_it_for_f16_after_the_self_test() {
-    let Some(engine) = coop_engine("flash_coop_auto_takes_it_for_f16_after_the_self_test") else {
+    let Some(shared) = coop_engine("flash_coop_auto_takes_it_for_f16_after_the_self_test") else {
         return;
     };
     let p = Problem::new(1, 64, 96, 2, 2, 64).causal(true);
     let data = Data::random(&p, [DType::F16; 3], 1.0, &mut Rng::new(0xC00B_0004));
+    let by_default = shared
+        .attention(&p, &data.inputs(), &RunOptions::default())
+        .unwrap();
+    let cpu = shared.adapter_info().device_type == spotlight::wgpu::DeviceType::Cpu;
+    assert_eq!(shared.auto_matrix_units(), !cpu, "{}", shared.describe());
+    let want = if cpu {
+        Algorithm::Flash
+    } else {
+        Algorithm::FlashCoop
+    };
+    assert_eq!(by_default.algorithm, want, "{}", shared.describe());
+    // An engine that lets auto use them (on this same adapter).
+    let engine = Engine::new().unwrap().with_auto_matrix_units(true);
     let got = engine
         .attention(&p, &data.inputs(), &RunOptions::default())
         .unwrap();
     assert_eq!(got.algorithm, Algorithm::FlashCoop);
     check_opts(
-        engine,
+        &engine,
         &p,
         &data,
         &RunOptions::default(),
         Some(coop_budget(DType::F16, false)),
     )
     .unwrap();
+    // And one that does not.
+    let engine = engine.with_auto_matrix_units(false);
+    let got = engine
+        .attention(&p, &data.inputs(), &RunOptions::default())
+        .unwrap();
+    assert_ne!(got.algorithm, Algorithm::FlashCoop);
 }

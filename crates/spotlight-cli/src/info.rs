@@ -35,8 +35,13 @@ pub fn main() -> anyhow::Result<()> {
     match c.coop_edge {
         0 => println!("  flash-coop:            no (needs 16x16x16 or 8x8x8 f16 -> f32 matrices)"),
         e => println!(
-            "  flash-coop:            {e}x{e}x{e} f16 -> f32 matrices, subgroups of {}",
-            c.subgroup_max_size
+            "  flash-coop:            {e}x{e}x{e} f16 -> f32 matrices, subgroups of {}; {}",
+            c.subgroup_max_size,
+            if engine.auto_matrix_units() {
+                "auto uses it for f16 after a self-test"
+            } else {
+                "auto does not use it (emulated on a CPU adapter; --algorithm flash-coop forces it)"
+            }
         ),
     }
     println!("  timestamp queries:     {}", c.timestamp_query);

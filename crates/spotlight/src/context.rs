@@ -89,6 +89,9 @@ pub struct Engine {
     why: String,
     native_f16: bool,
     use_subgroups: bool,
+    /// Whether `auto` may pick the matrix-unit kernel (default: not on CPU adapters, where the
+    /// matrix units are emulated: [`Engine::with_auto_matrix_units`]).
+    pub(crate) auto_matrix_units: bool,
     /// Results of the cooperative-matrix kernel's self-test, per (D, Dv, dtypes).
     pub(crate) coop_checked: Mutex<CoopChecks>,
     /// On the GL backend, one operation at a time (see [`Engine::exclusive`]).
@@ -264,6 +267,7 @@ impl Engine {
             why,
             native_f16: caps_f16,
             use_subgroups: true,
+            auto_matrix_units: info.device_type != wgpu::DeviceType::Cpu,
             coop_checked: Mutex::new(Default::default()),
             gl_serial: (info.backend == wgpu::Backend::Gl)
                 .then(|| parking_lot::ReentrantMutex::new(())),
@@ -338,6 +342,20 @@ impl Engine {
     pub fn without_subgroups(mut self) -> Self {
         self.use_subgroups = false;
         self
+    }
+
+    /// Whether `auto` may pick the matrix-unit kernel (`flash-coop`) where it can run and its
+    /// self-test passed. The default is yes on GPUs and no on CPU adapters: there the matrix
+    /// units are emulated, and on Mesa 26.2 lavapipe the scalar row kernel (`flash`) ran the
+    /// same f16 problems 3-5x faster (README, Performance). A forced `flash-coop` runs either way.
+    pub fn with_auto_matrix_units(mut self, on: bool) -> Self {
+        self.auto_matrix_units = on;
+        self
+    }
+
+    /// Whether `auto` may pick the matrix-unit kernel ([`Engine::with_auto_matrix_units`]).
+    pub fn auto_matrix_units(&self) -> bool {
+        self.auto_matrix_units
     }
 
     /// Whether the fused kernel may reduce rows of `tpr` threads with subgroup shuffles: the

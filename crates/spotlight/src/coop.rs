@@ -13,6 +13,10 @@
 //! Scaling instead (a power of two per Q row and K row, exact) would keep Q·Kᵀ in range but not
 //! P·V without a pre-pass over V; `flash` handles every range exactly in f32, so it is the answer.
 //!
+//! `auto` takes the matrix units only where they are hardware: on CPU adapters they are emulated,
+//! and on Mesa 26.2 lavapipe the scalar row kernel ran the same f16 problems 3-5x faster
+//! (`Engine::with_auto_matrix_units` overrides either way).
+//!
 //! `auto` also needs a self-test of that configuration on this device (a small random problem
 //! against the f64 reference, with values that f16 must round and logits that grow along the
 //! keys so the lazy rescale runs) to pass; a failed self-test is logged and remembered, and `auto`
@@ -183,6 +187,7 @@ impl Engine {
             }
             Algorithm::Auto
                 if all_f16
+                    && self.auto_matrix_units
                     && !opts.probs
                     && !(p.q_len <= 16 && p.kv_len >= 1024)
                     && self.coop_unavailable(p, opts).is_none()
