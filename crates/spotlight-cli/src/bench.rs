@@ -45,6 +45,12 @@ pub struct BenchArgs {
     /// read per second, beside a plain streaming read of the same adapter.
     #[arg(long)]
     decode: bool,
+    /// With --decode: decode through the KV cache API (`KvCache` + `Engine::decode`, as an
+    /// inference loop does) with pages of N rows, the sequences' pages interleaved in the pool;
+    /// 0 = one contiguous page per sequence through the same API. Wall clock per call (query
+    /// upload, attention, merge, read-back of O). See bench_cache.rs.
+    #[arg(long, value_name = "N")]
+    paged: Option<usize>,
     /// A whole attention layer instead (hidden 2048, 32/8 heads, D = 128, rotary; shrunk on a
     /// CPU adapter): time of the projections vs attention. Takes --lens, --repeats (see
     /// `layer.rs`).
@@ -395,7 +401,54 @@ pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
     let budget = if dtype == DType::F32 { 1e-5 } else { 2e-3 };
     let mut records = Vec::new();
     let mut failures = 0;
+    if a.paged.is_some() && !a.decode {
+        bail!("--paged N measures decoding through the KV cache: add --decode");
+    }
     for p in &problems {
+        if let Some(page) = a.paged {
+            let (ms, err, ran) = crate::bench_cache::measure(
+                &engine,
+                p,
+                dtype,
+                page,
+                algorithm,
+                &crate::bench_cache::Timing {
+                    repeats,
+                    warmup: a.warmup,
+                    check: !a.no_validate,
+                },
+            )?;
+            let ok = a.no_validate || err <= budget;
+            failures += usize::from(!ok);
+            let bytes = (p.k_elems() + p.v_elems()) as f64 * dtype.size() as f64;
+            let gbps = bytes / ms / 1e6;
+            let page_name = if page == 0 {
+                "contiguous".to_string()
+            } else {
+                page.to_string()
+            };
+            println!(
+                "spotlight decode-cache page={page_name} {} B={} Hq={} Hkv={} Lk={} D={} dtype={} wall_ms={} gbps={} err={err:.2e}{}",
+                ran.name(),
+                p.batch,
+                p.q_heads,
+                p.kv_heads,
+                p.kv_len,
+                p.head_dim,
+                dtype.name(),
+                sig3(ms),
+                sig3(gbps),
+                if ok { "" } else { " INVALID" }
+            );
+            records.push(serde_json::json!({
+                "path": "kv-cache", "page_size": page, "algorithm": ran.name(), "B": p.batch,
+                "Hq": p.q_heads, "Hkv": p.kv_heads, "Lq": 1, "Lk": p.kv_len, "D": p.head_dim,
+                "dtype": dtype.name(), "wall_ms": ms, "gbps": gbps,
+                "rel_error": if err.is_finite() { serde_json::json!(err) } else { serde_json::Value::Null },
+                "valid": ok, "timer": "wall", "repeats": repeats,
+            }));
+            continue;
+        }
         let r = measure(
             &engine,
             p,

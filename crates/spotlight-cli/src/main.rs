@@ -15,6 +15,7 @@ use spotlight_cli::run;
 
 mod bench;
 mod bench_backward;
+mod bench_cache;
 mod demo;
 mod draw;
 mod grad;

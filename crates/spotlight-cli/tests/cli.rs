@@ -841,6 +841,59 @@ fn bench_decode_reports_bandwidth_beside_a_streaming_read() {
     }
 }
 
+/// `bench --decode --paged N`: decoding through the paged KV cache (two sequences whose pages
+/// interleave, a partial last page), validated against the reference on every line; without
+/// `--decode` it is refused with a message that says what to add.
+#[test]
+fn bench_decode_through_the_paged_cache_is_validated() {
+    if !have_gpu() {
+        return;
+    }
+    let out = spotlight(&[
+        "bench",
+        "--decode",
+        "--paged",
+        "16",
+        "--heads",
+        "8/2",
+        "--dims",
+        "64",
+        "--cache-lens",
+        "300",
+        "--batches",
+        "2",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("spotlight decode-cache page=16 "))
+        .collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    let l = lines[0];
+    assert!(l.contains(" B=2 ") && l.contains(" Lk=300 ") && l.contains("wall_ms="), "{l}");
+    let err: f64 = l
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("err="))
+        .and_then(|e| e.parse().ok())
+        .unwrap_or_else(|| panic!("no err= in {l}"));
+    assert!(err.is_finite() && err < 2e-3, "{l}");
+    assert!(!l.contains("INVALID"), "{l}");
+
+    let out = spotlight(&["bench", "--paged", "16", "--config", "1,64,1,64"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--paged") && err.contains("--decode"), "{err}");
+}
+
 /// Decodes a PNG into (width, height, RGB bytes).
 fn decode_png(path: &Path) -> (usize, usize, Vec<u8>) {
     let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));

@@ -79,6 +79,16 @@ impl TensorRef<'_> {
         self.len() == 0
     }
 
+    /// Elements `range` of this tensor (e.g. some rows of a row-major tensor), without copying.
+    /// Panics when the range is out of bounds, like slice indexing.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> TensorRef<'_> {
+        match self {
+            TensorRef::F32(x) => TensorRef::F32(&x[range]),
+            TensorRef::F16(x) => TensorRef::F16(&x[range]),
+            TensorRef::Bf16(x) => TensorRef::Bf16(&x[range]),
+        }
+    }
+
     /// Element `i` as f32 (exact for every dtype).
     #[inline]
     pub fn get(&self, i: usize) -> f32 {
