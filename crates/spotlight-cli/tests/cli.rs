@@ -766,16 +766,7 @@ fn bench_prints_validated_numbers_and_json() {
         "--json",
         json.to_str().unwrap(),
     ]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<&str> = text
-        .lines()
-        .filter(|l| l.starts_with("spotlight flash "))
-        .collect();
+    let (text, lines) = bench_lines(&out, "spotlight flash ");
     assert_eq!(lines.len(), 2, "{text}");
     for l in &lines {
         for key in ["ms=", "tflops=", "gbps=", "err=", "timer="] {
@@ -793,6 +784,23 @@ fn bench_prints_validated_numbers_and_json() {
     }
     assert_eq!(results[1]["causal"], true);
     assert_eq!(results[1]["D"], 40);
+}
+
+/// A bench run's stdout and its lines that start with `prefix`; fails the test, with both
+/// streams, when the run failed.
+fn bench_lines(out: &std::process::Output, prefix: &str) -> (String, Vec<String>) {
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = text
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .map(str::to_string)
+        .collect();
+    (text, lines)
 }
 
 #[test]
@@ -816,21 +824,12 @@ fn bench_decode_reports_bandwidth_beside_a_streaming_read() {
         "--warmup",
         "0",
     ]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (text, lines) = bench_lines(&out, "spotlight split-k ");
     assert!(
         text.lines()
             .any(|l| l.starts_with("spotlight stream-read ") && l.contains("gbps=")),
         "{text}"
     );
-    let lines: Vec<&str> = text
-        .lines()
-        .filter(|l| l.starts_with("spotlight split-k "))
-        .collect();
     assert_eq!(lines.len(), 2, "{text}");
     for l in lines {
         assert!(
@@ -867,19 +866,13 @@ fn bench_decode_through_the_paged_cache_is_validated() {
         "--warmup",
         "0",
     ]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<&str> = text
-        .lines()
-        .filter(|l| l.starts_with("spotlight decode-cache page=16 "))
-        .collect();
+    let (text, lines) = bench_lines(&out, "spotlight decode-cache page=16 ");
     assert_eq!(lines.len(), 1, "{text}");
-    let l = lines[0];
-    assert!(l.contains(" B=2 ") && l.contains(" Lk=300 ") && l.contains("wall_ms="), "{l}");
+    let l = &lines[0];
+    assert!(
+        l.contains(" B=2 ") && l.contains(" Lk=300 ") && l.contains("wall_ms="),
+        "{l}"
+    );
     let err: f64 = l
         .split_whitespace()
         .find_map(|w| w.strip_prefix("err="))
