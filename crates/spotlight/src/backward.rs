@@ -21,10 +21,10 @@ use wgpu::util::DeviceExt;
 
 use spotlight_reference::{DType, Inputs, Problem, TensorRef};
 
-use crate::attention::{GpuInputs, Output};
 use crate::context::Engine;
 use crate::error::{Error, Result};
 use crate::kernels::{Binding, FlashLayout, FlashTiles, Variant, dtype_code};
+use crate::options::{GpuInputs, Output};
 use crate::params::Params;
 
 /// The WGSL sources of the backward passes.
@@ -613,7 +613,7 @@ impl Engine {
         }
         Ok(BackwardPlan {
             tiles,
-            wide_kv: crate::attention::wide_kv_rows(p),
+            wide_kv: crate::plan::wide_kv_rows(p),
             wide_qo,
             kv_step,
             q_step,

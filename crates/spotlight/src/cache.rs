@@ -22,11 +22,19 @@ use wgpu::util::DeviceExt;
 
 use spotlight_reference::{DType, Problem, Tensor, TensorRef, Window};
 
-use crate::attention::{Algorithm, GpuInputs, Output, Paging, RunOptions};
 use crate::context::Engine;
 use crate::error::{Error, Result};
+use crate::options::{Algorithm, GpuInputs, Output, RunOptions};
 
 /// Identifies a sequence in a [`KvCache`].
+/// K and V read through a block table (a paged KV cache): key `j` of batch entry `b` is row
+/// `j % page_size` of page `table[b * table_stride + j / page_size]`.
+pub(crate) struct Paging<'a> {
+    pub table: &'a wgpu::Buffer,
+    pub page_size: u32,
+    pub table_stride: u32,
+}
+
 pub type SeqId = usize;
 
 /// Shape and storage of a KV cache.

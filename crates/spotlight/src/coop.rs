@@ -26,9 +26,9 @@ use spotlight_reference::{
     self as reference, DType, Inputs, Problem, Tensor, TensorRef, compare, random::Rng,
 };
 
-use crate::attention::{Algorithm, RunOptions};
 use crate::context::Engine;
 use crate::error::{Error, Result};
+use crate::options::{Algorithm, RunOptions};
 
 /// Relative error the self-test accepts (f16 products, f32 accumulation, f16 P).
 const SELF_TEST_BUDGET: f64 = 5e-3;

@@ -30,11 +30,12 @@ use wgpu::util::DeviceExt;
 use spotlight_reference::layer::{LayerConfig, LayerExtras, LayerWeights, positions_or_default};
 use spotlight_reference::{DType, Problem, ProblemError, RopeStyle, Tensor, TensorRef};
 
-use crate::attention::{Algorithm, GpuInputs, GpuOutputs, Paging, RunOptions};
+use crate::cache::Paging;
 use crate::cache::{DecodeOptions, KvCache, SeqId};
 use crate::context::{Engine, TimerSource};
 use crate::error::{Error, Result};
 use crate::kernels::Variant;
+use crate::options::{Algorithm, GpuInputs, GpuOutputs, RunOptions};
 
 crate::params::uniform_block! {
 /// The uniform block of `shaders/linear.wgsl` (checked against it by `tests/shaders.rs`).
@@ -617,7 +618,7 @@ impl AttentionLayer {
         spans: &[Vec<(usize, usize)>],
         lens: &[i32],
         p: &Problem,
-        plan: crate::attention::Plan,
+        plan: crate::plan::Plan,
     ) -> Result<Vec<f32>> {
         let c = &self.cfg;
         let cc = *cache.config();

@@ -13,10 +13,10 @@ use wgpu::util::DeviceExt;
 
 use spotlight_reference::{Inputs, Problem, Tensor};
 
-use crate::attention::{Algorithm, RunOptions};
 use crate::context::Engine;
 use crate::error::{Error, Result};
 use crate::kernels::Variant;
+use crate::options::{Algorithm, RunOptions};
 use crate::params::Params;
 
 /// What [`Engine::lens`] computes besides the statistics.

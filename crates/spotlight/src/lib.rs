@@ -8,7 +8,7 @@
 //! - [`Engine::attention`] runs a problem on host slices (upload, compute, download).
 //! - [`Engine::attention_on_buffers`] runs it on GPU buffers the caller owns.
 //! - The problem description and the CPU reference live in [`spotlight_reference`], re-exported
-//!   as [`reference`]; the semantics are defined there.
+//!   as [`reference`](mod@reference); the semantics are defined there.
 //!
 //! ```no_run
 //! use spotlight::{Engine, RunOptions};
@@ -31,11 +31,14 @@ mod error;
 pub mod kernels;
 mod layer;
 mod lens;
+mod merge;
+mod options;
 #[doc(hidden)]
 pub mod params;
 mod pieces;
+mod plan;
+mod record;
 
-pub use attention::{Algorithm, FlashLayout, GpuInputs, GpuOutputs, Output, Resident, RunOptions};
 pub use backward::{
     BackwardOptions, BackwardPass, BackwardTiles, DQ_FROM_GRADIENTS_BYTES, GpuForward,
     GpuGradients, Gradients,
@@ -45,6 +48,7 @@ pub use context::{Capabilities, Engine, EngineOptions, TimerSource, Timing, adap
 pub use error::{Error, Result};
 pub use layer::{AttentionLayer, LayerTimings};
 pub use lens::{LensOptions, LensStats, lens_passes};
+pub use options::{Algorithm, FlashLayout, GpuInputs, GpuOutputs, Output, Resident, RunOptions};
 pub use pieces::{Estimate, Split};
 pub use spotlight_reference as reference;
 pub use spotlight_reference::{

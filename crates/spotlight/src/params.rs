@@ -31,7 +31,7 @@ macro_rules! uniform_block {
 }
 pub(crate) use uniform_block;
 
-/// A uniform block's host layout (see [`uniform_block!`]).
+/// A uniform block's host layout (see the crate-private `uniform_block!` macro).
 pub trait UniformBlock: bytemuck::Pod {
     /// The name of the WGSL struct.
     const NAME: &'static str;

@@ -12,9 +12,9 @@ use std::ops::Range;
 
 use spotlight_reference::{DType, Inputs, Problem, Tensor, TensorRef};
 
-use crate::attention::{Algorithm, Output, RunOptions};
 use crate::context::Engine;
 use crate::error::{Error, Result};
+use crate::options::{Algorithm, Output, RunOptions};
 
 /// How a problem is cut: batch entries per group and keys per window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

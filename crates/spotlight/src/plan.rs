@@ -1,0 +1,490 @@
+//! Planning a run: which algorithm with which tiles and key chunks, whether it fits the
+//! adapter's limits (bindings, buffer sizes, grids), and what it will allocate. Nothing here
+//! records GPU work.
+
+use spotlight_reference::{DType, Problem};
+
+use crate::context::Engine;
+use crate::error::{Error, Result};
+use crate::kernels::FlashTiles;
+use crate::options::{Algorithm, FlashLayout, RunOptions};
+
+/// A resolved algorithm and its configuration.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Plan {
+    pub(crate) algorithm: Algorithm,
+    pub(crate) tiles: Option<FlashTiles>,
+    /// Chunks the fused kernel splits the key range into (1 = not split) and keys per chunk.
+    pub(crate) chunks: u32,
+    pub(crate) chunk_keys: u32,
+    /// A key window of a split problem: `(key_base, kv_total)`; `None` when unsplit.
+    pub(crate) window: Option<(u32, u32)>,
+}
+
+impl Plan {
+    pub(crate) fn three_pass() -> Self {
+        Plan {
+            algorithm: Algorithm::ThreePass,
+            tiles: None,
+            chunks: 1,
+            chunk_keys: 0,
+            window: None,
+        }
+    }
+}
+
+/// The reason inside an `Unsupported` error, or the error's text.
+fn unsupported_reason(e: &Error) -> String {
+    match e {
+        Error::Unsupported { reason, .. } => reason.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Keys per row the three-pass softmax takes where loops are bounded: each of its 128 threads
+/// loops twice over a row's keys. Measured on lavapipe: 3.6 M keys right, 6 M silently wrong.
+const THREE_PASS_MAX_KEYS_BOUNDED: usize = 3_600_000;
+
+/// Whether every K and V row starts at a multiple of 4 elements (so the row kernel may read
+/// them four elements per load): head dims and every stride (batch, sequence, head; with a paged
+/// cache the same strides inside a page) are multiples of 4.
+pub(crate) fn wide_kv_rows(p: &Problem) -> bool {
+    let (k, v) = (p.k_strides(), p.v_strides());
+    [
+        p.head_dim,
+        p.v_head_dim,
+        k.batch,
+        k.seq,
+        k.head,
+        v.batch,
+        v.seq,
+        v.head,
+    ]
+    .iter()
+    .all(|x| x % 4 == 0)
+}
+
+impl Engine {
+    /// Flash tiles for this problem on this adapter, or why there are none. `rows` caps the
+    /// query rows of a tiled workgroup (see [`FlashTiles::choose`]); `unit_rows` is the number of
+    /// query rows one unit holds (a head's, or with split-K a key/value group's), which the row
+    /// kernel's row count depends on.
+    pub(crate) fn flash_tiles(
+        &self,
+        p: &Problem,
+        rows: usize,
+        unit_rows: usize,
+        opts: &RunOptions,
+    ) -> std::result::Result<FlashTiles, String> {
+        let layout = opts.flash_layout;
+        let caps = self.capabilities();
+        if caps.max_storage_buffers_per_stage < 8 {
+            return Err(format!(
+                "the fused kernel binds 8 storage buffers per shader stage; this device allows {} ({} short)",
+                caps.max_storage_buffers_per_stage,
+                8 - caps.max_storage_buffers_per_stage
+            ));
+        }
+        let r = Engine::row_count(opts.rows_per_workgroup, p.probs_elems(), unit_rows)?;
+        let lanes = self.row_lanes().filter(|&n| {
+            FlashTiles::rows(n, r).fits(
+                p.head_dim as u32,
+                p.v_head_dim as u32,
+                caps.max_workgroup_memory,
+            )
+        });
+        let cpu = self.is_cpu();
+        match (layout, lanes) {
+            (Some(FlashLayout::Rows), None) => {
+                return Err(self.row_kernel_refusal(p.head_dim, p.v_head_dim));
+            }
+            (Some(FlashLayout::Rows), Some(lanes)) => return Ok(FlashTiles::rows(lanes, r)),
+            (None, Some(lanes)) if cpu => return Ok(FlashTiles::rows(lanes, r)),
+            _ => {}
+        }
+        FlashTiles::choose(
+            p.head_dim as u32,
+            p.v_head_dim as u32,
+            caps.max_workgroup_memory,
+            caps.max_invocations,
+            rows.min(64) as u32,
+        )
+        .ok_or_else(|| {
+            format!(
+                "head dims D={} Dv={} need more than the {} bytes of workgroup memory (or Dv > 512)",
+                p.head_dim, p.v_head_dim, caps.max_workgroup_memory
+            )
+        })
+    }
+
+    /// The fused plan. Flash gives each workgroup a tile of query rows of one head and streams
+    /// every key; split-K packs the query rows of all heads of a key/value group into one unit
+    /// and splits the key range into enough chunks to fill the GPU. Either way, when the adapter
+    /// or the caller bounds the keys one workgroup may stream, the range is split into chunks
+    /// that a merge pass combines exactly by their LSE.
+    pub(crate) fn fused_plan(
+        &self,
+        p: &Problem,
+        algorithm: Algorithm,
+        opts: &RunOptions,
+    ) -> Result<Plan> {
+        let name = algorithm.name();
+        let split_k = algorithm == Algorithm::SplitK;
+        let (rows, unit_rows) = if split_k {
+            (p.q_len * p.group_size(), p.q_len * p.group_size())
+        } else {
+            (64, p.q_len)
+        };
+        let tiles = self
+            .flash_tiles(p, rows, unit_rows, opts)
+            .map_err(|reason| Error::Unsupported {
+                algorithm: name,
+                reason,
+            })?;
+        let lk = p.kv_len as u32;
+        let mut limit = self
+            .capabilities()
+            .max_key_tiles_per_workgroup
+            .map(|t| t * tiles.bk);
+        if let Some(k) = opts.max_chunk_keys {
+            let k = (k / tiles.bk).max(1) * tiles.bk;
+            limit = Some(limit.map_or(k, |l| l.min(k)));
+        }
+        if split_k {
+            // Enough workgroups to fill the GPU: about 512 on a discrete or integrated GPU (an
+            // H100 has 132 SMs, a few workgroups each), 16 on a CPU adapter; each chunk keeps at
+            // least 4 key tiles so the merge stays cheap.
+            let target: u64 = match self.adapter_info().device_type {
+                wgpu::DeviceType::Cpu => 16,
+                _ => 512,
+            };
+            let units = (p.batch * p.kv_heads) as u64 * rows.div_ceil(tiles.bq as usize) as u64;
+            let want_chunks = target.div_ceil(units.max(1)).max(1) as u32;
+            let min_keys = 4 * tiles.bk;
+            let keys = lk.div_ceil(want_chunks).div_ceil(tiles.bk) * tiles.bk;
+            let keys = keys.max(min_keys);
+            limit = Some(limit.map_or(keys, |l| l.min(keys)));
+        }
+        let (chunks, chunk_keys) = match limit {
+            Some(keys) if lk > keys => (lk.div_ceil(keys), keys),
+            _ => (1, 0),
+        };
+        Ok(Plan {
+            algorithm,
+            tiles: Some(tiles),
+            chunks,
+            chunk_keys,
+            window: None,
+        })
+    }
+
+    /// The plan for `p` with Q, K and V stored as `dtypes`.
+    pub(crate) fn plan(&self, p: &Problem, dtypes: [DType; 3], opts: &RunOptions) -> Result<Plan> {
+        self.plan_impl(p, dtypes, opts, false)
+    }
+
+    /// A plan for K and V in a paged cache (whose pools were checked against the limits when
+    /// the cache was made).
+    pub(crate) fn plan_paged(
+        &self,
+        p: &Problem,
+        dtypes: [DType; 3],
+        opts: &RunOptions,
+    ) -> Result<Plan> {
+        self.plan_impl(p, dtypes, opts, true)
+    }
+
+    pub(crate) fn plan_impl(
+        &self,
+        p: &Problem,
+        dtypes: [DType; 3],
+        opts: &RunOptions,
+        paged: bool,
+    ) -> Result<Plan> {
+        p.validate()?;
+        // A row count the row kernel does not have is the caller's mistake on every algorithm
+        // (auto must not fall back to three-pass over it).
+        Engine::row_count(opts.rows_per_workgroup, 0, 0).map_err(|reason| Error::Unsupported {
+            algorithm: opts.algorithm.name(),
+            reason,
+        })?;
+        if opts.probs
+            && matches!(
+                opts.algorithm,
+                Algorithm::Flash | Algorithm::SplitK | Algorithm::FlashCoop
+            )
+        {
+            return Err(Error::Unsupported {
+                algorithm: opts.algorithm.name(),
+                reason: "the fused kernel never materialises the probability map; use three-pass or auto".into(),
+            });
+        }
+        let plan = match opts.algorithm {
+            Algorithm::FlashCoop => {
+                let tiles = self.coop_tiles(p).map_err(|reason| Error::Unsupported {
+                    algorithm: "flash-coop",
+                    reason,
+                })?;
+                let (chunks, chunk_keys) = self.coop_chunks(p, tiles, opts);
+                Plan {
+                    algorithm: Algorithm::FlashCoop,
+                    tiles: None,
+                    chunks,
+                    chunk_keys,
+                    window: None,
+                }
+            }
+            Algorithm::ThreePass => Plan::three_pass(),
+            Algorithm::Flash | Algorithm::SplitK => self.fused_plan(p, opts.algorithm, opts)?,
+            Algorithm::Auto if opts.probs => Plan::three_pass(),
+            Algorithm::Auto => {
+                // Split-K for decoding (a few query rows against a long key range), flash else;
+                // three-pass when the fused kernel cannot take the head dims or the adapter's
+                // limits; and when nothing fits, say why for each.
+                let decode = p.q_len <= 16 && p.kv_len >= 1024;
+                let first = if decode {
+                    Algorithm::SplitK
+                } else {
+                    Algorithm::Flash
+                };
+                match self
+                    .fused_plan(p, first, opts)
+                    .or_else(|_| self.fused_plan(p, Algorithm::Flash, opts))
+                {
+                    Ok(plan) => plan,
+                    Err(fused) => {
+                        if let Err(three) = self.check_bindings(Algorithm::ThreePass) {
+                            return Err(Error::Unsupported {
+                                algorithm: "auto",
+                                reason: format!(
+                                    "no algorithm fits this adapter: flash: {}; three-pass: {}",
+                                    unsupported_reason(&fused),
+                                    unsupported_reason(&three)
+                                ),
+                            });
+                        }
+                        Plan::three_pass()
+                    }
+                }
+            }
+        };
+        self.check_bindings(plan.algorithm)?;
+        if plan.algorithm == Algorithm::ThreePass
+            && self.capabilities().max_key_tiles_per_workgroup.is_some()
+            && p.kv_len > THREE_PASS_MAX_KEYS_BOUNDED
+        {
+            return Err(Error::Unsupported {
+                algorithm: "three-pass",
+                reason: format!(
+                    "{} keys: on this adapter (llvmpipe, whose loops end silently after about 65 535 \
+                     iterations) the softmax pass takes at most {THREE_PASS_MAX_KEYS_BOUNDED} keys per row; \
+                     use flash (without the probability map)",
+                    p.kv_len
+                ),
+            });
+        }
+        self.check_limits(p, plan, dtypes, opts, paged)?;
+        Ok(plan)
+    }
+
+    /// Whether the adapter lets every pass of `algorithm` bind what it binds: storage buffers per
+    /// shader stage, uniform buffers per stage, and the invocations of its fixed-size workgroups.
+    /// Checked at planning time, so a downlevel device gets a clear refusal instead of a
+    /// pipeline error.
+    pub(crate) fn check_bindings(&self, algorithm: Algorithm) -> Result<()> {
+        let caps = self.capabilities();
+        // (pass, storage buffers, uniform buffers, invocations per workgroup), from the @binding
+        // lists and workgroup sizes of each shader.
+        let passes: &[(&str, u32, u32, u32)] = match algorithm {
+            Algorithm::ThreePass => &[
+                ("scores", 6, 1, 256),
+                ("softmax", 2, 1, 128),
+                ("pv", 4, 2, 256),
+                ("pack", 2, 1, 256),
+            ],
+            Algorithm::Flash | Algorithm::SplitK | Algorithm::FlashCoop => {
+                &[("fused", 8, 1, 0), ("merge", 4, 1, 64), ("pack", 2, 1, 256)]
+            }
+            Algorithm::Auto => &[],
+        };
+        for &(pass, storage, uniform, invocations) in passes {
+            let short = [
+                (
+                    "storage buffers per shader stage (max_storage_buffers_per_shader_stage)",
+                    storage,
+                    caps.max_storage_buffers_per_stage,
+                ),
+                (
+                    "uniform buffers per shader stage (max_uniform_buffers_per_shader_stage)",
+                    uniform,
+                    caps.max_uniform_buffers_per_stage,
+                ),
+                (
+                    "invocations per workgroup (max_compute_invocations_per_workgroup)",
+                    invocations,
+                    caps.max_invocations,
+                ),
+            ];
+            for (what, need, have) in short {
+                if need > have {
+                    return Err(Error::Unsupported {
+                        algorithm: algorithm.name(),
+                        reason: format!(
+                            "its {pass} pass needs {need} {what}; this device allows {have} \
+                             ({} short)",
+                            need - have
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every device buffer a plan allocates or binds, with its size in bytes: inputs in their
+    /// storage dtypes (f16/bf16 two bytes an element), outputs in theirs, and every scratch
+    /// buffer (the f32 output before packing, the LSE when not asked for, the key split's partial
+    /// results, the three-pass score matrix).
+    pub(crate) fn plan_buffers(
+        p: &Problem,
+        plan: Plan,
+        dtypes: [DType; 3],
+        opts: &RunOptions,
+        paged: bool,
+    ) -> Vec<(String, u64)> {
+        let n = |elems: usize, size: usize| elems as u64 * size as u64;
+        let out_dtype = opts.out_dtype.unwrap_or(dtypes[0]);
+        let mut buffers: Vec<(String, u64)> = vec![
+            ("q".into(), n(p.q_elems(), dtypes[0].size())),
+            ("k".into(), n(p.k_elems(), dtypes[1].size())),
+            ("v".into(), n(p.v_elems(), dtypes[2].size())),
+            ("out".into(), n(p.o_elems(), out_dtype.size())),
+            ("lse".into(), n(p.lse_elems(), 4)),
+        ];
+        if out_dtype != DType::F32 {
+            buffers.push(("the f32 output before conversion".into(), n(p.o_elems(), 4)));
+        }
+        if paged {
+            buffers.retain(|(what, _)| what != "k" && what != "v");
+        }
+        if let Some(b) = p.bias {
+            buffers.push(("bias".into(), n(p.broadcast_elems(&b), 4)));
+        }
+        if let Some(b) = p.mask {
+            buffers.push(("mask".into(), n(p.broadcast_elems(&b), 1)));
+        }
+        if plan.chunks > 1 {
+            let c = plan.chunks as u64;
+            buffers.push((
+                "the partial outputs of the key split".into(),
+                c * p.o_elems() as u64 * 4,
+            ));
+            buffers.push((
+                "the partial LSEs of the key split".into(),
+                c * p.lse_elems() as u64 * 4,
+            ));
+        }
+        if plan.algorithm == Algorithm::ThreePass {
+            buffers.push((
+                format!(
+                    "the three-pass score matrix [B={}, Hq={}, Lq={}, Lk={}]",
+                    p.batch, p.q_heads, p.q_len, p.kv_len
+                ),
+                p.probs_elems() as u64 * 4,
+            ));
+        }
+        buffers
+    }
+
+    /// Bytes of device memory a plan uses (inputs, outputs, scratch).
+    pub(crate) fn plan_bytes(
+        &self,
+        p: &Problem,
+        plan: Plan,
+        dtypes: [DType; 3],
+        opts: &RunOptions,
+    ) -> u64 {
+        let aux = (2 * p.batch + p.q_heads) as u64 * 4 + 128;
+        Self::plan_buffers(p, plan, dtypes, opts, false)
+            .iter()
+            .map(|(_, b)| b)
+            .sum::<u64>()
+            + aux
+    }
+
+    /// Every buffer the plan binds must fit the binding and buffer limits, and every grid the
+    /// workgroup-count limit (after folding into two dimensions).
+    pub(crate) fn check_limits(
+        &self,
+        p: &Problem,
+        plan: Plan,
+        dtypes: [DType; 3],
+        opts: &RunOptions,
+        paged: bool,
+    ) -> Result<()> {
+        let caps = self.capabilities();
+        let buffers = Self::plan_buffers(p, plan, dtypes, opts, paged);
+        for (what, bytes) in buffers {
+            if bytes > caps.max_storage_binding {
+                return Err(Error::LimitExceeded {
+                    what,
+                    bytes,
+                    limit_name: "max_storage_buffer_binding_size",
+                    limit: caps.max_storage_binding,
+                });
+            }
+            if bytes > caps.max_buffer_size {
+                return Err(Error::LimitExceeded {
+                    what,
+                    bytes,
+                    limit_name: "max_buffer_size",
+                    limit: caps.max_buffer_size,
+                });
+            }
+        }
+        for (what, groups) in self.grids(p, plan) {
+            self.fold(groups).ok_or_else(|| Error::GridTooLarge {
+                what: format!("the {what} pass"),
+                workgroups: groups,
+                limit: (caps.max_workgroups_per_dim as u64).pow(2),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Workgroup counts of each pass.
+    pub(crate) fn grids(&self, p: &Problem, plan: Plan) -> Vec<(&'static str, u64)> {
+        let bh = (p.batch * p.q_heads) as u64;
+        let t16 = |n: usize| n.div_ceil(16) as u64;
+        match plan.algorithm {
+            Algorithm::Flash | Algorithm::SplitK => {
+                let bq = plan.tiles.map_or(1, |t| t.bq) as usize;
+                let (units, rows) = if plan.algorithm == Algorithm::SplitK {
+                    ((p.batch * p.kv_heads) as u64, p.q_len * p.group_size())
+                } else {
+                    (bh, p.q_len)
+                };
+                let flash = units * rows.div_ceil(bq) as u64 * plan.chunks as u64;
+                vec![("flash", flash), ("merge", bh * p.q_len as u64)]
+            }
+            Algorithm::FlashCoop => {
+                let bq = self.coop_tiles(p).map_or(16, |t| t.rows()) as usize;
+                let groups = bh * p.q_len.div_ceil(bq) as u64 * plan.chunks as u64;
+                vec![("flash-coop", groups), ("merge", bh * p.q_len as u64)]
+            }
+            _ => vec![
+                ("scores", bh * t16(p.q_len) * t16(p.kv_len)),
+                ("softmax", bh * p.q_len as u64),
+                ("pv", bh * t16(p.q_len) * t16(p.v_head_dim)),
+            ],
+        }
+    }
+
+    /// Folds a 1-D workgroup count into (x, y) within the per-dimension limit.
+    pub(crate) fn fold(&self, groups: u64) -> Option<(u32, u32)> {
+        let max = self.capabilities().max_workgroups_per_dim as u64;
+        let x = groups.clamp(1, max);
+        let y = groups.div_ceil(x).max(1);
+        (y <= max).then_some((x as u32, y as u32))
+    }
+}

@@ -1,0 +1,308 @@
+//! Recording GPU work: scratch buffers, dispatches (with grids folded past 65 535 workgroups),
+//! the passes of each algorithm into one encoder, the uniform block and the f32 -> f16/bf16 pack.
+//! Shared by attention, the lens, the cache's decode and the layer.
+
+use wgpu::util::DeviceExt;
+
+use spotlight_reference::{DType, Problem};
+
+use crate::cache::Paging;
+use crate::context::Engine;
+use crate::error::{Error, Result};
+use crate::kernels::{Kernel, Variant};
+use crate::options::{Algorithm, GpuInputs, GpuOutputs};
+use crate::params::{PackParams, Params};
+use crate::plan::{Plan, wide_kv_rows};
+
+/// Bindings 0..=8 of the fused kernels, in binding order.
+fn fused_bindings(b: [&wgpu::Buffer; 9]) -> [(u32, &wgpu::Buffer); 9] {
+    std::array::from_fn(|n| (n as u32, b[n]))
+}
+
+/// P·V key tiles per dispatch where loops are bounded (see `Engine::pv_keys_per_dispatch`).
+const PV_TILES_PER_DISPATCH_BOUNDED: usize = 2048;
+
+/// A buffer size rounded up to whole words, at least one.
+pub(crate) fn padded(bytes: u64) -> u64 {
+    bytes.div_ceil(4).max(1) * 4
+}
+
+impl Engine {
+    /// Keys one P·V dispatch of the three-pass path covers: all of them, except where the adapter
+    /// bounds how long an invocation may loop (llvmpipe: measured, one P·V loop over 1.1 M keys
+    /// went wrong silently; 2048 tiles of 16 keys stay far inside the bound).
+    pub(crate) fn pv_keys_per_dispatch(&self, p: &Problem) -> usize {
+        match self.capabilities().max_key_tiles_per_workgroup {
+            Some(_) => PV_TILES_PER_DISPATCH_BOUNDED * 16,
+            None => p.kv_len.max(1),
+        }
+    }
+
+    pub(crate) fn scratch(&self, label: &str, bytes: u64) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: padded(bytes),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    pub(crate) fn dispatch(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        kernel: &Kernel,
+        buffers: &[(u32, &wgpu::Buffer)],
+        groups: u64,
+    ) -> Result<()> {
+        let (x, y) = self.fold(groups).ok_or_else(|| Error::GridTooLarge {
+            what: format!("the {} dispatch", kernel.name),
+            workgroups: groups,
+            limit: (self.capabilities().max_workgroups_per_dim as u64).pow(2),
+        })?;
+        let entries: Vec<wgpu::BindGroupEntry> = buffers
+            .iter()
+            .map(|&(binding, b)| wgpu::BindGroupEntry {
+                binding,
+                resource: b.as_entire_binding(),
+            })
+            .collect();
+        let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(&kernel.name),
+            layout: &kernel.layout,
+            entries: &entries,
+        });
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some(&kernel.name),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&kernel.pipeline);
+        pass.set_bind_group(0, &group, &[]);
+        pass.dispatch_workgroups(x, y, 1);
+        Ok(())
+    }
+
+    pub(crate) fn encode(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        p: &Problem,
+        plan: Plan,
+        i: &GpuInputs<'_>,
+        o: &GpuOutputs<'_>,
+        paging: Option<&Paging<'_>>,
+    ) -> Result<()> {
+        let dev = &self.device;
+        let mut uniform = Params::new(p);
+        uniform.num_chunks = plan.chunks;
+        uniform.chunk_keys = plan.chunk_keys;
+        if let Some((base, total)) = plan.window {
+            uniform.key_base = base;
+            uniform.kv_total = total;
+        }
+        let (params, aux) = self.params_and_aux(enc, p, uniform, i, paging);
+        let dummy = self.scratch("unused", 4);
+        let bias = i.bias.unwrap_or(&dummy);
+        let mask = i.mask.unwrap_or(&dummy);
+        let out_scratch =
+            (o.out_dtype != DType::F32).then(|| self.scratch("out f32", p.o_elems() as u64 * 4));
+        let out32 = out_scratch.as_ref().unwrap_or(o.out);
+        let lse_scratch = o
+            .lse
+            .is_none()
+            .then(|| self.scratch("lse", p.lse_elems() as u64 * 4));
+        let lse = o.lse.or(lse_scratch.as_ref()).expect("lse buffer");
+        // The fused kernels' bindings (flash.wgsl and flash_coop.wgsl share them).
+        let fused_binds = |o, l| fused_bindings([&params, &aux, bias, mask, i.q, i.k, i.v, o, l]);
+        let grids = self.grids(p, plan);
+        match plan.algorithm {
+            Algorithm::Flash | Algorithm::SplitK => {
+                let tiles = plan.tiles.expect("fused plan has tiles");
+                let variant = Variant::flash(
+                    i.dtypes,
+                    p.head_dim as u32,
+                    p.v_head_dim as u32,
+                    tiles,
+                    plan.algorithm == Algorithm::SplitK,
+                    paging.is_some(),
+                )
+                .vec4_kv(wide_kv_rows(p))
+                .native_f16(self.native_f16())
+                .subgroup_rows(self.subgroup_rows(tiles.tpr));
+                let kernel = self.cache.get(dev, &variant)?;
+                let split = (plan.chunks > 1).then(|| {
+                    let c = plan.chunks as u64;
+                    (
+                        self.scratch("partial out", c * p.o_elems() as u64 * 4),
+                        self.scratch("partial lse", c * p.lse_elems() as u64 * 4),
+                    )
+                });
+                let (o_dst, lse_dst) = match &split {
+                    Some((po, pl)) => (po, pl),
+                    None => (out32, lse),
+                };
+                self.dispatch(enc, &kernel, &fused_binds(o_dst, lse_dst), grids[0].1)?;
+                if let Some((po, pl)) = &split {
+                    let merge = self.cache.get(dev, &Variant::merge())?;
+                    let binds = [(0, &params), (4, po), (5, pl), (6, out32), (7, lse)];
+                    self.dispatch(enc, &merge, &binds, grids[1].1)?;
+                }
+            }
+            Algorithm::FlashCoop => {
+                let tiles = self.coop_tiles(p).map_err(|reason| Error::Unsupported {
+                    algorithm: "flash-coop",
+                    reason,
+                })?;
+                let variant =
+                    Variant::flash_coop(i.dtypes, p.head_dim as u32, p.v_head_dim as u32, tiles)
+                        .native_f16(self.native_f16());
+                let kernel = self.cache.get(dev, &variant)?;
+                // Split over the key range (llvmpipe's loop bound, max_chunk_keys): partial O
+                // and LSE to scratch, merged like flash's.
+                let split = (plan.chunks > 1).then(|| {
+                    let c = plan.chunks as u64;
+                    (
+                        self.scratch("partial out", c * p.o_elems() as u64 * 4),
+                        self.scratch("partial lse", c * p.lse_elems() as u64 * 4),
+                    )
+                });
+                let (o_dst, lse_dst) = match &split {
+                    Some((po, pl)) => (po, pl),
+                    None => (out32, lse),
+                };
+                self.dispatch(enc, &kernel, &fused_binds(o_dst, lse_dst), grids[0].1)?;
+                if let Some((po, pl)) = &split {
+                    let merge = self.cache.get(dev, &Variant::merge())?;
+                    let binds = [(0, &params), (4, po), (5, pl), (6, out32), (7, lse)];
+                    self.dispatch(enc, &merge, &binds, grids[1].1)?;
+                }
+            }
+            _ => {
+                let probs_scratch = o
+                    .probs
+                    .is_none()
+                    .then(|| self.scratch("scores", p.probs_elems() as u64 * 4));
+                let probs = o.probs.or(probs_scratch.as_ref()).expect("probs buffer");
+                let scores = self.cache.get(
+                    dev,
+                    &Variant::scores(i.dtypes[0], i.dtypes[1]).native_f16(self.native_f16()),
+                )?;
+                let softmax = self.cache.get(dev, &Variant::softmax())?;
+                let pv = self
+                    .cache
+                    .get(dev, &Variant::pv(i.dtypes[2]).native_f16(self.native_f16()))?;
+                let binds = [
+                    (0, &params),
+                    (1, &aux),
+                    (2, bias),
+                    (3, mask),
+                    (4, i.q),
+                    (5, i.k),
+                    (6, probs),
+                ];
+                self.dispatch(enc, &scores, &binds, grids[0].1)?;
+                self.dispatch(
+                    enc,
+                    &softmax,
+                    &[(0, &params), (4, probs), (5, lse)],
+                    grids[1].1,
+                )?;
+                // P·V over key ranges one invocation may loop over (all keys but on llvmpipe),
+                // each dispatch adding its part to O in key order (so still deterministic).
+                let step = self.pv_keys_per_dispatch(p);
+                for (n, begin) in (0..p.kv_len.max(1)).step_by(step).enumerate() {
+                    let range: [u32; 4] = [
+                        begin as u32,
+                        (begin + step).min(p.kv_len) as u32,
+                        (n > 0) as u32,
+                        0,
+                    ];
+                    let range = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                        label: Some("pv key range"),
+                        contents: bytemuck::cast_slice(&range),
+                        usage: wgpu::BufferUsages::UNIFORM,
+                    });
+                    let binds = [
+                        (0, &params),
+                        (1, &aux),
+                        (4, probs),
+                        (5, i.v),
+                        (6, out32),
+                        (7, &range),
+                    ];
+                    self.dispatch(enc, &pv, &binds, grids[2].1)?;
+                }
+            }
+        }
+        if let Some(src) = &out_scratch {
+            self.pack(enc, src, o.out, o.out_dtype, p.o_elems())?;
+        }
+        Ok(())
+    }
+
+    /// The uniform block and the aux buffer every attention kernel binds (0 and 1). aux is
+    /// `[q_seqlens: B][kv_seqlens: B][alibi slopes: Hq][block table]`, gathered on the GPU from
+    /// the caller's buffers.
+    pub(crate) fn params_and_aux(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        p: &Problem,
+        mut uniform: Params,
+        i: &GpuInputs<'_>,
+        paging: Option<&Paging<'_>>,
+    ) -> (wgpu::Buffer, wgpu::Buffer) {
+        let aux_words = (2 * p.batch + p.q_heads) as u64;
+        if let Some(pg) = paging {
+            uniform.page_size = pg.page_size;
+            uniform.table_off = aux_words as u32;
+            uniform.table_stride = pg.table_stride;
+        }
+        let params = self
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("params"),
+                contents: bytemuck::bytes_of(&uniform),
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+        let b4 = p.batch as u64 * 4;
+        let table_bytes = paging.map_or(0, |pg| p.batch as u64 * pg.table_stride as u64 * 4);
+        let aux = self.scratch("aux", aux_words * 4 + table_bytes);
+        for (src, offset, size) in [
+            (i.q_seqlens, 0, b4),
+            (i.kv_seqlens, b4, b4),
+            (i.alibi_slopes, 2 * b4, p.q_heads as u64 * 4),
+            (paging.map(|pg| pg.table), aux_words * 4, table_bytes),
+        ] {
+            if let Some(src) = src {
+                enc.copy_buffer_to_buffer(src, 0, &aux, offset, size);
+            }
+        }
+        (params, aux)
+    }
+
+    /// Converts `count` f32 values in `src` to packed `dtype` in `dst`.
+    pub(crate) fn pack(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        src: &wgpu::Buffer,
+        dst: &wgpu::Buffer,
+        dtype: DType,
+        count: usize,
+    ) -> Result<()> {
+        let words = count.div_ceil(2) as u32;
+        let pp = PackParams {
+            count: count as u32,
+            words,
+            pad0: 0,
+            pad1: 0,
+        };
+        let params = self
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("pack params"),
+                contents: bytemuck::bytes_of(&pp),
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+        let kernel = self.cache.get(&self.device, &Variant::pack(dtype))?;
+        let groups = (words as u64).div_ceil(256);
+        self.dispatch(enc, &kernel, &[(0, &params), (1, src), (2, dst)], groups)
+    }
+}
