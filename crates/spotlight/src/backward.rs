@@ -470,7 +470,7 @@ impl Engine {
         let tiles = match (opts.layout, rows) {
             (Some(FlashLayout::Rows), None) => {
                 return Err(unsupported(
-                    self.row_kernel_refusal(p.head_dim, p.v_head_dim),
+                    self.target().row_kernel_refusal(p.head_dim, p.v_head_dim),
                 ));
             }
             (Some(FlashLayout::Rows), Some(t)) => t,

@@ -374,29 +374,9 @@ impl Engine {
         self.use_subgroups && self.caps.subgroups
     }
 
-    /// The lanes of the row kernels (`flash_rows.wgsl` and the backward's): their workgroup is
-    /// one subgroup, so the device must use subgroups of one fixed size, 4 to 64.
+    /// The lanes of the row kernels ([`crate::plan::Target::row_lanes`]).
     pub(crate) fn row_lanes(&self) -> Option<u32> {
-        let c = &self.caps;
-        (self.uses_subgroups()
-            && c.subgroup_min_size == c.subgroup_max_size
-            && (4..=64).contains(&c.subgroup_min_size))
-        .then_some(c.subgroup_min_size)
-    }
-
-    /// Why the row kernels cannot run head dims `d`, `dv` here (for a caller that forced them).
-    pub(crate) fn row_kernel_refusal(&self, d: usize, dv: usize) -> String {
-        let c = &self.caps;
-        format!(
-            "the row kernels need head dims D, Dv <= {} and subgroups of one fixed size between 4 \
-             and 64; this problem has D={d} Dv={dv}, this device's subgroups: {}",
-            crate::kernels::FlashTiles::ROWS_MAX_DIM,
-            if c.subgroups && self.use_subgroups {
-                format!("sizes {}..={}", c.subgroup_min_size, c.subgroup_max_size)
-            } else {
-                "none (or they are turned off)".to_string()
-            }
-        )
+        self.target().row_lanes()
     }
 
     /// The row kernels' rows per workgroup: the caller's (`rows_per_workgroup`, checked) or

@@ -29,6 +29,7 @@ use spotlight_reference::{
 use crate::context::Engine;
 use crate::error::{Error, Result};
 use crate::options::{Algorithm, RunOptions};
+use crate::plan::Target;
 
 /// Relative error the self-test accepts (f16 products, f32 accumulation, f16 P).
 const SELF_TEST_BUDGET: f64 = 5e-3;
@@ -100,10 +101,10 @@ impl CoopTiles {
     }
 }
 
-impl Engine {
+impl Target {
     /// The matrix-unit kernel's tiles for `p` here, or why it cannot run `p`.
     pub(crate) fn coop_tiles(&self, p: &Problem) -> std::result::Result<CoopTiles, String> {
-        let c = self.capabilities();
+        let c = &self.caps;
         let e = c.coop_edge;
         if e == 0 {
             return Err("the adapter offers no 16x16x16 or 8x8x8 f16 -> f32 cooperative matrices (or the engine was made from an application's device)".into());
@@ -145,19 +146,11 @@ impl Engine {
         })
     }
 
-    /// Why the cooperative-matrix kernel cannot run `p` here, or `None`.
-    pub(crate) fn coop_unavailable(&self, p: &Problem, _opts: &RunOptions) -> Option<String> {
-        self.coop_tiles(p).err()
-    }
-
     /// Key chunks for the matrix-unit kernel (merged by LSE like flash's): where the adapter
     /// bounds the key tiles one workgroup may stream (llvmpipe) or the caller bounds the keys.
     /// Returns `(chunks, keys per chunk)`, `(1, 0)` when unsplit.
     pub(crate) fn coop_chunks(&self, p: &Problem, t: CoopTiles, opts: &RunOptions) -> (u32, u32) {
-        let mut limit = self
-            .capabilities()
-            .max_key_tiles_per_workgroup
-            .map(|n| n * t.bk);
+        let mut limit = self.caps.max_key_tiles_per_workgroup.map(|n| n * t.bk);
         if let Some(k) = opts.max_chunk_keys {
             let k = (k / t.bk).max(1) * t.bk;
             limit = Some(limit.map_or(k, |l| l.min(k)));
@@ -167,6 +160,18 @@ impl Engine {
             Some(keys) if lk > keys => (lk.div_ceil(keys), keys),
             _ => (1, 0),
         }
+    }
+}
+
+impl Engine {
+    /// The matrix-unit kernel's tiles for `p` here, or why it cannot run `p` ([`Target::coop_tiles`]).
+    pub(crate) fn coop_tiles(&self, p: &Problem) -> std::result::Result<CoopTiles, String> {
+        self.target().coop_tiles(p)
+    }
+
+    /// Why the cooperative-matrix kernel cannot run `p` here, or `None`.
+    pub(crate) fn coop_unavailable(&self, p: &Problem, _opts: &RunOptions) -> Option<String> {
+        self.coop_tiles(p).err()
     }
 
     /// The options to run with: `auto` becomes `flash-coop` where it may (see the module docs);

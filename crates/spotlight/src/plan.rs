@@ -4,10 +4,22 @@
 
 use spotlight_reference::{DType, Problem};
 
-use crate::context::Engine;
+use crate::context::{Capabilities, Engine};
 use crate::error::{Error, Result};
 use crate::kernels::FlashTiles;
 use crate::options::{Algorithm, FlashLayout, RunOptions};
+
+/// Everything planning reads about an engine, as plain data: the adapter's capabilities, whether
+/// it is a CPU adapter (lavapipe, llvmpipe, WARP, SwiftShader: the row kernels are the default
+/// there) and whether the engine uses subgroups ([`Engine::without_subgroups`]). Planning is a
+/// pure function of it and the problem, so its decisions are unit-tested without a GPU for the
+/// adapter profiles in this module's tests.
+#[derive(Clone, Debug)]
+pub(crate) struct Target {
+    pub(crate) caps: Capabilities,
+    pub(crate) cpu: bool,
+    pub(crate) subgroups: bool,
+}
 
 /// A resolved algorithm and its configuration.
 #[derive(Clone, Copy, Debug)]
@@ -64,7 +76,7 @@ pub(crate) fn wide_kv_rows(p: &Problem) -> bool {
     .all(|x| x % 4 == 0)
 }
 
-impl Engine {
+impl Target {
     /// Flash tiles for this problem on this adapter, or why there are none. `rows` caps the
     /// query rows of a tiled workgroup (see [`FlashTiles::choose`]); `unit_rows` is the number of
     /// query rows one unit holds (a head's, or with split-K a key/value group's), which the row
@@ -77,7 +89,7 @@ impl Engine {
         opts: &RunOptions,
     ) -> std::result::Result<FlashTiles, String> {
         let layout = opts.flash_layout;
-        let caps = self.capabilities();
+        let caps = &self.caps;
         if caps.max_storage_buffers_per_stage < 8 {
             return Err(format!(
                 "the fused kernel binds 8 storage buffers per shader stage; this device allows {} ({} short)",
@@ -93,7 +105,7 @@ impl Engine {
                 caps.max_workgroup_memory,
             )
         });
-        let cpu = self.is_cpu();
+        let cpu = self.cpu;
         match (layout, lanes) {
             (Some(FlashLayout::Rows), None) => {
                 return Err(self.row_kernel_refusal(p.head_dim, p.v_head_dim));
@@ -142,10 +154,7 @@ impl Engine {
                 reason,
             })?;
         let lk = p.kv_len as u32;
-        let mut limit = self
-            .capabilities()
-            .max_key_tiles_per_workgroup
-            .map(|t| t * tiles.bk);
+        let mut limit = self.caps.max_key_tiles_per_workgroup.map(|t| t * tiles.bk);
         if let Some(k) = opts.max_chunk_keys {
             let k = (k / tiles.bk).max(1) * tiles.bk;
             limit = Some(limit.map_or(k, |l| l.min(k)));
@@ -154,10 +163,7 @@ impl Engine {
             // Enough workgroups to fill the GPU: about 512 on a discrete or integrated GPU (an
             // H100 has 132 SMs, a few workgroups each), 16 on a CPU adapter; each chunk keeps at
             // least 4 key tiles so the merge stays cheap.
-            let target: u64 = match self.adapter_info().device_type {
-                wgpu::DeviceType::Cpu => 16,
-                _ => 512,
-            };
+            let target: u64 = if self.cpu { 16 } else { 512 };
             let units = (p.batch * p.kv_heads) as u64 * rows.div_ceil(tiles.bq as usize) as u64;
             let want_chunks = target.div_ceil(units.max(1)).max(1) as u32;
             let min_keys = 4 * tiles.bk;
@@ -270,7 +276,7 @@ impl Engine {
         };
         self.check_bindings(plan.algorithm)?;
         if plan.algorithm == Algorithm::ThreePass
-            && self.capabilities().max_key_tiles_per_workgroup.is_some()
+            && self.caps.max_key_tiles_per_workgroup.is_some()
             && p.kv_len > THREE_PASS_MAX_KEYS_BOUNDED
         {
             return Err(Error::Unsupported {
@@ -292,7 +298,7 @@ impl Engine {
     /// Checked at planning time, so a downlevel device gets a clear refusal instead of a
     /// pipeline error.
     pub(crate) fn check_bindings(&self, algorithm: Algorithm) -> Result<()> {
-        let caps = self.capabilities();
+        let caps = &self.caps;
         // (pass, storage buffers, uniform buffers, invocations per workgroup), from the @binding
         // lists and workgroup sizes of each shader.
         let passes: &[(&str, u32, u32, u32)] = match algorithm {
@@ -398,7 +404,6 @@ impl Engine {
 
     /// Bytes of device memory a plan uses (inputs, outputs, scratch).
     pub(crate) fn plan_bytes(
-        &self,
         p: &Problem,
         plan: Plan,
         dtypes: [DType; 3],
@@ -422,7 +427,7 @@ impl Engine {
         opts: &RunOptions,
         paged: bool,
     ) -> Result<()> {
-        let caps = self.capabilities();
+        let caps = &self.caps;
         let buffers = Self::plan_buffers(p, plan, dtypes, opts, paged);
         for (what, bytes) in buffers {
             if bytes > caps.max_storage_binding {
@@ -482,9 +487,369 @@ impl Engine {
 
     /// Folds a 1-D workgroup count into (x, y) within the per-dimension limit.
     pub(crate) fn fold(&self, groups: u64) -> Option<(u32, u32)> {
-        let max = self.capabilities().max_workgroups_per_dim as u64;
+        let max = self.caps.max_workgroups_per_dim as u64;
         let x = groups.clamp(1, max);
         let y = groups.div_ceil(x).max(1);
         (y <= max).then_some((x as u32, y as u32))
+    }
+}
+
+impl Target {
+    /// The lanes of the row kernels (`flash_rows.wgsl` and the backward's): their workgroup is
+    /// one subgroup, so the device must use subgroups of one fixed size, 4 to 64.
+    pub(crate) fn row_lanes(&self) -> Option<u32> {
+        let c = &self.caps;
+        (self.subgroups
+            && c.subgroups
+            && c.subgroup_min_size == c.subgroup_max_size
+            && (4..=64).contains(&c.subgroup_min_size))
+        .then_some(c.subgroup_min_size)
+    }
+
+    /// Why the row kernels cannot run head dims `d`, `dv` here (for a caller that forced them).
+    pub(crate) fn row_kernel_refusal(&self, d: usize, dv: usize) -> String {
+        let c = &self.caps;
+        format!(
+            "the row kernels need head dims D, Dv <= {} and subgroups of one fixed size between 4 \
+             and 64; this problem has D={d} Dv={dv}, this device's subgroups: {}",
+            FlashTiles::ROWS_MAX_DIM,
+            if c.subgroups && self.subgroups {
+                format!("sizes {}..={}", c.subgroup_min_size, c.subgroup_max_size)
+            } else {
+                "none (or they are turned off)".to_string()
+            }
+        )
+    }
+}
+
+/// The engine's planning is its [`Target`]'s.
+impl Engine {
+    /// What planning reads of this engine.
+    pub(crate) fn target(&self) -> Target {
+        Target {
+            caps: self.capabilities().clone(),
+            cpu: self.is_cpu(),
+            subgroups: self.uses_subgroups(),
+        }
+    }
+
+    /// The plan for `p` with Q, K and V stored as `dtypes`.
+    pub(crate) fn plan(&self, p: &Problem, dtypes: [DType; 3], opts: &RunOptions) -> Result<Plan> {
+        self.target().plan(p, dtypes, opts)
+    }
+
+    /// A plan for K and V in a paged cache (whose pools were checked against the limits when
+    /// the cache was made).
+    pub(crate) fn plan_paged(
+        &self,
+        p: &Problem,
+        dtypes: [DType; 3],
+        opts: &RunOptions,
+    ) -> Result<Plan> {
+        self.target().plan_paged(p, dtypes, opts)
+    }
+
+    /// Bytes of device memory a plan uses (inputs, outputs, scratch).
+    pub(crate) fn plan_bytes(
+        &self,
+        p: &Problem,
+        plan: Plan,
+        dtypes: [DType; 3],
+        opts: &RunOptions,
+    ) -> u64 {
+        Target::plan_bytes(p, plan, dtypes, opts)
+    }
+
+    /// Workgroup counts of each pass.
+    pub(crate) fn grids(&self, p: &Problem, plan: Plan) -> Vec<(&'static str, u64)> {
+        self.target().grids(p, plan)
+    }
+
+    /// Folds a 1-D workgroup count into (x, y) within the per-dimension limit.
+    pub(crate) fn fold(&self, groups: u64) -> Option<(u32, u32)> {
+        self.target().fold(groups)
+    }
+}
+
+/// Planning decisions pinned for adapter profiles, without a GPU (`cargo test -p spotlight`).
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn caps() -> Capabilities {
+        Capabilities {
+            shader_f16: true,
+            subgroups: true,
+            subgroup_min_size: 32,
+            subgroup_max_size: 32,
+            cooperative_matrix: false,
+            timestamp_query: true,
+            max_storage_binding: 2048 * MIB,
+            max_buffer_size: 4096 * MIB,
+            max_workgroup_memory: 48 * 1024,
+            max_invocations: 1024,
+            max_workgroups_per_dim: 65535,
+            max_storage_buffers_per_stage: 16,
+            max_uniform_buffers_per_stage: 12,
+            coop_edge: 0,
+            max_key_tiles_per_workgroup: None,
+        }
+    }
+
+    /// Debian 12's lavapipe (Mesa 22.3): subgroups of 8, 32 KiB, 128 MiB bindings, bounded loops.
+    fn lavapipe() -> Target {
+        Target {
+            caps: Capabilities {
+                subgroup_min_size: 8,
+                subgroup_max_size: 8,
+                max_storage_binding: 128 * MIB,
+                max_workgroup_memory: 32 * 1024,
+                max_key_tiles_per_workgroup: Some(64),
+                ..caps()
+            },
+            cpu: true,
+            subgroups: true,
+        }
+    }
+
+    /// An NVIDIA GPU through Vulkan (the H200 as wgpu reports it): 16x16 matrix units.
+    fn nvidia() -> Target {
+        Target {
+            caps: Capabilities {
+                cooperative_matrix: true,
+                coop_edge: 16,
+                ..caps()
+            },
+            cpu: false,
+            subgroups: true,
+        }
+    }
+
+    /// An Apple-like GPU: subgroups of 32, 32 KiB, 8x8 matrix units.
+    fn apple() -> Target {
+        Target {
+            caps: Capabilities {
+                max_workgroup_memory: 32 * 1024,
+                cooperative_matrix: true,
+                coop_edge: 8,
+                ..caps()
+            },
+            cpu: false,
+            subgroups: true,
+        }
+    }
+
+    /// A downlevel device: 4 storage buffers per stage, no subgroups, 16 KiB, small grids.
+    fn downlevel() -> Target {
+        Target {
+            caps: Capabilities {
+                shader_f16: false,
+                subgroups: false,
+                subgroup_min_size: 0,
+                subgroup_max_size: 0,
+                max_storage_buffers_per_stage: 4,
+                max_workgroup_memory: 16 * 1024,
+                max_invocations: 256,
+                ..caps()
+            },
+            cpu: false,
+            subgroups: false,
+        }
+    }
+
+    const F32: [DType; 3] = [DType::F32; 3];
+
+    fn plan(t: &Target, p: &Problem, opts: &RunOptions) -> Result<Plan> {
+        t.plan(p, F32, opts)
+    }
+
+    fn auto() -> RunOptions {
+        RunOptions::default()
+    }
+
+    fn forced(algorithm: Algorithm) -> RunOptions {
+        RunOptions {
+            algorithm,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn lavapipe_runs_the_row_kernel_with_16_rows_only_for_large_problems() {
+        let t = lavapipe();
+        let big = plan(&t, &Problem::new(1, 1024, 1024, 2, 2, 64), &auto()).unwrap();
+        assert_eq!(big.algorithm, Algorithm::Flash);
+        let tiles = big.tiles.unwrap();
+        assert_eq!(tiles.layout, FlashLayout::Rows);
+        assert_eq!((tiles.bq, tiles.tpr, tiles.bk), (16, 8, 32));
+        let small = plan(&t, &Problem::new(1, 256, 256, 2, 2, 64), &auto()).unwrap();
+        assert_eq!(small.tiles.unwrap().bq, 8);
+        // The caller may force either count, and nothing else.
+        let eight = RunOptions {
+            rows_per_workgroup: Some(8),
+            ..auto()
+        };
+        let forced8 = plan(&t, &Problem::new(1, 1024, 1024, 2, 2, 64), &eight).unwrap();
+        assert_eq!(forced8.tiles.unwrap().bq, 8);
+        let twelve = RunOptions {
+            rows_per_workgroup: Some(12),
+            ..auto()
+        };
+        let e = plan(&t, &Problem::new(1, 64, 64, 1, 1, 64), &twelve).unwrap_err();
+        assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+        // Without subgroups (the engine turned them off) the tiled kernel runs.
+        let off = Target {
+            subgroups: false,
+            ..lavapipe()
+        };
+        let tiled = plan(&off, &Problem::new(1, 1024, 1024, 2, 2, 64), &auto()).unwrap();
+        assert_eq!(tiled.tiles.unwrap().layout, FlashLayout::Tiled);
+    }
+
+    #[test]
+    fn lavapipe_splits_long_key_ranges_into_chunks_of_64_tiles() {
+        let t = lavapipe();
+        let p = Problem::new(1, 64, 100_000, 1, 1, 64);
+        let pl = plan(&t, &p, &forced(Algorithm::Flash)).unwrap();
+        let bk = pl.tiles.unwrap().bk;
+        assert_eq!(pl.chunk_keys, 64 * bk);
+        assert_eq!(pl.chunks, 100_000u32.div_ceil(64 * bk));
+        // No such bound on a GPU: one chunk.
+        let gpu = plan(&nvidia(), &p, &forced(Algorithm::Flash)).unwrap();
+        assert_eq!(gpu.chunks, 1);
+        // The caller's bound applies everywhere, in whole tiles.
+        let capped = RunOptions {
+            max_chunk_keys: Some(1000),
+            ..forced(Algorithm::Flash)
+        };
+        let c = plan(&nvidia(), &p, &capped).unwrap();
+        let bk = c.tiles.unwrap().bk;
+        assert_eq!(c.chunk_keys, (1000 / bk) * bk);
+        assert_eq!(c.chunks, 100_000u32.div_ceil(c.chunk_keys));
+    }
+
+    #[test]
+    fn decoding_takes_split_k_with_enough_chunks_to_fill_the_adapter() {
+        // One query row against 32k keys, 32/8 heads: 8 units of 4 rows.
+        let p = Problem::new(1, 1, 32768, 32, 8, 128);
+        let gpu = plan(&nvidia(), &p, &auto()).unwrap();
+        assert_eq!(gpu.algorithm, Algorithm::SplitK);
+        assert!(gpu.chunks >= 32, "{gpu:?}");
+        let cpu = plan(&lavapipe(), &p, &auto()).unwrap();
+        assert_eq!(cpu.algorithm, Algorithm::SplitK);
+        assert!(cpu.chunks >= 2 && cpu.chunks < gpu.chunks, "{cpu:?}");
+        // A prefill of the same heads stays on flash.
+        let prefill = plan(&nvidia(), &Problem::new(1, 512, 512, 32, 8, 128), &auto()).unwrap();
+        assert_eq!(prefill.algorithm, Algorithm::Flash);
+        assert_eq!(prefill.tiles.unwrap().layout, FlashLayout::Tiled);
+    }
+
+    #[test]
+    fn the_matrix_units_follow_the_adapter_edge() {
+        let p = Problem::new(1, 256, 256, 2, 2, 128);
+        let coop = forced(Algorithm::FlashCoop);
+        assert_eq!(
+            plan(&nvidia(), &p, &coop).unwrap().algorithm,
+            Algorithm::FlashCoop
+        );
+        assert_eq!(nvidia().coop_tiles(&p).unwrap().edge, 16);
+        assert_eq!(apple().coop_tiles(&p).unwrap().edge, 8);
+        let e = plan(&lavapipe(), &p, &coop).unwrap_err();
+        assert!(e.to_string().contains("cooperative"), "{e}");
+        // Head dims the edge does not divide are refused with the reason.
+        let odd = Problem::new(1, 64, 64, 1, 1, 72);
+        let e = nvidia().coop_tiles(&odd).unwrap_err();
+        assert!(e.contains("multiple of 16"), "{e}");
+    }
+
+    #[test]
+    fn a_downlevel_device_gets_clear_refusals() {
+        let t = downlevel();
+        let p = Problem::new(1, 64, 64, 1, 1, 64);
+        let e = plan(&t, &p, &forced(Algorithm::Flash)).unwrap_err();
+        assert!(e.to_string().contains("8 storage buffers"), "{e}");
+        // auto: flash cannot bind, three-pass cannot either (scores binds 6): both reasons.
+        let e = plan(&t, &p, &auto()).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("flash:") && text.contains("three-pass:"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_probability_map_is_three_pass_only() {
+        let p = Problem::new(1, 64, 64, 1, 1, 64);
+        let probs = RunOptions {
+            probs: true,
+            ..auto()
+        };
+        assert_eq!(
+            plan(&nvidia(), &p, &probs).unwrap().algorithm,
+            Algorithm::ThreePass
+        );
+        for a in [Algorithm::Flash, Algorithm::SplitK, Algorithm::FlashCoop] {
+            let e = plan(
+                &nvidia(),
+                &p,
+                &RunOptions {
+                    algorithm: a,
+                    ..probs
+                },
+            )
+            .unwrap_err();
+            assert!(matches!(e, Error::Unsupported { .. }), "{a:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn limits_name_the_buffer_or_grid_that_does_not_fit() {
+        // 300 MiB of f32 Q on a 128 MiB binding.
+        let p = Problem::new(1, 9600, 64, 64, 1, 128);
+        match plan(&lavapipe(), &p, &auto()).unwrap_err() {
+            Error::LimitExceeded {
+                what,
+                limit_name,
+                limit,
+                ..
+            } => {
+                assert_eq!(what, "q");
+                assert_eq!(limit_name, "max_storage_buffer_binding_size");
+                assert_eq!(limit, 128 * MIB);
+            }
+            e => panic!("expected LimitExceeded, got {e}"),
+        }
+        // A grid past max_workgroups_per_dim squared, folded.
+        let tiny = Target {
+            caps: Capabilities {
+                max_workgroups_per_dim: 4,
+                ..caps()
+            },
+            ..nvidia()
+        };
+        let p = Problem::new(4, 1024, 64, 4, 4, 64);
+        match plan(&tiny, &p, &forced(Algorithm::Flash)).unwrap_err() {
+            Error::GridTooLarge {
+                workgroups, limit, ..
+            } => {
+                assert!(workgroups > limit, "{workgroups} vs {limit}");
+                assert_eq!(limit, 16);
+            }
+            e => panic!("expected GridTooLarge, got {e}"),
+        }
+        assert_eq!(tiny.fold(16), Some((4, 4)));
+        assert_eq!(tiny.fold(17), None);
+    }
+
+    #[test]
+    fn plan_bytes_count_inputs_outputs_and_scratch() {
+        let p = Problem::new(1, 128, 256, 2, 2, 64);
+        let three = Target::plan_bytes(&p, Plan::three_pass(), F32, &auto());
+        let flash = plan(&nvidia(), &p, &forced(Algorithm::Flash)).unwrap();
+        let fused = Target::plan_bytes(&p, flash, F32, &auto());
+        // The three-pass path holds the score matrix on top.
+        assert_eq!(three - fused, (2 * 128 * 256 * 4) as u64);
     }
 }
