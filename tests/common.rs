@@ -3,8 +3,8 @@
 
 use std::sync::OnceLock;
 
-use spotlight::reference::{self, Reference, compare, random::Rng};
-use spotlight::{Algorithm, DType, Engine, Inputs, Output, Problem, RunOptions, Tensor};
+use spotlight::reference::{self, Reference, compare};
+use spotlight::{Algorithm, DType, Engine, Output, Problem, RunOptions};
 
 /// How many engines the tests share (`SPOTLIGHT_TEST_ENGINES`, default 2). Each engine is its
 /// own device, and a software adapter compiles a kernel the first time it runs it, on that
@@ -109,48 +109,8 @@ pub fn packed_engine() -> Option<&'static Engine> {
         .as_ref()
 }
 
-/// Owned data for one problem.
-pub struct Data {
-    pub q: Tensor,
-    pub k: Tensor,
-    pub v: Tensor,
-    pub bias: Option<Vec<f32>>,
-    pub mask: Option<Vec<u8>>,
-    pub alibi: Option<Vec<f32>>,
-    pub q_seqlens: Option<Vec<i32>>,
-    pub kv_seqlens: Option<Vec<i32>>,
-}
-
-impl Data {
-    /// Fresh random Q, K, V in `[-1, 1)` (`amp` scales Q to sharpen the softmax), rounded to their
-    /// dtypes; no optional inputs.
-    pub fn random(p: &Problem, dtypes: [DType; 3], amp: f32, rng: &mut Rng) -> Self {
-        let q: Vec<f32> = rng.vec(p.q_elems()).iter().map(|x| x * amp).collect();
-        Data {
-            q: Tensor::from_f32(&q, dtypes[0]),
-            k: Tensor::from_f32(&rng.vec(p.k_elems()), dtypes[1]),
-            v: Tensor::from_f32(&rng.vec(p.v_elems()), dtypes[2]),
-            bias: None,
-            mask: None,
-            alibi: None,
-            q_seqlens: None,
-            kv_seqlens: None,
-        }
-    }
-
-    pub fn inputs(&self) -> Inputs<'_> {
-        Inputs {
-            q: self.q.as_ref(),
-            k: self.k.as_ref(),
-            v: self.v.as_ref(),
-            bias: self.bias.as_deref(),
-            mask: self.mask.as_deref(),
-            alibi_slopes: self.alibi.as_deref(),
-            q_seqlens: self.q_seqlens.as_deref(),
-            kv_seqlens: self.kv_seqlens.as_deref(),
-        }
-    }
-}
+/// A problem's data (the reference crate's owned inputs; `Data::random` makes fresh ones).
+pub use spotlight::reference::OwnedInputs as Data;
 
 /// Error budgets (relative Frobenius) against the f64 reference on the same (rounded) inputs.
 pub struct Budget {

@@ -123,7 +123,7 @@ pub fn random_problem(seed: u64) -> (Problem, Data, Option<DType>) {
         data.mask = Some((0..n_b(&b)).map(|_| rng.chance(keep) as u8).collect());
     }
     if p.alibi {
-        data.alibi = Some((0..q_heads).map(|h| 0.5f32.powi(h as i32 + 1)).collect());
+        data.alibi_slopes = Some((0..q_heads).map(|h| 0.5f32.powi(h as i32 + 1)).collect());
     }
     if p.q_seqlens {
         data.q_seqlens = Some((0..batch).map(|_| rng.range(0, lq) as i32).collect());

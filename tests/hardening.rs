@@ -761,7 +761,7 @@ fn builders_presence_and_contradictions() {
     let mut data = Data::random(&p, [DType::F32; 3], 1.0, &mut rng);
     data.bias = Some(rng.vec(2 * 6 * 9));
     data.mask = Some((0..2 * 6 * 9).map(|i| (i % 4 != 0) as u8).collect());
-    data.alibi = Some(vec![0.5, 0.25]);
+    data.alibi_slopes = Some(vec![0.5, 0.25]);
     data.q_seqlens = Some(vec![6, 3]);
     data.kv_seqlens = Some(vec![9, 5]);
     check_opts(engine, &p, &data, &RunOptions::default(), None).unwrap();

@@ -52,7 +52,7 @@ fn random_problems_split_under_a_small_binding_limit() {
         let dtypes = [DType::F32, rng.pick(&[DType::F32, DType::F16]), DType::F32];
         let mut d = Data::random(&p, dtypes, 1.0, &mut rng);
         if p.alibi {
-            d.alibi = Some((0..p.q_heads).map(|h| 0.5f32.powi(h as i32 + 1)).collect());
+            d.alibi_slopes = Some((0..p.q_heads).map(|h| 0.5f32.powi(h as i32 + 1)).collect());
         }
         if p.q_seqlens {
             d.q_seqlens = Some((0..p.batch).map(|_| rng.range(0, p.q_len) as i32).collect());
@@ -145,7 +145,7 @@ fn eight_threads_fifty_mixed_problems_each_on_one_engine() {
                     let mut rng = Rng::new(seed);
                     d = Data::random(&p, d.inputs().dtypes(), 1.0, &mut rng);
                     if p.alibi {
-                        d.alibi = Some((0..p.q_heads).map(|h| 0.25 * h as f32).collect());
+                        d.alibi_slopes = Some((0..p.q_heads).map(|h| 0.25 * h as f32).collect());
                     }
                     if let Some(b) = p.bias {
                         d.bias = Some(rng.vec(b.batch * b.heads * p.q_len * p.kv_len));

@@ -185,7 +185,12 @@ fn one_layer(
     let gpu_secs = t0.elapsed().as_secs_f64();
 
     let kv_lens: Vec<usize> = (0..p.batch)
-        .map(|b| l.lens[1].as_ref().map_or(p.kv_len, |x| x[b] as usize))
+        .map(|b| {
+            l.data
+                .kv_seqlens
+                .as_ref()
+                .map_or(p.kv_len, |x| x[b] as usize)
+        })
         .collect();
     let has: Vec<bool> = s.entropy.iter().map(|x| x.is_finite()).collect();
     let received64: Vec<f64> = s.received.iter().map(|&x| x as f64).collect();

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use spotlight::reference::{self, Broadcast, Window};
+use spotlight::reference::{self, Broadcast, OwnedInputs, Window};
 use spotlight::{Algorithm, DType, Engine, Inputs, Layout, Problem, RunOptions, Tensor};
 
 use crate::files::{self, OutTensor, Tensors};
@@ -118,31 +118,16 @@ fn vector<T>(
     Ok(data)
 }
 
-/// A problem read from a file: its description, its tensors, and the file's metadata.
+/// A problem read from a file: its description, its data, and the file's metadata.
 pub struct Loaded {
     pub problem: Problem,
-    pub q: Tensor,
-    pub k: Tensor,
-    pub v: Tensor,
-    pub bias: Option<Vec<f32>>,
-    pub mask: Option<Vec<u8>>,
-    pub slopes: Option<Vec<f32>>,
-    pub lens: [Option<Vec<i32>>; 2],
+    pub data: OwnedInputs,
     pub metadata: std::collections::HashMap<String, String>,
 }
 
 impl Loaded {
     pub fn inputs(&self) -> Inputs<'_> {
-        Inputs {
-            q: self.q.as_ref(),
-            k: self.k.as_ref(),
-            v: self.v.as_ref(),
-            bias: self.bias.as_deref(),
-            mask: self.mask.as_deref(),
-            alibi_slopes: self.slopes.as_deref(),
-            q_seqlens: self.lens[0].as_deref(),
-            kv_seqlens: self.lens[1].as_deref(),
-        }
+        self.data.inputs()
     }
 }
 
@@ -235,15 +220,19 @@ pub fn load_bytes(bytes: &[u8], a: &ProblemArgs) -> anyhow::Result<Loaded> {
     }
     p.q_seqlens = lens[0].is_some();
     p.kv_seqlens = lens[1].is_some();
+    let [q_seqlens, kv_seqlens] = lens;
     let loaded = Loaded {
         problem: p,
-        q,
-        k,
-        v,
-        bias,
-        mask,
-        slopes,
-        lens,
+        data: OwnedInputs {
+            q,
+            k,
+            v,
+            bias,
+            mask,
+            alibi_slopes: slopes,
+            q_seqlens,
+            kv_seqlens,
+        },
         metadata: t.metadata(),
     };
     loaded.problem.check_inputs(&loaded.inputs())?;
@@ -254,7 +243,7 @@ pub fn main(a: &RunArgs) -> anyhow::Result<()> {
     // The output path is checked before any work (see files::check_output).
     files::check_output(&a.output)?;
     let l = load(&a.problem)?;
-    let (p, q, inputs) = (&l.problem, &l.q, l.inputs());
+    let (p, q, inputs) = (&l.problem, &l.data.q, l.inputs());
     let (b, lq, lk, hq, dv) = (p.batch, p.q_len, p.kv_len, p.q_heads, p.v_head_dim);
     let out_dtype = a.out_dtype.unwrap_or(q.dtype());
 

@@ -29,7 +29,7 @@ mod tensor;
 pub use backward::{Gradients, attention_backward, check_backward_inputs};
 pub use error::ProblemError;
 pub use layer::{LayerConfig, LayerExtras, LayerWeights};
-pub use problem::{Broadcast, Inputs, Layout, Problem, Strides, Window};
+pub use problem::{Broadcast, Inputs, Layout, OwnedInputs, Problem, Strides, Window};
 pub use reference::{Reference, Row, attention, attention_rows, check_parts, merge};
 pub use rope::{Rope, RopeStyle};
 pub use tensor::{DType, Tensor, TensorRef};

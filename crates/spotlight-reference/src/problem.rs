@@ -6,7 +6,8 @@
 //! [`Strides`].
 
 use crate::error::ProblemError;
-use crate::tensor::{DType, TensorRef};
+use crate::random::Rng;
+use crate::tensor::{DType, Tensor, TensorRef};
 
 /// Memory layout of Q, K, V and O.
 ///
@@ -598,5 +599,60 @@ impl<'a> Inputs<'a> {
 
     pub fn dtypes(&self) -> [DType; 3] {
         [self.q.dtype(), self.k.dtype(), self.v.dtype()]
+    }
+}
+
+/// The owned counterpart of [`Inputs`]: a problem's data held in memory (what a file loader or a
+/// test builds), lent out as [`Inputs`] by [`OwnedInputs::inputs`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct OwnedInputs {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub bias: Option<Vec<f32>>,
+    pub mask: Option<Vec<u8>>,
+    pub alibi_slopes: Option<Vec<f32>>,
+    pub q_seqlens: Option<Vec<i32>>,
+    pub kv_seqlens: Option<Vec<i32>>,
+}
+
+impl OwnedInputs {
+    /// Q, K and V with no optional inputs.
+    pub fn new(q: Tensor, k: Tensor, v: Tensor) -> Self {
+        OwnedInputs {
+            q,
+            k,
+            v,
+            bias: None,
+            mask: None,
+            alibi_slopes: None,
+            q_seqlens: None,
+            kv_seqlens: None,
+        }
+    }
+
+    /// Random Q, K, V for `p` from `rng`, uniform in `[-1, 1)` (Q scaled by `amp`, which
+    /// sharpens the softmax), rounded to `dtypes`; no optional inputs.
+    pub fn random(p: &Problem, dtypes: [DType; 3], amp: f32, rng: &mut Rng) -> Self {
+        let q: Vec<f32> = rng.vec(p.q_elems()).iter().map(|x| x * amp).collect();
+        OwnedInputs::new(
+            Tensor::from_f32(&q, dtypes[0]),
+            Tensor::from_f32(&rng.vec(p.k_elems()), dtypes[1]),
+            Tensor::from_f32(&rng.vec(p.v_elems()), dtypes[2]),
+        )
+    }
+
+    /// The data as [`Inputs`].
+    pub fn inputs(&self) -> Inputs<'_> {
+        Inputs {
+            q: self.q.as_ref(),
+            k: self.k.as_ref(),
+            v: self.v.as_ref(),
+            bias: self.bias.as_deref(),
+            mask: self.mask.as_deref(),
+            alibi_slopes: self.alibi_slopes.as_deref(),
+            q_seqlens: self.q_seqlens.as_deref(),
+            kv_seqlens: self.kv_seqlens.as_deref(),
+        }
     }
 }
