@@ -185,7 +185,7 @@ impl Engine {
             out,
             lse,
             probs,
-            algorithm: plan.algorithm,
+            algorithm: plan.algorithm(),
         })
     }
 
@@ -243,7 +243,7 @@ impl Engine {
         let plan = self.plan(p, inputs.dtypes, &opts)?;
         self.check_health()?;
         self.encode(encoder, p, plan, inputs, outputs, None)?;
-        Ok(plan.algorithm)
+        Ok(plan.algorithm())
     }
 
     fn check_buffers(&self, p: &Problem, i: &GpuInputs<'_>, o: &GpuOutputs<'_>) -> Result<()> {

@@ -29,7 +29,7 @@ use spotlight_reference::{
 use crate::context::Engine;
 use crate::error::{Error, Result};
 use crate::options::{Algorithm, RunOptions};
-use crate::plan::Target;
+use crate::plan::{Chunks, Target};
 
 /// Relative error the self-test accepts (f16 products, f32 accumulation, f16 P).
 const SELF_TEST_BUDGET: f64 = 5e-3;
@@ -149,17 +149,8 @@ impl Target {
     /// Key chunks for the matrix-unit kernel (merged by LSE like flash's): where the adapter
     /// bounds the key tiles one workgroup may stream (llvmpipe) or the caller bounds the keys.
     /// Returns `(chunks, keys per chunk)`, `(1, 0)` when unsplit.
-    pub(crate) fn coop_chunks(&self, p: &Problem, t: CoopTiles, opts: &RunOptions) -> (u32, u32) {
-        let mut limit = self.caps.max_key_tiles_per_workgroup.map(|n| n * t.bk);
-        if let Some(k) = opts.max_chunk_keys {
-            let k = (k / t.bk).max(1) * t.bk;
-            limit = Some(limit.map_or(k, |l| l.min(k)));
-        }
-        let lk = p.kv_len as u32;
-        match limit {
-            Some(keys) if lk > keys => (lk.div_ceil(keys), keys),
-            _ => (1, 0),
-        }
+    pub(crate) fn coop_chunks(&self, p: &Problem, t: CoopTiles, opts: &RunOptions) -> Chunks {
+        Chunks::of(p.kv_len as u32, self.key_limit(t.bk, opts))
     }
 }
 

@@ -6,7 +6,7 @@ use spotlight_reference::{DType, Problem};
 
 use crate::context::{Capabilities, Engine};
 use crate::error::{Error, Result};
-use crate::kernels::FlashTiles;
+use crate::kernels::{CoopTiles, FlashTiles};
 use crate::options::{Algorithm, FlashLayout, RunOptions};
 
 /// Everything planning reads about an engine, as plain data: the adapter's capabilities, whether
@@ -21,26 +21,76 @@ pub(crate) struct Target {
     pub(crate) subgroups: bool,
 }
 
-/// A resolved algorithm and its configuration.
+/// How a fused kernel's key range is cut: `count` chunks of `keys` keys each, merged by their
+/// LSE afterwards; `Chunks::WHOLE` when not cut.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Chunks {
+    pub(crate) count: u32,
+    pub(crate) keys: u32,
+}
+
+impl Chunks {
+    pub(crate) const WHOLE: Chunks = Chunks { count: 1, keys: 0 };
+
+    /// `keys` keys per chunk when a limit cuts `lk` keys, else whole.
+    pub(crate) fn of(lk: u32, limit: Option<u32>) -> Self {
+        match limit {
+            Some(keys) if lk > keys => Chunks {
+                count: lk.div_ceil(keys),
+                keys,
+            },
+            _ => Chunks::WHOLE,
+        }
+    }
+}
+
+/// The kernels of a resolved algorithm, each with exactly what it needs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Run {
+    /// Scores, softmax, P·V (no tiles to choose, no key chunks).
+    ThreePass,
+    /// The fused scalar kernel, a tile of one head's query rows per workgroup.
+    Flash { tiles: FlashTiles, chunks: Chunks },
+    /// The fused scalar kernel with a key/value group's query rows packed into one unit.
+    SplitK { tiles: FlashTiles, chunks: Chunks },
+    /// The fused kernel on matrix units.
+    Coop { tiles: CoopTiles, chunks: Chunks },
+}
+
+/// A resolved plan: the kernels, and the key window when the problem is a piece of a larger one.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Plan {
-    pub(crate) algorithm: Algorithm,
-    pub(crate) tiles: Option<FlashTiles>,
-    /// Chunks the fused kernel splits the key range into (1 = not split) and keys per chunk.
-    pub(crate) chunks: u32,
-    pub(crate) chunk_keys: u32,
+    pub(crate) run: Run,
     /// A key window of a split problem: `(key_base, kv_total)`; `None` when unsplit.
     pub(crate) window: Option<(u32, u32)>,
 }
 
 impl Plan {
+    pub(crate) fn new(run: Run) -> Self {
+        Plan { run, window: None }
+    }
+
     pub(crate) fn three_pass() -> Self {
-        Plan {
-            algorithm: Algorithm::ThreePass,
-            tiles: None,
-            chunks: 1,
-            chunk_keys: 0,
-            window: None,
+        Plan::new(Run::ThreePass)
+    }
+
+    /// The algorithm that runs.
+    pub(crate) fn algorithm(&self) -> Algorithm {
+        match self.run {
+            Run::ThreePass => Algorithm::ThreePass,
+            Run::Flash { .. } => Algorithm::Flash,
+            Run::SplitK { .. } => Algorithm::SplitK,
+            Run::Coop { .. } => Algorithm::FlashCoop,
+        }
+    }
+
+    /// The key chunks of a fused kernel (whole for three-pass).
+    pub(crate) fn chunks(&self) -> Chunks {
+        match self.run {
+            Run::ThreePass => Chunks::WHOLE,
+            Run::Flash { chunks, .. } | Run::SplitK { chunks, .. } | Run::Coop { chunks, .. } => {
+                chunks
+            }
         }
     }
 }
@@ -154,11 +204,7 @@ impl Target {
                 reason,
             })?;
         let lk = p.kv_len as u32;
-        let mut limit = self.caps.max_key_tiles_per_workgroup.map(|t| t * tiles.bk);
-        if let Some(k) = opts.max_chunk_keys {
-            let k = (k / tiles.bk).max(1) * tiles.bk;
-            limit = Some(limit.map_or(k, |l| l.min(k)));
-        }
+        let mut limit = self.key_limit(tiles.bk, opts);
         if split_k {
             // Enough workgroups to fill the GPU: about 512 on a discrete or integrated GPU (an
             // H100 has 132 SMs, a few workgroups each), 16 on a CPU adapter; each chunk keeps at
@@ -171,17 +217,12 @@ impl Target {
             let keys = keys.max(min_keys);
             limit = Some(limit.map_or(keys, |l| l.min(keys)));
         }
-        let (chunks, chunk_keys) = match limit {
-            Some(keys) if lk > keys => (lk.div_ceil(keys), keys),
-            _ => (1, 0),
-        };
-        Ok(Plan {
-            algorithm,
-            tiles: Some(tiles),
-            chunks,
-            chunk_keys,
-            window: None,
-        })
+        let chunks = Chunks::of(lk, limit);
+        Ok(Plan::new(if split_k {
+            Run::SplitK { tiles, chunks }
+        } else {
+            Run::Flash { tiles, chunks }
+        }))
     }
 
     /// The plan for `p` with Q, K and V stored as `dtypes`.
@@ -231,14 +272,8 @@ impl Target {
                     algorithm: "flash-coop",
                     reason,
                 })?;
-                let (chunks, chunk_keys) = self.coop_chunks(p, tiles, opts);
-                Plan {
-                    algorithm: Algorithm::FlashCoop,
-                    tiles: None,
-                    chunks,
-                    chunk_keys,
-                    window: None,
-                }
+                let chunks = self.coop_chunks(p, tiles, opts);
+                Plan::new(Run::Coop { tiles, chunks })
             }
             Algorithm::ThreePass => Plan::three_pass(),
             Algorithm::Flash | Algorithm::SplitK => self.fused_plan(p, opts.algorithm, opts)?,
@@ -274,8 +309,8 @@ impl Target {
                 }
             }
         };
-        self.check_bindings(plan.algorithm)?;
-        if plan.algorithm == Algorithm::ThreePass
+        self.check_bindings(plan.algorithm())?;
+        if plan.algorithm() == Algorithm::ThreePass
             && self.caps.max_key_tiles_per_workgroup.is_some()
             && p.kv_len > THREE_PASS_MAX_KEYS_BOUNDED
         {
@@ -379,8 +414,8 @@ impl Target {
         if let Some(b) = p.mask {
             buffers.push(("mask".into(), n(p.broadcast_elems(&b), 1)));
         }
-        if plan.chunks > 1 {
-            let c = plan.chunks as u64;
+        if plan.chunks().count > 1 {
+            let c = plan.chunks().count as u64;
             buffers.push((
                 "the partial outputs of the key split".into(),
                 c * p.o_elems() as u64 * 4,
@@ -390,7 +425,7 @@ impl Target {
                 c * p.lse_elems() as u64 * 4,
             ));
         }
-        if plan.algorithm == Algorithm::ThreePass {
+        if plan.algorithm() == Algorithm::ThreePass {
             buffers.push((
                 format!(
                     "the three-pass score matrix [B={}, Hq={}, Lq={}, Lk={}]",
@@ -461,23 +496,23 @@ impl Target {
     pub(crate) fn grids(&self, p: &Problem, plan: Plan) -> Vec<(&'static str, u64)> {
         let bh = (p.batch * p.q_heads) as u64;
         let t16 = |n: usize| n.div_ceil(16) as u64;
-        match plan.algorithm {
-            Algorithm::Flash | Algorithm::SplitK => {
-                let bq = plan.tiles.map_or(1, |t| t.bq) as usize;
-                let (units, rows) = if plan.algorithm == Algorithm::SplitK {
-                    ((p.batch * p.kv_heads) as u64, p.q_len * p.group_size())
-                } else {
-                    (bh, p.q_len)
-                };
-                let flash = units * rows.div_ceil(bq) as u64 * plan.chunks as u64;
-                vec![("flash", flash), ("merge", bh * p.q_len as u64)]
+        let merge = ("merge", bh * p.q_len as u64);
+        match plan.run {
+            Run::Flash { tiles, chunks } => {
+                let groups = bh * p.q_len.div_ceil(tiles.bq as usize) as u64;
+                vec![("flash", groups * chunks.count as u64), merge]
             }
-            Algorithm::FlashCoop => {
-                let bq = self.coop_tiles(p).map_or(16, |t| t.rows()) as usize;
-                let groups = bh * p.q_len.div_ceil(bq) as u64 * plan.chunks as u64;
-                vec![("flash-coop", groups), ("merge", bh * p.q_len as u64)]
+            Run::SplitK { tiles, chunks } => {
+                let rows = p.q_len * p.group_size();
+                let units = (p.batch * p.kv_heads) as u64;
+                let groups = units * rows.div_ceil(tiles.bq as usize) as u64;
+                vec![("flash", groups * chunks.count as u64), merge]
             }
-            _ => vec![
+            Run::Coop { tiles, chunks } => {
+                let groups = bh * p.q_len.div_ceil(tiles.rows() as usize) as u64;
+                vec![("flash-coop", groups * chunks.count as u64), merge]
+            }
+            Run::ThreePass => vec![
                 ("scores", bh * t16(p.q_len) * t16(p.kv_len)),
                 ("softmax", bh * p.q_len as u64),
                 ("pv", bh * t16(p.q_len) * t16(p.v_head_dim)),
@@ -495,6 +530,18 @@ impl Target {
 }
 
 impl Target {
+    /// Keys one fused workgroup may stream, in whole tiles of `bk` keys: where the adapter bounds
+    /// the key tiles per workgroup (llvmpipe) or the caller bounds the keys
+    /// (`max_chunk_keys`); `None` = no bound.
+    pub(crate) fn key_limit(&self, bk: u32, opts: &RunOptions) -> Option<u32> {
+        let mut limit = self.caps.max_key_tiles_per_workgroup.map(|t| t * bk);
+        if let Some(k) = opts.max_chunk_keys {
+            let k = (k / bk).max(1) * bk;
+            limit = Some(limit.map_or(k, |l| l.min(k)));
+        }
+        limit
+    }
+
     /// The lanes of the row kernels (`flash_rows.wgsl` and the backward's): their workgroup is
     /// one subgroup, so the device must use subgroups of one fixed size, 4 to 64.
     pub(crate) fn row_lanes(&self) -> Option<u32> {
@@ -665,6 +712,14 @@ mod tests {
         t.plan(p, F32, opts)
     }
 
+    /// The fused scalar kernel's tiles of a plan (panics for another plan).
+    fn fused(plan: &Plan) -> FlashTiles {
+        match plan.run {
+            Run::Flash { tiles, .. } | Run::SplitK { tiles, .. } => tiles,
+            other => panic!("not a fused plan: {other:?}"),
+        }
+    }
+
     fn auto() -> RunOptions {
         RunOptions::default()
     }
@@ -680,19 +735,19 @@ mod tests {
     fn lavapipe_runs_the_row_kernel_with_16_rows_only_for_large_problems() {
         let t = lavapipe();
         let big = plan(&t, &Problem::new(1, 1024, 1024, 2, 2, 64), &auto()).unwrap();
-        assert_eq!(big.algorithm, Algorithm::Flash);
-        let tiles = big.tiles.unwrap();
+        assert_eq!(big.algorithm(), Algorithm::Flash);
+        let tiles = fused(&big);
         assert_eq!(tiles.layout, FlashLayout::Rows);
         assert_eq!((tiles.bq, tiles.tpr, tiles.bk), (16, 8, 32));
         let small = plan(&t, &Problem::new(1, 256, 256, 2, 2, 64), &auto()).unwrap();
-        assert_eq!(small.tiles.unwrap().bq, 8);
+        assert_eq!(fused(&small).bq, 8);
         // The caller may force either count, and nothing else.
         let eight = RunOptions {
             rows_per_workgroup: Some(8),
             ..auto()
         };
         let forced8 = plan(&t, &Problem::new(1, 1024, 1024, 2, 2, 64), &eight).unwrap();
-        assert_eq!(forced8.tiles.unwrap().bq, 8);
+        assert_eq!(fused(&forced8).bq, 8);
         let twelve = RunOptions {
             rows_per_workgroup: Some(12),
             ..auto()
@@ -705,7 +760,7 @@ mod tests {
             ..lavapipe()
         };
         let tiled = plan(&off, &Problem::new(1, 1024, 1024, 2, 2, 64), &auto()).unwrap();
-        assert_eq!(tiled.tiles.unwrap().layout, FlashLayout::Tiled);
+        assert_eq!(fused(&tiled).layout, FlashLayout::Tiled);
     }
 
     #[test]
@@ -713,21 +768,21 @@ mod tests {
         let t = lavapipe();
         let p = Problem::new(1, 64, 100_000, 1, 1, 64);
         let pl = plan(&t, &p, &forced(Algorithm::Flash)).unwrap();
-        let bk = pl.tiles.unwrap().bk;
-        assert_eq!(pl.chunk_keys, 64 * bk);
-        assert_eq!(pl.chunks, 100_000u32.div_ceil(64 * bk));
+        let bk = fused(&pl).bk;
+        assert_eq!(pl.chunks().keys, 64 * bk);
+        assert_eq!(pl.chunks().count, 100_000u32.div_ceil(64 * bk));
         // No such bound on a GPU: one chunk.
         let gpu = plan(&nvidia(), &p, &forced(Algorithm::Flash)).unwrap();
-        assert_eq!(gpu.chunks, 1);
+        assert_eq!(gpu.chunks().count, 1);
         // The caller's bound applies everywhere, in whole tiles.
         let capped = RunOptions {
             max_chunk_keys: Some(1000),
             ..forced(Algorithm::Flash)
         };
         let c = plan(&nvidia(), &p, &capped).unwrap();
-        let bk = c.tiles.unwrap().bk;
-        assert_eq!(c.chunk_keys, (1000 / bk) * bk);
-        assert_eq!(c.chunks, 100_000u32.div_ceil(c.chunk_keys));
+        let bk = fused(&c).bk;
+        assert_eq!(c.chunks().keys, (1000 / bk) * bk);
+        assert_eq!(c.chunks().count, 100_000u32.div_ceil(c.chunks().keys));
     }
 
     #[test]
@@ -735,15 +790,18 @@ mod tests {
         // One query row against 32k keys, 32/8 heads: 8 units of 4 rows.
         let p = Problem::new(1, 1, 32768, 32, 8, 128);
         let gpu = plan(&nvidia(), &p, &auto()).unwrap();
-        assert_eq!(gpu.algorithm, Algorithm::SplitK);
-        assert!(gpu.chunks >= 32, "{gpu:?}");
+        assert_eq!(gpu.algorithm(), Algorithm::SplitK);
+        assert!(gpu.chunks().count >= 32, "{gpu:?}");
         let cpu = plan(&lavapipe(), &p, &auto()).unwrap();
-        assert_eq!(cpu.algorithm, Algorithm::SplitK);
-        assert!(cpu.chunks >= 2 && cpu.chunks < gpu.chunks, "{cpu:?}");
+        assert_eq!(cpu.algorithm(), Algorithm::SplitK);
+        assert!(
+            cpu.chunks().count >= 2 && cpu.chunks().count < gpu.chunks().count,
+            "{cpu:?}"
+        );
         // A prefill of the same heads stays on flash.
         let prefill = plan(&nvidia(), &Problem::new(1, 512, 512, 32, 8, 128), &auto()).unwrap();
-        assert_eq!(prefill.algorithm, Algorithm::Flash);
-        assert_eq!(prefill.tiles.unwrap().layout, FlashLayout::Tiled);
+        assert_eq!(prefill.algorithm(), Algorithm::Flash);
+        assert_eq!(fused(&prefill).layout, FlashLayout::Tiled);
     }
 
     #[test]
@@ -751,9 +809,16 @@ mod tests {
         let p = Problem::new(1, 256, 256, 2, 2, 128);
         let coop = forced(Algorithm::FlashCoop);
         assert_eq!(
-            plan(&nvidia(), &p, &coop).unwrap().algorithm,
+            plan(&nvidia(), &p, &coop).unwrap().algorithm(),
             Algorithm::FlashCoop
         );
+        match plan(&nvidia(), &p, &coop).unwrap().run {
+            Run::Coop { tiles, chunks } => {
+                assert_eq!(tiles, nvidia().coop_tiles(&p).unwrap());
+                assert_eq!(chunks, Chunks::WHOLE);
+            }
+            other => panic!("expected the matrix-unit kernel, got {other:?}"),
+        }
         assert_eq!(nvidia().coop_tiles(&p).unwrap().edge, 16);
         assert_eq!(apple().coop_tiles(&p).unwrap().edge, 8);
         let e = plan(&lavapipe(), &p, &coop).unwrap_err();
@@ -787,7 +852,7 @@ mod tests {
             ..auto()
         };
         assert_eq!(
-            plan(&nvidia(), &p, &probs).unwrap().algorithm,
+            plan(&nvidia(), &p, &probs).unwrap().algorithm(),
             Algorithm::ThreePass
         );
         for a in [Algorithm::Flash, Algorithm::SplitK, Algorithm::FlashCoop] {

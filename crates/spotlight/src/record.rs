@@ -10,9 +10,9 @@ use crate::cache::Paging;
 use crate::context::Engine;
 use crate::error::{Error, Result};
 use crate::kernels::{Kernel, Variant};
-use crate::options::{Algorithm, GpuInputs, GpuOutputs};
+use crate::options::{GpuInputs, GpuOutputs};
 use crate::params::{PackParams, Params};
-use crate::plan::{Plan, wide_kv_rows};
+use crate::plan::{Plan, Run, wide_kv_rows};
 
 /// Bindings 0..=8 of the fused kernels, in binding order.
 fn fused_bindings(b: [&wgpu::Buffer; 9]) -> [(u32, &wgpu::Buffer); 9] {
@@ -92,8 +92,8 @@ impl Engine {
     ) -> Result<()> {
         let dev = &self.device;
         let mut uniform = Params::new(p);
-        uniform.num_chunks = plan.chunks;
-        uniform.chunk_keys = plan.chunk_keys;
+        uniform.num_chunks = plan.chunks().count;
+        uniform.chunk_keys = plan.chunks().keys;
         if let Some((base, total)) = plan.window {
             uniform.key_base = base;
             uniform.kv_total = total;
@@ -113,26 +113,36 @@ impl Engine {
         // The fused kernels' bindings (flash.wgsl and flash_coop.wgsl share them).
         let fused_binds = |o, l| fused_bindings([&params, &aux, bias, mask, i.q, i.k, i.v, o, l]);
         let grids = self.grids(p, plan);
-        match plan.algorithm {
-            Algorithm::Flash | Algorithm::SplitK => {
-                let tiles = plan.tiles.expect("fused plan has tiles");
-                let variant = Variant::flash(
+        // The fused kernels: one variant, then (when the key range is cut into chunks) partial O
+        // and LSE to scratch, merged by their LSE.
+        let fused = match plan.run {
+            Run::Flash { tiles, .. } | Run::SplitK { tiles, .. } => Some(
+                Variant::flash(
                     i.dtypes,
                     p.head_dim as u32,
                     p.v_head_dim as u32,
                     tiles,
-                    plan.algorithm == Algorithm::SplitK,
+                    matches!(plan.run, Run::SplitK { .. }),
                     paging.is_some(),
                 )
                 .vec4_kv(wide_kv_rows(p))
                 .native_f16(self.native_f16())
-                .subgroup_rows(self.subgroup_rows(tiles.tpr));
+                .subgroup_rows(self.subgroup_rows(tiles.tpr)),
+            ),
+            Run::Coop { tiles, .. } => Some(
+                Variant::flash_coop(i.dtypes, p.head_dim as u32, p.v_head_dim as u32, tiles)
+                    .native_f16(self.native_f16()),
+            ),
+            Run::ThreePass => None,
+        };
+        match fused {
+            Some(variant) => {
                 let kernel = self.cache.get(dev, &variant)?;
-                let split = (plan.chunks > 1).then(|| {
-                    let c = plan.chunks as u64;
+                let chunks = plan.chunks().count as u64;
+                let split = (chunks > 1).then(|| {
                     (
-                        self.scratch("partial out", c * p.o_elems() as u64 * 4),
-                        self.scratch("partial lse", c * p.lse_elems() as u64 * 4),
+                        self.scratch("partial out", chunks * p.o_elems() as u64 * 4),
+                        self.scratch("partial lse", chunks * p.lse_elems() as u64 * 4),
                     )
                 });
                 let (o_dst, lse_dst) = match &split {
@@ -146,36 +156,7 @@ impl Engine {
                     self.dispatch(enc, &merge, &binds, grids[1].1)?;
                 }
             }
-            Algorithm::FlashCoop => {
-                let tiles = self.coop_tiles(p).map_err(|reason| Error::Unsupported {
-                    algorithm: "flash-coop",
-                    reason,
-                })?;
-                let variant =
-                    Variant::flash_coop(i.dtypes, p.head_dim as u32, p.v_head_dim as u32, tiles)
-                        .native_f16(self.native_f16());
-                let kernel = self.cache.get(dev, &variant)?;
-                // Split over the key range (llvmpipe's loop bound, max_chunk_keys): partial O
-                // and LSE to scratch, merged like flash's.
-                let split = (plan.chunks > 1).then(|| {
-                    let c = plan.chunks as u64;
-                    (
-                        self.scratch("partial out", c * p.o_elems() as u64 * 4),
-                        self.scratch("partial lse", c * p.lse_elems() as u64 * 4),
-                    )
-                });
-                let (o_dst, lse_dst) = match &split {
-                    Some((po, pl)) => (po, pl),
-                    None => (out32, lse),
-                };
-                self.dispatch(enc, &kernel, &fused_binds(o_dst, lse_dst), grids[0].1)?;
-                if let Some((po, pl)) = &split {
-                    let merge = self.cache.get(dev, &Variant::merge())?;
-                    let binds = [(0, &params), (4, po), (5, pl), (6, out32), (7, lse)];
-                    self.dispatch(enc, &merge, &binds, grids[1].1)?;
-                }
-            }
-            _ => {
+            None => {
                 let probs_scratch = o
                     .probs
                     .is_none()
