@@ -10,16 +10,7 @@ use spotlight::reference::random::Rng;
 use spotlight::{Algorithm, DType, Engine, Inputs, Problem, RunOptions, Tensor};
 
 fn engine() -> Option<Engine> {
-    match Engine::new() {
-        Ok(e) => Some(e),
-        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("CI=true but no GPU adapter: {e}")
-        }
-        Err(e) => {
-            eprintln!("SKIPPING BENCHMARKS: no adapter ({e})");
-            None
-        }
-    }
+    spotlight::testing::engine_or_skip("the benchmarks")
 }
 
 fn kernels(c: &mut Criterion) {

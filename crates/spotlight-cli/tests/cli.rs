@@ -11,19 +11,12 @@ use spotlight::reference::random::Rng;
 const BIN: &str = env!("CARGO_BIN_EXE_spotlight");
 
 fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
+    spotlight::testing::in_ci()
 }
 
 /// True when a GPU adapter exists; with CI=true its absence fails the test.
 fn have_gpu() -> bool {
-    match spotlight::Engine::new() {
-        Ok(_) => true,
-        Err(e) if in_ci() => panic!("CI=true but no GPU adapter: {e}"),
-        Err(e) => {
-            eprintln!("SKIPPING GPU TEST: {e}");
-            false
-        }
-    }
+    spotlight::testing::engine_or_skip("this GPU test").is_some()
 }
 
 /// Whether python3 with NumPy exists for the independent implementation. Missing, the test

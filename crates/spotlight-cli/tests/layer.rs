@@ -8,7 +8,7 @@ use std::process::Command;
 const BIN: &str = env!("CARGO_BIN_EXE_spotlight");
 
 fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
+    spotlight::testing::in_ci()
 }
 
 fn minilm_dir() -> Option<PathBuf> {
@@ -31,14 +31,7 @@ fn minilm_dir() -> Option<PathBuf> {
 }
 
 fn have_gpu() -> bool {
-    match spotlight::Engine::new() {
-        Ok(_) => true,
-        Err(e) if in_ci() => panic!("CI=true but no GPU adapter: {e}"),
-        Err(e) => {
-            eprintln!("SKIPPING GPU TEST: {e}");
-            false
-        }
-    }
+    spotlight::testing::engine_or_skip("this GPU test").is_some()
 }
 
 fn read(path: &std::path::Path, name: &str) -> Vec<f32> {

@@ -21,18 +21,11 @@ use spotlight::reference::{self, Inputs, Problem, TensorRef};
 const BIN: &str = env!("CARGO_BIN_EXE_spotlight");
 
 fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+    spotlight::testing::in_ci()
 }
 
 fn have_gpu() -> bool {
-    match spotlight::Engine::new() {
-        Ok(_) => true,
-        Err(e) if in_ci() => panic!("CI=true but no GPU adapter: {e}"),
-        Err(e) => {
-            eprintln!("SKIPPED (no GPU adapter): {e}");
-            false
-        }
-    }
+    spotlight::testing::engine_or_skip("this GPU test").is_some()
 }
 
 fn find(env: &str, names: &[&str]) -> Option<PathBuf> {

@@ -38,6 +38,8 @@ pub mod params;
 mod pieces;
 mod plan;
 mod record;
+#[doc(hidden)]
+pub mod testing;
 
 pub use backward::{
     BackwardOptions, BackwardPass, BackwardTiles, DQ_FROM_GRADIENTS_BYTES, GpuForward,
