@@ -230,17 +230,8 @@ impl Target {
         self.plan_impl(p, dtypes, opts, false)
     }
 
-    /// A plan for K and V in a paged cache (whose pools were checked against the limits when
-    /// the cache was made).
-    pub(crate) fn plan_paged(
-        &self,
-        p: &Problem,
-        dtypes: [DType; 3],
-        opts: &RunOptions,
-    ) -> Result<Plan> {
-        self.plan_impl(p, dtypes, opts, true)
-    }
-
+    /// The plan; `paged`: K and V live in a paged cache (whose pools were checked against the
+    /// limits when the cache was made).
     pub(crate) fn plan_impl(
         &self,
         p: &Problem,
@@ -593,7 +584,7 @@ impl Engine {
         dtypes: [DType; 3],
         opts: &RunOptions,
     ) -> Result<Plan> {
-        self.target().plan_paged(p, dtypes, opts)
+        self.target().plan_impl(p, dtypes, opts, true)
     }
 
     /// Bytes of device memory a plan uses (inputs, outputs, scratch).
