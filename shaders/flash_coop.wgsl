@@ -7,18 +7,24 @@
 // - A workgroup is NS subgroups; subgroup `sg` owns EDGE query rows, so the workgroup owns
 //   BQ = NS * EDGE rows of one (batch, head) and all NS subgroups share each staged K/V tile of
 //   BK keys: global K/V traffic and staging work fall by NS against one subgroup per workgroup.
-// - Q is staged once (f16) and stays in workgroup memory for the whole key loop. It is not held
-//   in matrix registers: WGSL cannot size an array of cooperative matrices by an override (the
-//   head dim), so each product reloads its Q fragment from workgroup memory.
-// - O lives in f32 workgroup memory and is loaded into an accumulator once per BK keys per
-//   EDGE-column block (not once per EDGE keys): BK/EDGE products accumulate in the matrix
-//   registers between the load and the store. Keeping all of O in accumulators across key tiles
-//   needs that same array of matrices.
+// - Q is staged once (f16) and loaded into matrix registers once: each subgroup holds its rows
+//   as HEAD_DIM / EDGE fragments (qf_0, qf_1, ...) for the whole key loop. WGSL cannot size an
+//   array of cooperative matrices by an override, so blocks marked `// each t < DQ {` are
+//   written out by the host once per fragment with numbered variables (kernels::expand_marked).
+//   Q's staging memory is then free, so it is the same memory as the K/V tiles (`STAGE`, the
+//   larger of the two, from the host: CoopTiles::stage_len): that doubles the key tile at
+//   D = 128 on 32 and 48 KiB adapters.
+// - O stays in V_DIM / EDGE accumulators (of_0, ...) across all key tiles. S = Q·Kᵀ goes into
+//   BK / EDGE independent accumulators: one accumulator chained through every product made each
+//   product wait for the previous (on Mesa 26 lavapipe the chained kernel reached 0.58x of the
+//   probe's matmul rate, this one 1.0x).
 // - Lazy rescale: a row's reference max m moves only when a tile's max exceeds it by more than
 //   TAU (e^8 ≈ 2981 keeps P well inside f16 and l inside f32); otherwise P = exp(s − m) with the
-//   stale m is exact algebra, and the O row is not touched. The rescale is scalar on workgroup
-//   memory, per row, so it needs no workgroup-uniform flag (coop operations do; none is inside
-//   a branch here).
+//   stale m is exact algebra, and the O row is not touched. When some row's max moved (and it
+//   had keys before: else its O is exactly 0), or a non-finite V value must be added, O goes
+//   through workgroup memory for that tile: stored, rescaled and fixed up per row in scalar
+//   code, reloaded. Cooperative operations need uniform control flow, so that branch is taken on
+//   a workgroup-uniform flag (workgroupUniformLoad).
 // - Logits and P are computed by all NS * WG lanes (one element each), only the per-row max and
 //   sum by one lane per row.
 // - Row strides of the workgroup arrays are padded by 16 bytes (8 f16 or 4 f32): rows of
@@ -79,9 +85,11 @@ override SS: u32 = BK + 4u; // f32 row stride of S
 override PS: u32 = BK + 8u; // f16 row stride of P
 override OS: u32 = V_DIM + 4u; // f32 row stride of O
 
-var<workgroup> q_h: array<f16, BQ * QS>;
-var<workgroup> k_h: array<f16, BK * QS>;
-var<workgroup> v_h: array<f16, BK * VS>;
+// Q at the start (BQ rows of stride QS), then each tile's K (BK rows of stride QS, from 0) and V
+// (BK rows of stride VS, from VO). STAGE = max(BQ * QS, BK * QS + BK * VS), set by the host.
+override STAGE: u32 = BK * QS + BK * VS;
+override VO: u32 = BK * QS; // where V starts
+var<workgroup> kvq_h: array<f16, STAGE>;
 var<workgroup> s_f: array<f32, BQ * SS>;
 var<workgroup> p_h: array<f16, BQ * PS>;
 var<workgroup> o_f: array<f32, BQ * OS>;
@@ -129,10 +137,10 @@ fn main(
             val = load_q4(b * params.q_sb + ii * params.q_ss + h * params.q_sh + c);
         }
         let o = rr * QS + c;
-        q_h[o] = f16(val.x);
-        q_h[o + 1u] = f16(val.y);
-        q_h[o + 2u] = f16(val.z);
-        q_h[o + 3u] = f16(val.w);
+        kvq_h[o] = f16(val.x);
+        kvq_h[o + 1u] = f16(val.y);
+        kvq_h[o + 2u] = f16(val.z);
+        kvq_h[o + 3u] = f16(val.w);
     }
     workgroupBarrier();
     let sq = sg * EDGE; // this subgroup's first row in the tile
@@ -141,7 +149,7 @@ fn main(
     // size an array of cooperative matrices by the head dim).
     // each t < DQ {
     let qo_{t} = sq * QS + {t}u * EDGE;
-    let qf_{t} = coopLoadT<coop_mat16x16<f16, A>>(&q_h[qo_{t}], QS);
+    let qf_{t} = coopLoadT<coop_mat16x16<f16, A>>(&kvq_h[qo_{t}], QS);
     // } each t
     // This subgroup's O rows, in accumulators across all key tiles (of_0, of_1, ...: V_DIM /
     // EDGE of them). They go through workgroup memory only in a tile where a row's reference max
@@ -182,10 +190,10 @@ fn main(
                 val = load_k4(b * params.k_sb + jl * params.k_ss + kvh * params.k_sh + c);
             }
             let o = kk * QS + c;
-            k_h[o] = f16(val.x);
-            k_h[o + 1u] = f16(val.y);
-            k_h[o + 2u] = f16(val.z);
-            k_h[o + 3u] = f16(val.w);
+            kvq_h[o] = f16(val.x);
+            kvq_h[o + 1u] = f16(val.y);
+            kvq_h[o + 2u] = f16(val.z);
+            kvq_h[o + 3u] = f16(val.w);
         }
         var bad = false;
         for (var x = lid * 4u; x < BK * V_DIM; x += nt * 4u) {
@@ -200,11 +208,11 @@ fn main(
             let fin = vec4<bool>(finite(val.x), finite(val.y), finite(val.z), finite(val.w));
             bad = bad || !all(fin);
             val = select(vec4<f32>(0.0), val, fin);
-            let o = kk * VS + c;
-            v_h[o] = f16(val.x);
-            v_h[o + 1u] = f16(val.y);
-            v_h[o + 2u] = f16(val.z);
-            v_h[o + 3u] = f16(val.w);
+            let o = VO + kk * VS + c;
+            kvq_h[o] = f16(val.x);
+            kvq_h[o + 1u] = f16(val.y);
+            kvq_h[o + 2u] = f16(val.z);
+            kvq_h[o + 3u] = f16(val.w);
         }
         let sg_bad = subgroupAny(bad);
         if lane == 0u {
@@ -220,7 +228,7 @@ fn main(
         // each t < DQ {
         // each u < KQ {
         let ko_{t}_{u} = {u}u * EDGE * QS + {t}u * EDGE;
-        acc_{u} = coopMultiplyAdd(qf_{t}, coopLoad<coop_mat16x16<f16, B>>(&k_h[ko_{t}_{u}], QS), acc_{u});
+        acc_{u} = coopMultiplyAdd(qf_{t}, coopLoad<coop_mat16x16<f16, B>>(&kvq_h[ko_{t}_{u}], QS), acc_{u});
         // } each u
         // } each t
         // each u < KQ {
@@ -335,8 +343,8 @@ fn main(
             let po = sq * PS + kb;
             let pa = coopLoadT<coop_mat16x16<f16, A>>(&p_h[po], PS);
             // each t < DO {
-            let vo_{t} = kb * VS + {t}u * EDGE;
-            of_{t} = coopMultiplyAdd(pa, coopLoadT<coop_mat16x16<f16, B>>(&v_h[vo_{t}], VS), of_{t});
+            let vo_{t} = VO + kb * VS + {t}u * EDGE;
+            of_{t} = coopMultiplyAdd(pa, coopLoadT<coop_mat16x16<f16, B>>(&kvq_h[vo_{t}], VS), of_{t});
             // } each t
         }
     }

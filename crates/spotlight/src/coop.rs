@@ -69,11 +69,18 @@ impl CoopTiles {
         self.ns * self.edge
     }
 
+    /// f16 elements of the staging memory (flash_coop.wgsl's `STAGE`): Q's rows at the start,
+    /// then each tile's K and V rows in the same memory, padded strides of 8 f16 per row.
+    pub fn stage_len(&self, d: u32, dv: u32) -> u32 {
+        let (bq, bk) = (self.rows(), self.bk);
+        (bq * (d + 8)).max(bk * (d + 8) + bk * (dv + 8))
+    }
+
     /// Workgroup memory the kernel declares for head dims `d`, `dv` (the padded strides of
     /// flash_coop.wgsl: 8 f16 or 4 f32 per row).
     pub fn bytes(&self, d: u32, dv: u32) -> u32 {
         let (bq, bk) = (self.rows(), self.bk);
-        let f16s = bq * (d + 8) + bk * (d + 8) + bk * (dv + 8) + bq * (bk + 8);
+        let f16s = self.stage_len(d, dv) + bq * (bk + 8);
         // S, O, and per row: reference max, rescale factor, final sum, fix-up flag; a flag per
         // subgroup and one for the workgroup.
         let f32s = bq * (bk + 4) + bq * (dv + 4) + 4 * bq + self.ns + 1;

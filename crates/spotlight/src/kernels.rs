@@ -557,6 +557,7 @@ impl Variant {
                 ("NS", tiles.ns),
                 ("BK", tiles.bk),
                 ("EDGE", tiles.edge),
+                ("STAGE", tiles.stage_len(d, dv)),
             ],
         }
     }

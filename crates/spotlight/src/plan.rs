@@ -810,8 +810,12 @@ mod tests {
             }
             other => panic!("expected the matrix-unit kernel, got {other:?}"),
         }
-        assert_eq!(nvidia().coop_tiles(&p).unwrap().edge, 16);
-        assert_eq!(apple().coop_tiles(&p).unwrap().edge, 8);
+        // D = 128: Q's staging memory is the K/V tiles' (CoopTiles::stage_len), so 48 KiB holds
+        // 32 rows x 32 keys at the 16 edge, 32 KiB 32 rows x 16 keys at the 8 edge.
+        let t = nvidia().coop_tiles(&p).unwrap();
+        assert_eq!((t.edge, t.rows(), t.bk), (16, 32, 32));
+        let t = apple().coop_tiles(&p).unwrap();
+        assert_eq!((t.edge, t.rows(), t.bk), (8, 32, 16));
         let e = plan(&lavapipe(), &p, &coop).unwrap_err();
         assert!(e.to_string().contains("cooperative"), "{e}");
         // Head dims the edge does not divide are refused with the reason.
