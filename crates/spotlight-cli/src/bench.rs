@@ -467,6 +467,17 @@ pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
         if !ok {
             failures += 1;
         }
+        // The kernels that ran (auto resolved to the algorithm that ran), in one word.
+        let est = engine.estimate(
+            p,
+            [dtype; 3],
+            &RunOptions {
+                algorithm: r.algorithm,
+                flash_layout: a.flash_layout,
+                rows_per_workgroup: a.rows_per_workgroup,
+                ..Default::default()
+            },
+        )?;
         // Decoding is memory-bound: report bytes of K and V read; prefill: Q, K, V and O.
         let elem = dtype.size() as f64;
         let bytes = if a.decode {
@@ -481,7 +492,7 @@ pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
         let gflops_wall = p.flops() / r.wall_seconds / 1e9;
         let of_stream = stream_gbps.map(|s| gbps / s);
         println!(
-            "spotlight {} B={} Hq={} Hkv={} Lq={} Lk={} D={} causal={} dtype={} ms={ms:.4} wall_ms={} gflops={} gflops_wall={} tflops={tflops:.4} gbps={gbps:.3}{} err={:.2e} sets={} timer={}{}",
+            "spotlight {} B={} Hq={} Hkv={} Lq={} Lk={} D={} causal={} dtype={} ms={ms:.4} wall_ms={} gflops={} gflops_wall={} tflops={tflops:.4} gbps={gbps:.3}{} err={:.2e} sets={} timer={} plan={} pieces={}{}",
             r.algorithm.name(),
             p.batch,
             p.q_heads,
@@ -498,6 +509,8 @@ pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
             r.err,
             r.sets,
             r.timer,
+            est.plan,
+            est.pieces,
             if ok { "" } else { " INVALID" }
         );
         records.push(serde_json::json!({
@@ -508,6 +521,7 @@ pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
             "fraction_of_stream_read": of_stream,
             "rel_error": if r.err.is_finite() { serde_json::json!(r.err) } else { serde_json::Value::Null },
             "valid": ok, "timer": r.timer, "repeats": repeats, "sets": r.sets,
+            "plan": est.plan, "pieces": est.pieces,
         }));
     }
     let peak = peak_rss_bytes();

@@ -762,7 +762,15 @@ fn bench_prints_validated_numbers_and_json() {
     let (text, lines) = bench_lines(&out, "spotlight flash ");
     assert_eq!(lines.len(), 2, "{text}");
     for l in &lines {
-        for key in ["ms=", "tflops=", "gbps=", "err=", "timer="] {
+        for key in [
+            "ms=",
+            "tflops=",
+            "gbps=",
+            "err=",
+            "timer=",
+            "plan=flash/",
+            "pieces=1",
+        ] {
             assert!(l.contains(key), "line lacks {key}: {l}");
         }
         assert!(!l.contains("INVALID"), "{l}");
@@ -774,6 +782,11 @@ fn bench_prints_validated_numbers_and_json() {
         assert_eq!(r["valid"], true);
         assert!(r["ms"].as_f64().unwrap() > 0.0);
         assert!(r["rel_error"].as_f64().unwrap() <= 1e-5);
+        let plan = r["plan"].as_str().unwrap();
+        assert!(
+            plan.starts_with("flash/") && plan.contains("/chunks"),
+            "{plan}"
+        );
     }
     assert_eq!(results[1]["causal"], true);
     assert_eq!(results[1]["D"], 40);

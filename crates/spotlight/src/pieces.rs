@@ -31,7 +31,7 @@ impl Split {
 }
 
 /// Device memory a run needs, before it allocates anything.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Estimate {
     /// Bytes of device buffers alive at once (the largest piece when split).
     pub device_bytes: u64,
@@ -39,6 +39,9 @@ pub struct Estimate {
     pub pieces: usize,
     /// The cut, when split.
     pub split: Option<Split>,
+    /// The kernels of a piece in one word: algorithm, tiles, key chunks (e.g.
+    /// `flash/rows/bq16/bk32/tpr8/chunks1`).
+    pub plan: String,
 }
 
 fn slice(t: TensorRef<'_>, ranges: &[Range<usize>]) -> Tensor {
@@ -221,6 +224,7 @@ impl Engine {
                 device_bytes: self.plan_bytes(p, plan, dtypes, opts),
                 pieces: 1,
                 split: None,
+                plan: plan.describe(),
             }),
             Err(Error::LimitExceeded { .. } | Error::GridTooLarge { .. }) => {
                 let split = self.split(p, dtypes, opts)?;
@@ -233,6 +237,7 @@ impl Engine {
                     device_bytes: self.plan_bytes(&piece, plan, dtypes, &piece_opts),
                     pieces: split.pieces(p),
                     split: Some(split),
+                    plan: plan.describe(),
                 })
             }
             Err(e) => Err(e),

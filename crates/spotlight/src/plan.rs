@@ -84,6 +84,29 @@ impl Plan {
         }
     }
 
+    /// The plan in one word for logs and benchmarks, e.g. `flash/rows/bq16/bk32/tpr8/chunks1`
+    /// or `flash-coop/edge8/rows32/bk32/chunks1`.
+    pub(crate) fn describe(&self) -> String {
+        let c = self.chunks().count;
+        match self.run {
+            Run::ThreePass => "three-pass".into(),
+            Run::Flash { tiles: t, .. } | Run::SplitK { tiles: t, .. } => format!(
+                "{}/{}/bq{}/bk{}/tpr{}/chunks{c}",
+                self.algorithm().name(),
+                t.layout.name(),
+                t.bq,
+                t.bk,
+                t.tpr
+            ),
+            Run::Coop { tiles: t, .. } => format!(
+                "flash-coop/edge{}/rows{}/bk{}/chunks{c}",
+                t.edge,
+                t.rows(),
+                t.bk
+            ),
+        }
+    }
+
     /// The key chunks of a fused kernel (whole for three-pass).
     pub(crate) fn chunks(&self) -> Chunks {
         match self.run {
@@ -752,6 +775,18 @@ mod tests {
         };
         let tiled = plan(&off, &Problem::new(1, 1024, 1024, 2, 2, 64), &auto()).unwrap();
         assert_eq!(fused(&tiled).layout, FlashLayout::Tiled);
+    }
+
+    #[test]
+    fn plans_describe_themselves_in_one_word() {
+        let p = Problem::new(1, 1024, 1024, 2, 2, 64);
+        let d = plan(&lavapipe(), &p, &auto()).unwrap().describe();
+        assert_eq!(d, "flash/rows/bq16/bk32/tpr8/chunks1");
+        let q = Problem::new(1, 256, 256, 2, 2, 128);
+        let coop = forced(Algorithm::FlashCoop);
+        let d = plan(&nvidia(), &q, &coop).unwrap().describe();
+        assert_eq!(d, "flash-coop/edge16/rows32/bk32/chunks1");
+        assert_eq!(Plan::three_pass().describe(), "three-pass");
     }
 
     #[test]
