@@ -1,6 +1,7 @@
 //! Planning a run: which algorithm with which tiles and key chunks, whether it fits the
 //! adapter's limits (bindings, buffer sizes, grids), and what it will allocate. Nothing here
-//! records GPU work.
+//! records GPU work. (Over 500 lines because its unit tests live here too: the planning itself
+//! ends where `mod tests` starts.)
 
 use spotlight_reference::{DType, Problem};
 
