@@ -9,7 +9,10 @@ pub use crate::kernels::FlashLayout;
 /// Which kernel computes the attention.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Algorithm {
-    /// Flash unless the probability map is asked for (or the problem does not fit flash).
+    /// Split-k for decoding (Lq ≤ 16 against Lk ≥ 1024), flash-coop for f16 inputs on hardware
+    /// matrix units once its self-test passed (`Engine::with_auto_matrix_units`), flash
+    /// otherwise; three-pass when the probability map is asked for or the fused kernels do not
+    /// fit the adapter.
     #[default]
     Auto,
     /// Scores, softmax and P·V as three passes through an `[B, Hq, Lq, Lk]` buffer.
