@@ -479,21 +479,17 @@ impl Target {
     ) -> Result<()> {
         let caps = &self.caps;
         let buffers = Self::plan_buffers(p, plan, dtypes, opts, paged);
+        let limits = [
+            ("max_storage_buffer_binding_size", caps.max_storage_binding),
+            ("max_buffer_size", caps.max_buffer_size),
+        ];
         for (what, bytes) in buffers {
-            if bytes > caps.max_storage_binding {
+            if let Some((limit_name, limit)) = limits.into_iter().find(|&(_, l)| bytes > l) {
                 return Err(Error::LimitExceeded {
                     what,
                     bytes,
-                    limit_name: "max_storage_buffer_binding_size",
-                    limit: caps.max_storage_binding,
-                });
-            }
-            if bytes > caps.max_buffer_size {
-                return Err(Error::LimitExceeded {
-                    what,
-                    bytes,
-                    limit_name: "max_buffer_size",
-                    limit: caps.max_buffer_size,
+                    limit_name,
+                    limit,
                 });
             }
         }
@@ -513,13 +509,12 @@ impl Target {
         let t16 = |n: usize| n.div_ceil(16) as u64;
         let merge = ("merge", bh * p.q_len as u64);
         match plan.run {
-            Run::Flash { tiles, chunks } => {
-                let groups = bh * p.q_len.div_ceil(tiles.bq as usize) as u64;
-                vec![("flash", groups * chunks.count as u64), merge]
-            }
-            Run::SplitK { tiles, chunks } => {
-                let rows = p.q_len * p.group_size();
-                let units = (p.batch * p.kv_heads) as u64;
+            Run::Flash { tiles, chunks } | Run::SplitK { tiles, chunks } => {
+                // Split-k's unit is a key/value group with its query heads' rows packed.
+                let (units, rows) = match plan.run {
+                    Run::SplitK { .. } => ((p.batch * p.kv_heads) as u64, p.q_len * p.group_size()),
+                    _ => (bh, p.q_len),
+                };
                 let groups = units * rows.div_ceil(tiles.bq as usize) as u64;
                 vec![("flash", groups * chunks.count as u64), merge]
             }
