@@ -20,15 +20,15 @@ override K_DT: u32 = 0u;
 override HEAD_DIM: u32 = 64u;
 override V_DIM: u32 = 64u;
 override WG: u32 = 8u;
-// K read four elements per load (kernels.rs rewrites k4, as for flash_rows.wgsl).
+// K read four elements per load (kernels/ rewrites k4, as for flash_rows.wgsl).
 override VEC4_KV: bool = false;
 
-// Query rows per workgroup (kernels.rs: BackwardTiles::rows), written into this line per
+// Query rows per workgroup (kernels/: BackwardTiles::rows), written into this line per
 // pipeline (it sizes register arrays, which an override cannot).
 override ROWS: u32 = 8u;
 const R: u32 = 8u; // rows per workgroup
 const KBL: u32 = 4u;
-// dQ vec4 columns per lane, ceil(ceil(HEAD_DIM / 4) / WG): rewritten by kernels.rs per pipeline.
+// dQ vec4 columns per lane, ceil(ceil(HEAD_DIM / 4) / WG): rewritten by kernels/ per pipeline.
 const NK8: u32 = 2u; // register columns k
 override D4: u32 = (HEAD_DIM + 3u) / 4u;
 

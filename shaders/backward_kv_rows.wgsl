@@ -26,16 +26,16 @@ override WG: u32 = 8u;
 // Also write the logit gradients g for backward_dq_rows.wgsl (see its header for the layout and
 // the encoding), after dV in dkv.
 override WRITE_DS: bool = false;
-// Q and dO read four elements per load (kernels.rs rewrites q4/dout4, as for flash_rows.wgsl).
+// Q and dO read four elements per load (kernels/ rewrites q4/dout4, as for flash_rows.wgsl).
 override VEC4_KV: bool = false;
 
-// Keys per workgroup and query rows per lane per block (kernels.rs: BackwardTiles::rows).
+// Keys per workgroup and query rows per lane per block (kernels/: BackwardTiles::rows).
 // R is the host's ROWS (8 or 16; FlashTiles::row_count), written into this line per pipeline
 // (it sizes register arrays, which an override cannot).
 override ROWS: u32 = 8u;
 const R: u32 = 8u; // rows per workgroup
 const KBL: u32 = 4u;
-// dK and dV vec4 columns per lane, ceil(ceil(dim / 4) / WG): rewritten by kernels.rs.
+// dK and dV vec4 columns per lane, ceil(ceil(dim / 4) / WG): rewritten by kernels/.
 const NK8: u32 = 2u; // register columns k
 const NV8: u32 = 2u; // register columns v
 override D4: u32 = (HEAD_DIM + 3u) / 4u;

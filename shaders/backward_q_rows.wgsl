@@ -22,16 +22,16 @@ override HEAD_DIM: u32 = 64u;
 override V_DIM: u32 = 64u;
 override WG: u32 = 8u;
 override WRITE_DS: bool = false;
-// K and V read four elements per load (kernels.rs rewrites k4/v4, as for flash_rows.wgsl).
+// K and V read four elements per load (kernels/ rewrites k4/v4, as for flash_rows.wgsl).
 override VEC4_KV: bool = false;
 
-// Query rows per workgroup and keys per lane per block (kernels.rs: BackwardTiles::rows).
+// Query rows per workgroup and keys per lane per block (kernels/: BackwardTiles::rows).
 // R is the host's ROWS (8 or 16; FlashTiles::row_count), written into this line per pipeline
 // (it sizes register arrays, which an override cannot).
 override ROWS: u32 = 8u;
 const R: u32 = 8u; // rows per workgroup
 const KBL: u32 = 4u;
-// dQ vec4 columns per lane, ceil(ceil(HEAD_DIM / 4) / WG): rewritten by kernels.rs per pipeline.
+// dQ vec4 columns per lane, ceil(ceil(HEAD_DIM / 4) / WG): rewritten by kernels/ per pipeline.
 const NK8: u32 = 2u; // register columns k
 // Words of the visibility bits (R·KBL of them, see `vis`).
 const NVW: u32 = (R * KBL + 31u) / 32u;

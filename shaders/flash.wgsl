@@ -35,12 +35,12 @@ override BK: u32 = 32u;
 override TPR: u32 = 8u;
 // Row max and sum through subgroup shuffles instead of workgroup memory. Only set where every
 // subgroup size is a multiple of TPR, so a row group's TPR threads share one subgroup; the
-// variant that sets it also gets the shuffle versions of row_max / row_add below (kernels.rs).
+// variant that sets it also gets the shuffle versions of row_max / row_add below (kernels/).
 override SUBGROUP_ROWS: bool = false;
 
 // Output vec4 columns per thread, ceil(ceil(V_DIM / 4) / TPR) (at most 64): the size of the
 // accumulator array. A function-scope array needs a constant size, which an override cannot
-// give, so kernels.rs rewrites this line for each pipeline. Sized for the largest case instead
+// give, so kernels/ rewrites this line for each pipeline. Sized for the largest case instead
 // (and with the 4 query rows kept in registers too), the kernel took lavapipe ~16 s to compile
 // per pipeline; sized per variant, about 1 s (measured 2026-11-28, README Limits).
 const NC: u32 = 64u; // register columns

@@ -16,7 +16,7 @@
 // - P·V: lane `lane` owns the output vec4 columns lane + WG·n (n < NV8) of all R rows in
 //   registers; key (c, u)'s weights come from lane u by shuffle. One V vector feeds R·4 FMAs.
 // Register arrays (logits, weights, accumulators) are only ever indexed by constants: loops
-// marked `// unroll` are unrolled in the text by kernels.rs (`unroll_marked`); the loops over
+// marked `// unroll` are unrolled in the text by kernels/ (`unroll_marked`); the loops over
 // head-dim chunks, keys of a block and lanes stay loops (unrolling them too took lavapipe 7-30 s
 // to compile for no gain).
 //
@@ -31,19 +31,19 @@ override V_DT: u32 = 0u;
 override HEAD_DIM: u32 = 64u;
 override V_DIM: u32 = 64u;
 override WG: u32 = 8u;
-// K and V read four elements per load (see k4 below; set by kernels.rs with the rewrite).
+// K and V read four elements per load (see k4 below; set by kernels/ with the rewrite).
 override VEC4_KV: bool = false;
 
 // Query rows per workgroup (every lane works on all of them) and keys per lane per block: a
 // block is KBL·WG keys, key j0 + c·WG + lane for c < KBL; the running max moves once per block.
-// kernels.rs mirrors both (FlashTiles::ROWS_R, ROWS_KBL).
+// kernels/ mirrors both (FlashTiles::ROWS_R, ROWS_KBL).
 // R is the host's ROWS (8 or 16; FlashTiles::row_count), written into this line per pipeline
 // (it sizes register arrays, which an override cannot).
 override ROWS: u32 = 8u;
 const R: u32 = 8u; // rows per workgroup
 const KBL: u32 = 4u;
 // Lane `lane` owns the output vec4 columns lane + WG·n, n < NV8 = ceil(ceil(V_DIM / 4) / WG). A
-// function-scope array needs a constant size, which an override cannot give, so kernels.rs
+// function-scope array needs a constant size, which an override cannot give, so kernels/
 // rewrites this line for each pipeline.
 const NV8: u32 = 2u; // register columns
 override D4: u32 = (HEAD_DIM + 3u) / 4u;
@@ -66,7 +66,7 @@ fn load_v(idx: u32) -> f32 { return elem_value(v[elem_word(idx, V_DT)], idx, V_D
 
 // Four elements of K (or V) from element `base + d0`, zero past the row's `dim` elements (never
 // read: the next row may hold inf, and 0·inf would be NaN). Where every row of K and V starts at
-// a multiple of 4 elements and the head dims are multiples of 4, kernels.rs (`VEC4_KV`) rewrites
+// a multiple of 4 elements and the head dims are multiples of 4, kernels/ (`VEC4_KV`) rewrites
 // the K and V bindings as vec4 (f32) or vec2 (packed f16, bf16) words and these two lines into
 // one wide load each: on a CPU adapter every load is a loop over the lanes, so one load of four
 // elements costs about what one element did.

@@ -509,7 +509,10 @@ fn backward_refuses_bad_input() {
             },
         )
         .unwrap_err();
-    assert!(matches!(e, spotlight::Error::Unsupported { .. }), "{e}");
+    assert!(
+        matches!(e, spotlight::Error::BackwardUnsupported { .. }),
+        "{e}"
+    );
     let rows_refused = e.to_string().contains("row kernel");
     assert!(
         rows_refused || e.to_string().contains("dq_from_gradients"),

@@ -234,7 +234,7 @@ fn flash_coop_values_beyond_f16_range_fall_back_or_are_refused() {
             matches!(
                 err,
                 Error::Unsupported {
-                    algorithm: "flash-coop",
+                    algorithm: Algorithm::FlashCoop,
                     ..
                 }
             ) && err.to_string().contains("65504"),

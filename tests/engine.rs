@@ -187,7 +187,7 @@ fn flash_refuses_what_it_cannot_do_and_auto_falls_back() {
         matches!(
             err,
             Error::Unsupported {
-                algorithm: "flash",
+                algorithm: Algorithm::Flash,
                 ..
             }
         ),
@@ -321,7 +321,7 @@ fn matrix_unit_kernel_is_refused_clearly_where_the_adapter_lacks_it() {
         matches!(
             err,
             Error::Unsupported {
-                algorithm: "flash-coop",
+                algorithm: Algorithm::FlashCoop,
                 ..
             }
         ),

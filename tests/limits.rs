@@ -348,7 +348,7 @@ fn three_pass_over_a_million_keys_matches_the_reference_or_is_refused() {
         };
         match engine.attention(&p, &d.inputs(), &opts) {
             Err(Error::Unsupported { algorithm, reason }) => {
-                assert_eq!(algorithm, "three-pass");
+                assert_eq!(algorithm, Algorithm::ThreePass);
                 assert!(reason.contains("3600000 keys per row"), "{reason}");
             }
             Err(e) => panic!("wrong error: {e}"),

@@ -124,7 +124,7 @@ fn variants() -> Vec<Variant> {
     // Every fused variant again with subgroup row reductions.
     let sg: Vec<Variant> = out
         .iter()
-        .filter(|v| v.shader == Shader::Flash)
+        .filter(|v| v.shader() == Shader::Flash)
         .map(|v| v.clone().subgroup_rows(true))
         .collect();
     assert!(sg.len() > 20);
@@ -194,6 +194,35 @@ fn every_module_parses_and_validates() {
     }
 }
 
+/// The typed configurations name every variant apart: distinct variants never share a label
+/// (pipeline errors and GPU captures name the variant), and equal names mean equal variants.
+#[test]
+fn every_variant_has_its_own_name() {
+    let mut seen = std::collections::HashMap::new();
+    let vs = variants();
+    for v in &vs {
+        if let Some(other) = seen.insert(v.name(), v.clone()) {
+            assert_eq!(&other, v, "two variants named {}", v.name());
+        }
+    }
+    assert!(seen.len() > 500, "only {} distinct variants", seen.len());
+    // The switches that only some kernels have change nothing elsewhere.
+    let rows = Variant::flash(
+        [DType::F16; 3],
+        64,
+        64,
+        FlashTiles::rows(8, 8),
+        false,
+        false,
+    );
+    assert_eq!(rows.clone().subgroup_rows(true), rows);
+    let tiled = FlashTiles::choose(64, 64, 32 * 1024, 256, 64).expect("tiles");
+    let tiled = Variant::flash([DType::F16; 3], 64, 64, tiled, false, false);
+    assert_eq!(tiled.clone().vec4_kv(true), tiled);
+    assert_ne!(rows.clone().vec4_kv(true), rows);
+    assert_ne!(tiled.clone().subgroup_rows(true), tiled);
+}
+
 #[test]
 fn every_variant_translates_to_every_backend() {
     let vs = variants();
@@ -202,7 +231,7 @@ fn every_variant_translates_to_every_backend() {
         let name = variant.name();
         let (module, info) = module(&variant.source(), &name);
         let constants: naga::back::PipelineConstants = variant
-            .constants
+            .constants()
             .iter()
             .map(|&(k, v)| (k.to_string(), v as f64))
             .collect();
@@ -232,7 +261,7 @@ fn every_variant_translates_to_every_backend() {
         };
         // MSL 2.1: simdgroup shuffles need 2.0.
         let msl_opts = naga::back::msl::Options {
-            lang_version: if variant.shader == Shader::FlashCoop {
+            lang_version: if variant.shader() == Shader::FlashCoop {
                 (2, 3)
             } else {
                 (2, 1)
@@ -243,7 +272,7 @@ fn every_variant_translates_to_every_backend() {
             .unwrap_or_else(|e| panic!("{name}: MSL: {e:?}"));
         assert!(msl.contains("kernel"), "{name}: MSL has no kernel");
 
-        if variant.shader == Shader::FlashCoop {
+        if variant.shader() == Shader::FlashCoop {
             // Recorded: naga translates cooperative matrices to SPIR-V and MSL only, so the
             // engine builds this kernel only on Vulkan and Metal adapters that offer them.
             continue;
@@ -310,7 +339,7 @@ fn resolved(variant: &Variant) -> naga::Module {
     let name = variant.name();
     let (module, info) = module(&variant.source(), &name);
     let constants: naga::back::PipelineConstants = variant
-        .constants
+        .constants()
         .iter()
         .map(|&(k, v)| (k.to_string(), v as f64))
         .collect();
@@ -332,7 +361,7 @@ fn workgroup_bytes(module: &naga::Module) -> u64 {
         .sum()
 }
 
-/// The bind-group tables in `kernels.rs` (`Shader::bindings`, which the engine turns into the
+/// The bind-group tables in `kernels/mod.rs` (`Shader::bindings`, which the engine turns into the
 /// explicit layouts it creates pipelines with) agree with every module: each resource the entry
 /// point uses is in the table with its kind (uniform, read-only or read-write storage), and each
 /// table entry is declared by the module with that kind (a resource declared by a shared file
@@ -373,7 +402,7 @@ fn bind_group_tables_match_every_module() {
             let var = g.name.as_deref().unwrap_or("?");
             let e = entry.unwrap_or_else(|| {
                 panic!(
-                    "{name}: `{var}` (binding {}) is used but not in kernels.rs's table",
+                    "{name}: `{var}` (binding {}) is used but not in kernels/mod.rs's table",
                     rb.binding
                 )
             });
@@ -390,7 +419,7 @@ fn bind_group_tables_match_every_module() {
                 .any(|(_, g)| g.binding.as_ref().is_some_and(|b| b.binding == e.0));
             assert!(
                 declared,
-                "{name}: kernels.rs's table has binding {} that the shader lacks",
+                "{name}: kernels/mod.rs's table has binding {} that the shader lacks",
                 e.0
             );
         }
@@ -449,7 +478,7 @@ fn tile_choosers_match_the_declared_workgroups() {
         let name = variant.name();
         let c = |k: &str| {
             variant
-                .constants
+                .constants()
                 .iter()
                 .find(|x| x.0 == k)
                 .map(|x| x.1)
@@ -458,7 +487,7 @@ fn tile_choosers_match_the_declared_workgroups() {
         let module = resolved(&variant);
         let size = module.entry_points[0].workgroup_size;
         let bytes = workgroup_bytes(&module);
-        let (d, dv) = match variant.shader {
+        let (d, dv) = match variant.shader() {
             Shader::Flash | Shader::FlashRows | Shader::FlashCoop => (c("HEAD_DIM"), c("V_DIM")),
             Shader::Backward(
                 BackwardPass::KeyValueRows
@@ -468,13 +497,13 @@ fn tile_choosers_match_the_declared_workgroups() {
             _ => continue,
         };
         let (threads, expect_bytes) =
-            if variant.shader == Shader::Backward(BackwardPass::QueryFromGradients) {
+            if variant.shader() == Shader::Backward(BackwardPass::QueryFromGradients) {
                 // No workgroup memory: K comes from the tensor, the gradients by shuffle.
                 (c("WG"), 0)
-            } else if let Shader::Backward(_) = variant.shader {
+            } else if let Shader::Backward(_) = variant.shader() {
                 let t = BackwardTiles::rows(c("WG"), c("ROWS"));
                 (t.tpr, t.rows_bytes(d, dv))
-            } else if variant.shader == Shader::Flash {
+            } else if variant.shader() == Shader::Flash {
                 let t = FlashTiles {
                     bq: c("BQ"),
                     bk: c("BK"),
@@ -482,7 +511,7 @@ fn tile_choosers_match_the_declared_workgroups() {
                     layout: FlashLayout::Tiled,
                 };
                 (t.threads(), t.workgroup_bytes(d, dv))
-            } else if variant.shader == Shader::FlashRows {
+            } else if variant.shader() == Shader::FlashRows {
                 let t = FlashTiles::rows(c("WG"), c("ROWS"));
                 (t.threads(), t.workgroup_bytes(d, dv))
             } else {
@@ -582,7 +611,7 @@ fn flash_coop_variants_hold_one_fragment_per_block() {
     let mut checked = 0;
     for v in variants()
         .into_iter()
-        .filter(|v| v.shader == Shader::FlashCoop)
+        .filter(|v| v.shader() == Shader::FlashCoop)
     {
         let src = v.source();
         let left = src
@@ -593,7 +622,7 @@ fn flash_coop_variants_hold_one_fragment_per_block() {
             "{}",
             v.name()
         );
-        let c = |k: &str| v.constants.iter().find(|x| x.0 == k).unwrap().1;
+        let c = |k: &str| v.constants().iter().find(|x| x.0 == k).unwrap().1;
         let n = c("HEAD_DIM") / c("EDGE");
         assert_eq!(src.matches("let qf_").count() as u32, n, "{}", v.name());
         assert!(src.contains(&format!("let qf_{} =", n - 1)), "{}", v.name());
@@ -610,7 +639,7 @@ fn row_kernel_variants_have_no_marked_loops_left() {
         .into_iter()
         .filter(|v| {
             matches!(
-                v.shader,
+                v.shader(),
                 Shader::FlashRows
                     | Shader::Backward(
                         BackwardPass::KeyValueRows
@@ -625,7 +654,7 @@ fn row_kernel_variants_have_no_marked_loops_left() {
         let src = v.source();
         assert!(!src.contains("{ // unroll"), "{}: marker left", v.name());
         // The wide K/V loads and the native f16 rewrite never meet: one of the two or neither.
-        if v.constants.contains(&("VEC4_KV", 1)) {
+        if v.constants().contains(&("VEC4_KV", 1)) {
             assert!(src.contains("array<vec"), "{}: no wide binding", v.name());
         }
     }

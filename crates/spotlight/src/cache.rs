@@ -441,7 +441,7 @@ impl Engine {
             Algorithm::Auto | Algorithm::SplitK | Algorithm::Flash
         ) {
             return Err(Error::Unsupported {
-                algorithm: opts.algorithm.name(),
+                algorithm: opts.algorithm,
                 reason:
                     "decoding from a paged cache runs the fused kernel: use auto, split-k or flash"
                         .into(),

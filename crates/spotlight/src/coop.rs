@@ -184,7 +184,7 @@ impl Engine {
         match opts.algorithm {
             Algorithm::FlashCoop if !all_f16 && !opts.allow_reduced_precision => {
                 Err(Error::Unsupported {
-                    algorithm: "flash-coop",
+                    algorithm: Algorithm::FlashCoop,
                     reason: "f32 and bf16 inputs would be rounded to f16 on the matrix units (and values beyond ±65504 would overflow): set allow_reduced_precision (--reduced-precision)".into(),
                 })
             }
@@ -227,7 +227,7 @@ impl Engine {
             };
             if worst > F16_MAX {
                 return Err(Error::Unsupported {
-                    algorithm: "flash-coop",
+                    algorithm: Algorithm::FlashCoop,
                     reason: format!(
                         "{name} holds {worst:e}, beyond f16's range (±65504) that the matrix units multiply in; use flash or auto"
                     ),

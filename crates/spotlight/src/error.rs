@@ -3,6 +3,8 @@
 
 use spotlight_reference::ProblemError;
 
+use crate::options::Algorithm;
+
 /// Everything that can go wrong in Spotlight.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -21,9 +23,12 @@ pub enum Error {
     /// The requested algorithm cannot run this problem on this adapter.
     #[error("algorithm {algorithm} cannot run this problem here: {reason}")]
     Unsupported {
-        algorithm: &'static str,
+        algorithm: Algorithm,
         reason: String,
     },
+    /// The backward pass cannot run this problem here (or was given a forward without LSE).
+    #[error("the backward pass cannot run this problem here: {reason}")]
+    BackwardUnsupported { reason: String },
     /// A buffer would exceed one of the device's limits. [`Engine::attention`] runs a problem
     /// whose Q, K or V pass the limits in pieces; this comes back only for what pieces cannot cut
     /// (`what` says which) and from the calls that do not split (`attention_on_buffers`,

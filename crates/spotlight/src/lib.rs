@@ -42,8 +42,8 @@ mod record;
 pub mod testing;
 
 pub use backward::{
-    BackwardOptions, BackwardPass, BackwardTiles, DQ_FROM_GRADIENTS_BYTES, GpuForward,
-    GpuGradients, Gradients,
+    BackwardConfig, BackwardOptions, BackwardPass, BackwardTiles, DQ_FROM_GRADIENTS_BYTES,
+    GpuForward, GpuGradients, Gradients,
 };
 pub use cache::{DecodeOptions, KvCache, KvCacheConfig, SeqId};
 pub use context::{Capabilities, Engine, EngineOptions, TimerSource, Timing, adapter_report};

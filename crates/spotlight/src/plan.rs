@@ -214,7 +214,6 @@ impl Target {
         algorithm: Algorithm,
         opts: &RunOptions,
     ) -> Result<Plan> {
-        let name = algorithm.name();
         let split_k = algorithm == Algorithm::SplitK;
         let (rows, unit_rows) = if split_k {
             (p.q_len * p.group_size(), p.q_len * p.group_size())
@@ -223,10 +222,7 @@ impl Target {
         };
         let tiles = self
             .flash_tiles(p, rows, unit_rows, opts)
-            .map_err(|reason| Error::Unsupported {
-                algorithm: name,
-                reason,
-            })?;
+            .map_err(|reason| Error::Unsupported { algorithm, reason })?;
         let lk = p.kv_len as u32;
         let mut limit = self.key_limit(tiles.bk, opts);
         if split_k {
@@ -267,7 +263,7 @@ impl Target {
         // A row count the row kernel does not have is the caller's mistake on every algorithm
         // (auto must not fall back to three-pass over it).
         Engine::row_count(opts.rows_per_workgroup, 0, 0).map_err(|reason| Error::Unsupported {
-            algorithm: opts.algorithm.name(),
+            algorithm: opts.algorithm,
             reason,
         })?;
         if opts.probs
@@ -277,14 +273,14 @@ impl Target {
             )
         {
             return Err(Error::Unsupported {
-                algorithm: opts.algorithm.name(),
+                algorithm: opts.algorithm,
                 reason: "the fused kernel never materialises the probability map; use three-pass or auto".into(),
             });
         }
         let plan = match opts.algorithm {
             Algorithm::FlashCoop => {
                 let tiles = self.coop_tiles(p).map_err(|reason| Error::Unsupported {
-                    algorithm: "flash-coop",
+                    algorithm: Algorithm::FlashCoop,
                     reason,
                 })?;
                 let chunks = self.coop_chunks(p, tiles, opts);
@@ -311,7 +307,7 @@ impl Target {
                     Err(fused) => {
                         if let Err(three) = self.check_bindings(Algorithm::ThreePass) {
                             return Err(Error::Unsupported {
-                                algorithm: "auto",
+                                algorithm: Algorithm::Auto,
                                 reason: format!(
                                     "no algorithm fits this adapter: flash: {}; three-pass: {}",
                                     unsupported_reason(&fused),
@@ -330,7 +326,7 @@ impl Target {
             && p.kv_len > THREE_PASS_MAX_KEYS_BOUNDED
         {
             return Err(Error::Unsupported {
-                algorithm: "three-pass",
+                algorithm: Algorithm::ThreePass,
                 reason: format!(
                     "{} keys: on this adapter (llvmpipe, whose loops end silently after about 65 535 \
                      iterations) the softmax pass takes at most {THREE_PASS_MAX_KEYS_BOUNDED} keys per row; \
@@ -384,7 +380,7 @@ impl Target {
             for (what, need, have) in short {
                 if need > have {
                     return Err(Error::Unsupported {
-                        algorithm: algorithm.name(),
+                        algorithm,
                         reason: format!(
                             "its {pass} pass needs {need} {what}; this device allows {have} \
                              ({} short)",

@@ -1,0 +1,184 @@
+//! The fused scalar kernels' tiles: which kernel ([`FlashLayout`]) and its tile sizes
+//! ([`FlashTiles`]), chosen from the adapter's workgroup memory and invocation limits.
+
+/// Which fused scalar kernel a plan runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FlashLayout {
+    /// `flash.wgsl`: K/V tiles in workgroup memory, a 4×4 block of S per thread (GPUs).
+    Tiled,
+    /// `flash_rows.wgsl`: one query row per invocation, K/V read at uniform addresses straight
+    /// from the buffers, no workgroup memory (CPU adapters).
+    Rows,
+}
+
+impl FlashLayout {
+    pub fn name(self) -> &'static str {
+        match self {
+            FlashLayout::Tiled => "tiled",
+            FlashLayout::Rows => "rows",
+        }
+    }
+}
+
+impl std::str::FromStr for FlashLayout {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tiled" => Ok(FlashLayout::Tiled),
+            "rows" => Ok(FlashLayout::Rows),
+            _ => Err(format!(
+                "unknown flash layout '{s}': expected tiled or rows"
+            )),
+        }
+    }
+}
+
+/// Tile configuration of the flash kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlashTiles {
+    /// Query rows per workgroup.
+    pub bq: u32,
+    /// Keys per tile.
+    pub bk: u32,
+    /// Threads per query row.
+    pub tpr: u32,
+    /// The kernel.
+    pub layout: FlashLayout,
+}
+
+impl FlashTiles {
+    /// Query rows (or, in the backward's key/value pass, keys) per workgroup of the row kernels
+    /// (their `const R`, rewritten per pipeline from the `ROWS` constant): 8, or 16 for large
+    /// problems ([`FlashTiles::row_count`]).
+    pub const ROWS_R: [u32; 2] = [8, 16];
+    /// Logits (B·Hq·Lq·Lk) from which the row kernels own 16 rows per workgroup.
+    ///
+    /// Why a threshold: 16 rows make every K/V vector a lane loads feed twice the FMAs
+    /// (lavapipe, 1,1024,2,64 f32: forward 3.1-3.4 → 4.7-4.9 GFLOP/s; backward 590 → 321 ms), but
+    /// the unrolled kernel takes 2-2.5× as long to compile (forward first call ~2 → ~4.8 s at
+    /// D = 64; backward ~9.5 → ~23 s), which only a long run pays back (and which made the test
+    /// suite, mostly small problems, 17 minutes slower when every problem used 16).
+    pub const ROWS_LARGE_LOGITS: u64 = 1 << 19;
+
+    /// The rows per workgroup of the row kernels for a problem of `logits` logits whose
+    /// workgroups own rows out of `rows` (query rows of a unit, or keys): 16 for large problems
+    /// with at least 64 such rows, else 8 (decoding, with a few rows per unit, keeps 8).
+    pub fn row_count(logits: u64, rows: usize) -> u32 {
+        if logits >= Self::ROWS_LARGE_LOGITS && rows >= 64 {
+            Self::ROWS_R[1]
+        } else {
+            Self::ROWS_R[0]
+        }
+    }
+    /// Keys per lane per block of `flash_rows.wgsl` (its `const KBL`).
+    pub const ROWS_KBL: u32 = 4;
+
+    /// Largest head dims (D and Dv) the row kernel takes: its unrolled P·V loop grows with Dv
+    /// and so does the compile (larger dims run the tiled kernel).
+    pub const ROWS_MAX_DIM: u32 = 256;
+
+    /// Whether these tiles take head dims `d`, `dv` within `workgroup_memory` bytes.
+    pub fn fits(&self, d: u32, dv: u32, workgroup_memory: u32) -> bool {
+        let dims = match self.layout {
+            FlashLayout::Rows => d <= Self::ROWS_MAX_DIM && dv <= Self::ROWS_MAX_DIM,
+            FlashLayout::Tiled => dv.div_ceil(4).div_ceil(self.tpr) <= Self::MAX_NC,
+        };
+        dims && self.workgroup_bytes(d, dv) <= workgroup_memory as u64
+    }
+
+    /// The row kernel's configuration for subgroups of `lanes` invocations (one subgroup per
+    /// workgroup): `rows` query rows (one of [`FlashTiles::ROWS_R`]), blocks of
+    /// `ROWS_KBL · lanes` keys; `tpr` is the lanes.
+    pub fn rows(lanes: u32, rows: u32) -> Self {
+        FlashTiles {
+            bq: rows,
+            bk: Self::ROWS_KBL * lanes,
+            tpr: lanes,
+            layout: FlashLayout::Rows,
+        }
+    }
+
+    /// Most output vec4 columns one thread accumulates in registers (`NC` in `flash.wgsl`).
+    pub const MAX_NC: u32 = 64;
+
+    /// Bytes of workgroup memory the flash kernel needs: Q, K and V tiles as vec4 rows padded
+    /// by one vec4, the weights, and two vec4 per thread for row reductions.
+    pub fn workgroup_bytes(&self, d: u32, dv: u32) -> u64 {
+        if self.layout == FlashLayout::Rows {
+            // q_s: R rows of ceil(ceil(D / 4) / lanes) · lanes vec4.
+            let lanes = self.tpr as u64;
+            return 16 * self.bq as u64 * (d.div_ceil(4) as u64).div_ceil(lanes) * lanes;
+        }
+        let (d4, dv4) = (d.div_ceil(4) as u64 + 1, dv.div_ceil(4) as u64 + 1);
+        let (bq, bk) = (self.bq as u64, self.bk as u64);
+        16 * (bq * d4 + bk * d4 + bk * dv4 + bq * self.tpr as u64 + 2 * self.threads() as u64)
+    }
+
+    /// Threads per workgroup: `bq / 4` row groups of `tpr` threads.
+    pub fn threads(&self) -> u32 {
+        if self.layout == FlashLayout::Rows {
+            return self.tpr;
+        }
+        self.bq / 4 * self.tpr
+    }
+
+    /// Picks tiles that fit the adapter, or `None` when none does. Every thread computes a 4×4
+    /// block of S and the matching 4 rows of O (see `flash.wgsl`), so `bq` is a multiple of 4
+    /// and a key tile is `bk = 4 · tpr` keys.
+    ///
+    /// Reasons, measured or structural:
+    /// - Each thread keeps `4 · ceil(ceil(Dv / 4) / tpr) <= 4 · 64` vec4 accumulators (the
+    ///   `MAX_NC`), so large Dv needs a larger `tpr`.
+    /// - Candidates go from preferred to small; the first that fits the workgroup memory wins.
+    ///   lavapipe (32 KiB, subgroups of 8), measured 2026-11-28 with `spotlight bench --config
+    ///   1,512,2,64 --algorithm flash` on a loaded 2-core machine: 32×8 (64 threads, 32-key
+    ///   tiles), 64×4, 32×4 and 16×8 all took 715–800 ms, within the noise; 32×8 is first
+    ///   because it has the fewest barriers per key among them and `tpr = 8` fills one SIMD-8
+    ///   row group. D=128 gets 16×8 there; D=256 8×4.
+    /// - NVIDIA (48 KiB, subgroups of 32; not measured, no GPU this session): D=64 gets 32×8,
+    ///   D=128 32×4 (32 threads: small; to be tuned when a GPU is lent).
+    /// - Workgroups stay within `max_invocations` (256 by default in WebGPU).
+    /// - `max_rows` caps `bq` (rounded up to a multiple of 4): a decode step has only
+    ///   `Lq · Hq/Hkv` rows per key/value head, and empty rows waste threads.
+    pub fn choose(
+        d: u32,
+        dv: u32,
+        workgroup_memory: u32,
+        max_invocations: u32,
+        max_rows: u32,
+    ) -> Option<Self> {
+        const CANDIDATES: [(u32, u32); 16] = [
+            (32, 8),
+            (64, 4),
+            (32, 4),
+            (16, 8),
+            (16, 4),
+            (64, 2),
+            (32, 2),
+            (16, 2),
+            (8, 8),
+            (8, 4),
+            (8, 2),
+            (4, 8),
+            (4, 4),
+            (4, 2),
+            (8, 1),
+            (4, 1),
+        ];
+        let max_bq = max_rows.clamp(4, 64).next_multiple_of(4);
+        CANDIDATES
+            .iter()
+            .map(|&(bq, tpr)| FlashTiles {
+                bq,
+                bk: 4 * tpr,
+                tpr,
+                layout: FlashLayout::Tiled,
+            })
+            .find(|t| {
+                t.bq <= max_bq
+                    && dv.div_ceil(4).div_ceil(t.tpr) <= Self::MAX_NC
+                    && t.threads() <= max_invocations
+                    && t.workgroup_bytes(d, dv) <= workgroup_memory as u64
+            })
+    }
+}
