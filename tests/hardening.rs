@@ -4,8 +4,9 @@
 use spotlight::reference::random::Rng;
 use spotlight::reference::{self, compare};
 use spotlight::{
-    Algorithm, Broadcast, DType, DecodeOptions, Engine, Error, GpuInputs, GpuOutputs, Inputs,
-    KvCache, KvCacheConfig, Problem, RunOptions, Tensor, TensorRef, Window, wgpu,
+    Algorithm, Broadcast, DType, DecodeOptions, Engine, Error, GpuForward, GpuGradients, GpuInputs,
+    GpuOutputs, Inputs, KvCache, KvCacheConfig, Problem, RunOptions, Tensor, TensorRef, Window,
+    wgpu,
 };
 use wgpu::util::DeviceExt;
 
@@ -501,6 +502,90 @@ fn an_output_aliasing_an_input_is_refused() {
             },
         )
         .unwrap();
+    engine.queue().submit([enc.finish()]);
+    engine.wait().unwrap();
+}
+
+/// The backward on caller buffers refuses a gradient buffer that is also an input or another
+/// gradient (one would overwrite the other), through the same check as the forward.
+#[test]
+fn a_gradient_aliasing_another_buffer_is_refused() {
+    let Some(engine) = engine() else { return };
+    let p = Problem::new(1, 4, 4, 1, 1, 8);
+    let bytes = p.q_elems() * 4;
+    let (q, k, v) = (
+        storage(engine, "q", &vec![0u8; bytes]),
+        storage(engine, "k", &vec![0u8; bytes]),
+        storage(engine, "v", &vec![0u8; bytes]),
+    );
+    let (out, lse, d_out) = (
+        storage(engine, "out", &vec![0u8; bytes]),
+        storage(engine, "lse", &[0u8; 16]),
+        storage(engine, "dO", &vec![0u8; bytes]),
+    );
+    let grad = |label: &str| {
+        engine.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes as u64,
+            usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        })
+    };
+    let (dq, dk, dv) = (grad("dq"), grad("dk"), grad("dv"));
+    let inputs = GpuInputs::new(&q, &k, &v, [DType::F32; 3]);
+    let forward = GpuForward {
+        out: &out,
+        out_dtype: DType::F32,
+        lse: &lse,
+    };
+    let run = |g: GpuGradients<'_>| {
+        let mut enc = engine.device().create_command_encoder(&Default::default());
+        let r = engine.attention_backward_on_buffers(
+            &mut enc,
+            &p,
+            &inputs,
+            &forward,
+            &d_out,
+            DType::F32,
+            &g,
+            &Default::default(),
+        );
+        (r, enc)
+    };
+    for (g, what) in [
+        (
+            GpuGradients {
+                dq: &dq,
+                dk: &dq,
+                dv: &dv,
+                dbias: None,
+            },
+            "dk",
+        ),
+        (
+            GpuGradients {
+                dq: &dq,
+                dk: &dk,
+                dv: &v,
+                dbias: None,
+            },
+            "dv",
+        ),
+    ] {
+        let err = run(g).0.unwrap_err();
+        assert!(
+            matches!(err, Error::BadBuffer { what: w, .. } if w == what)
+                && err.to_string().contains("same buffer"),
+            "{err}"
+        );
+    }
+    let (r, enc) = run(GpuGradients {
+        dq: &dq,
+        dk: &dk,
+        dv: &dv,
+        dbias: None,
+    });
+    r.expect("distinct gradient buffers are accepted");
     engine.queue().submit([enc.finish()]);
     engine.wait().unwrap();
 }

@@ -255,16 +255,7 @@ impl Engine {
             ("q_seqlens", p.q_seqlens, i.q_seqlens.is_some()),
             ("kv_seqlens", p.kv_seqlens, i.kv_seqlens.is_some()),
         ];
-        for (what, declared, given) in presence {
-            if declared != given {
-                return Err(spotlight_reference::ProblemError::Presence {
-                    what,
-                    declared,
-                    given,
-                }
-                .into());
-            }
-        }
+        check_presence(&presence)?;
         let bcast = |b: Option<spotlight_reference::Broadcast>| {
             b.map_or(0, |b| p.broadcast_elems(&b) as u64)
         };
@@ -306,48 +297,80 @@ impl Engine {
             ("lse", o.lse, p.lse_elems() as u64 * 4, U::STORAGE),
             ("probs", o.probs, p.probs_elems() as u64 * 4, U::STORAGE),
         ];
-        // An output bound where an input (or another output) is bound would be read and written
-        // in one dispatch: wgpu refuses that later, at submission or in the app's
-        // `encoder.finish()`. Say it here instead.
-        let bound: Vec<(&'static str, &wgpu::Buffer)> = need
-            .iter()
-            .filter_map(|&(what, buf, _, _)| buf.map(|b| (what, b)))
-            .collect();
-        for (n, &(what, buf)) in bound.iter().enumerate() {
-            if !matches!(what, "out" | "lse" | "probs") {
-                continue;
-            }
-            if let Some(&(other, _)) = bound.iter().enumerate().find_map(|(m, x)| {
-                (m != n && x.1 == buf && (m < n || !matches!(x.0, "out" | "lse" | "probs")))
-                    .then_some(x)
-            }) {
-                return Err(Error::BadBuffer {
-                    what,
-                    detail: format!(
-                        "is the same buffer as {other}: an output must not alias an input or another output"
-                    ),
-                });
-            }
-        }
-        for (what, buf, bytes, usage) in need {
-            let Some(buf) = buf else { continue };
-            if buf.size() < padded(bytes) {
-                return Err(Error::BadBuffer {
-                    what,
-                    detail: format!(
-                        "has {} bytes, needs at least {} (rounded up to a multiple of 4)",
-                        buf.size(),
-                        padded(bytes)
-                    ),
-                });
-            }
-            if !buf.usage().contains(usage) {
-                return Err(Error::BadBuffer {
-                    what,
-                    detail: format!("needs usage {usage:?}, has {:?}", buf.usage()),
-                });
-            }
-        }
-        Ok(())
+        check_caller_buffers(&need, &["out", "lse", "probs"])
     }
+}
+
+/// Inputs a problem declares against the buffers a call gives: (what, declared, given).
+pub(crate) fn check_presence(presence: &[(&'static str, bool, bool)]) -> Result<()> {
+    for &(what, declared, given) in presence {
+        if declared != given {
+            return Err(spotlight_reference::ProblemError::Presence {
+                what,
+                declared,
+                given,
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// One caller-owned buffer a call binds: its name, the buffer (`None`: not given), the bytes the
+/// problem needs from it and the usage it must have.
+pub(crate) type Needed<'a> = (
+    &'static str,
+    Option<&'a wgpu::Buffer>,
+    u64,
+    wgpu::BufferUsages,
+);
+
+/// Checks caller-owned buffers before any GPU work: each given one is large enough (rounded up
+/// to whole words) and has its usage, and no buffer named in `outputs` is the buffer of an
+/// input or of an earlier output. An output bound where an input is bound would be read and
+/// written in one dispatch (wgpu refuses that later, at submission or in the app's
+/// `encoder.finish()`), and two outputs in one buffer would overwrite each other: say it here.
+pub(crate) fn check_caller_buffers(need: &[Needed<'_>], outputs: &[&str]) -> Result<()> {
+    let is_output = |what: &str| outputs.contains(&what);
+    let bound: Vec<(&'static str, &wgpu::Buffer)> = need
+        .iter()
+        .filter_map(|&(what, buf, _, _)| buf.map(|b| (what, b)))
+        .collect();
+    for (n, &(what, buf)) in bound.iter().enumerate() {
+        if !is_output(what) {
+            continue;
+        }
+        if let Some(&(other, _)) = bound
+            .iter()
+            .enumerate()
+            .find_map(|(m, x)| (m != n && x.1 == buf && (m < n || !is_output(x.0))).then_some(x))
+        {
+            return Err(Error::BadBuffer {
+                what,
+                detail: format!(
+                    "is the same buffer as {other}: an output must not alias an input or another output"
+                ),
+            });
+        }
+    }
+    for &(what, buf, bytes, usage) in need {
+        let Some(buf) = buf else { continue };
+        if buf.size() < padded(bytes) {
+            return Err(Error::BadBuffer {
+                what,
+                detail: format!(
+                    "has {} bytes, needs at least {} (rounded up to a multiple of 4)",
+                    buf.size(),
+                    padded(bytes)
+                ),
+            });
+        }
+        if !buf.usage().contains(usage) {
+            return Err(Error::BadBuffer {
+                what,
+                detail: format!("needs usage {usage:?}, has {:?}", buf.usage()),
+            });
+        }
+    }
+    Ok(())
 }

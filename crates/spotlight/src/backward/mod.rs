@@ -34,8 +34,9 @@ use crate::error::{Error, Result};
 use crate::kernels::FlashLayout;
 use crate::options::{GpuInputs, Output};
 
+use crate::attention::{check_caller_buffers, check_presence};
+use crate::record::padded;
 pub use kernels::{BackwardConfig, BackwardPass, BackwardTiles, source};
-use plan::padded;
 
 /// How to run the backward.
 #[derive(Clone, Copy, Debug, Default)]
@@ -253,18 +254,9 @@ impl Engine {
             ("kv_seqlens", p.kv_seqlens, i.kv_seqlens.is_some()),
             ("dbias", p.bias.is_some(), g.dbias.is_some()),
         ];
-        for (what, declared, given) in presence {
-            if declared != given {
-                return Err(spotlight_reference::ProblemError::Presence {
-                    what,
-                    declared,
-                    given,
-                }
-                .into());
-            }
-        }
+        check_presence(&presence)?;
         let bcast = |b: Option<spotlight_reference::Broadcast>| {
-            b.map_or(0, |b| (b.batch * b.heads * p.q_len * p.kv_len) as u64)
+            b.map_or(0, |b| p.broadcast_elems(&b) as u64)
         };
         let e = |n: usize, dt: DType| (n * dt.size()) as u64;
         let need: [(&'static str, Option<&wgpu::Buffer>, u64, U); 15] = [
@@ -299,25 +291,6 @@ impl Engine {
             ("dv", Some(g.dv), p.v_elems() as u64 * 4, U::COPY_DST),
             ("dbias", g.dbias, bcast(p.bias) * 4, U::COPY_DST),
         ];
-        for (what, buf, bytes, usage) in need {
-            let Some(buf) = buf else { continue };
-            if buf.size() < padded(bytes) {
-                return Err(Error::BadBuffer {
-                    what,
-                    detail: format!(
-                        "has {} bytes, needs at least {} (rounded up to a multiple of 4)",
-                        buf.size(),
-                        padded(bytes)
-                    ),
-                });
-            }
-            if !buf.usage().contains(usage) {
-                return Err(Error::BadBuffer {
-                    what,
-                    detail: format!("needs usage {usage:?}, has {:?}", buf.usage()),
-                });
-            }
-        }
-        Ok(())
+        check_caller_buffers(&need, &["dq", "dk", "dv", "dbias"])
     }
 }

@@ -26,10 +26,6 @@ pub(super) struct BackwardPlan {
     pub(super) gradients: Option<(u64, u64)>,
 }
 
-pub(super) fn padded(bytes: u64) -> u64 {
-    bytes.div_ceil(4).max(1) * 4
-}
-
 impl Engine {
     /// Checks what the backward of `p` needs against the adapter and picks its tiles.
     pub(super) fn backward_plan(

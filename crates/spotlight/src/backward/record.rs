@@ -10,8 +10,9 @@ use crate::kernels::Variant;
 use crate::options::GpuInputs;
 use crate::params::Params;
 
-use super::plan::{BackwardPlan, padded};
+use super::plan::BackwardPlan;
 use super::{GpuForward, GpuGradients};
+use crate::record::padded;
 
 impl Engine {
     pub(super) fn storage_scratch(&self, label: &str, bytes: u64) -> wgpu::Buffer {
