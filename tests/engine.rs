@@ -343,3 +343,51 @@ fn matrix_unit_kernel_is_refused_clearly_where_the_adapter_lacks_it() {
         Algorithm::FlashCoop
     );
 }
+
+/// `Engine::time_passes` times each compute pass of one call and sums them per kernel, in the
+/// order the kernels ran; without timestamp queries it says every pass went untimed.
+#[test]
+fn a_profile_times_each_kernel_of_a_call() {
+    let Some(engine) = engine() else { return };
+    let p = Problem::new(1, 64, 64, 2, 2, 32);
+    let d = Data::random(&p, [DType::F16; 3], 0.5, &mut Rng::new(21));
+    let opts = RunOptions {
+        algorithm: Algorithm::ThreePass,
+        out_dtype: Some(DType::F16),
+        ..Default::default()
+    };
+    let resident = engine.upload(&p, &d.inputs(), &opts).unwrap();
+    let profile = engine
+        .time_passes(|enc| {
+            engine.attention_on_buffers(enc, &p, &resident.inputs(), &resident.outputs(), &opts)?;
+            Ok(())
+        })
+        .unwrap();
+    if !engine.capabilities().timestamp_query {
+        assert!(profile.kernels.is_empty());
+        assert!(profile.untimed_passes >= 4, "{profile:?}");
+        eprintln!("SKIPPED per-pass times: the adapter has no timestamp queries");
+        return;
+    }
+    let names: Vec<&str> = profile.kernels.iter().map(|k| k.kernel).collect();
+    assert_eq!(names, ["scores", "softmax", "pv", "pack"], "{profile:?}");
+    assert_eq!(profile.untimed_passes, 0);
+    let sum: f64 = profile.kernels.iter().map(|k| k.seconds).sum();
+    for k in &profile.kernels {
+        assert!(
+            k.passes >= 1 && k.seconds.is_finite() && k.seconds >= 0.0,
+            "{k:?}"
+        );
+    }
+    assert!(sum > 0.0, "{profile:?}");
+    // The passes lie between the call's own begin and end timestamps.
+    assert!(sum <= profile.total.seconds * 1.01 + 1e-6, "{profile:?}");
+    // The timer is disarmed afterwards: a plain call is not counted into anything.
+    let again = engine
+        .time_passes(|enc| {
+            engine.attention_on_buffers(enc, &p, &resident.inputs(), &resident.outputs(), &opts)?;
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(again.kernels.len(), 4, "{again:?}");
+}

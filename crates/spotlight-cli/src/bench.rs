@@ -274,6 +274,8 @@ struct Measured {
     sets: usize,
     timer: &'static str,
     algorithm: Algorithm,
+    /// One more call, profiled per pass after the timed ones (`Engine::time_passes`).
+    profile: spotlight::Profile,
 }
 
 /// Uploads rotating input sets, validates the first, warms up, and returns the median time.
@@ -327,7 +329,18 @@ fn measure(
     }
     times.sort_by(f64::total_cmp);
     walls.sort_by(f64::total_cmp);
+    let profile = engine.time_passes(|enc| {
+        engine.attention_on_buffers(
+            enc,
+            p,
+            &resident[0].inputs(),
+            &resident[0].outputs(),
+            &opts,
+        )?;
+        Ok(())
+    })?;
     Ok(Measured {
+        profile,
         seconds: times[times.len() / 2],
         wall_seconds: walls[walls.len() / 2],
         err,
@@ -339,6 +352,30 @@ fn measure(
         },
         algorithm: ran,
     })
+}
+
+/// One profiled call's GPU time per kernel, e.g. `flash_rows:3.10ms,merge:0.212ms`
+/// (`x4` after a kernel that ran four passes), or `untimed` without timestamp queries.
+fn passes_text(profile: &spotlight::Profile) -> String {
+    if profile.kernels.is_empty() {
+        return "untimed".into();
+    }
+    let mut parts: Vec<String> = profile
+        .kernels
+        .iter()
+        .map(|k| {
+            let count = if k.passes > 1 {
+                format!("x{}", k.passes)
+            } else {
+                String::new()
+            };
+            format!("{}:{}ms{count}", k.kernel, sig3(k.seconds * 1e3))
+        })
+        .collect();
+    if profile.untimed_passes > 0 {
+        parts.push(format!("untimed:{}", profile.untimed_passes));
+    }
+    parts.join(",")
 }
 
 pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
@@ -354,6 +391,13 @@ pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
             a.dq_from_gradients,
         );
     }
+    // The JSON path is checked before any GPU work (a directory or a missing parent fails now,
+    // not after the run).
+    let json_target = a
+        .json
+        .as_deref()
+        .map(spotlight_cli::files::check_output)
+        .transpose()?;
     let engine = Engine::new()?;
     let info = engine.adapter_info();
     let software = info.device_type == spotlight::wgpu::DeviceType::Cpu;
@@ -492,7 +536,7 @@ pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
         let gflops_wall = p.flops() / r.wall_seconds / 1e9;
         let of_stream = stream_gbps.map(|s| gbps / s);
         println!(
-            "spotlight {} B={} Hq={} Hkv={} Lq={} Lk={} D={} causal={} dtype={} ms={ms:.4} wall_ms={} gflops={} gflops_wall={} tflops={tflops:.4} gbps={gbps:.3}{} err={:.2e} sets={} timer={} plan={} pieces={}{}",
+            "spotlight {} B={} Hq={} Hkv={} Lq={} Lk={} D={} causal={} dtype={} ms={ms:.4} wall_ms={} gflops={} gflops_wall={} tflops={tflops:.4} gbps={gbps:.3}{} err={:.2e} sets={} timer={} plan={} pieces={} passes={}{}",
             r.algorithm.name(),
             p.batch,
             p.q_heads,
@@ -511,6 +555,7 @@ pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
             r.timer,
             est.plan,
             est.pieces,
+            passes_text(&r.profile),
             if ok { "" } else { " INVALID" }
         );
         records.push(serde_json::json!({
@@ -522,6 +567,10 @@ pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
             "rel_error": if r.err.is_finite() { serde_json::json!(r.err) } else { serde_json::Value::Null },
             "valid": ok, "timer": r.timer, "repeats": repeats, "sets": r.sets,
             "plan": est.plan, "pieces": est.pieces,
+            "passes": r.profile.kernels.iter().map(|k| serde_json::json!({
+                "kernel": k.kernel, "ms": k.seconds * 1e3, "count": k.passes,
+            })).collect::<Vec<_>>(),
+            "untimed_passes": r.profile.untimed_passes,
         }));
     }
     let peak = peak_rss_bytes();
@@ -535,8 +584,11 @@ pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
             "unix_time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             "peak_rss_bytes": peak, "stream_read_gbps": stream_gbps, "results": records,
         });
-        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        spotlight_cli::files::write_bytes_atomic(
+            json_target.as_ref().expect("checked with --json"),
+            serde_json::to_string_pretty(&doc)?.as_bytes(),
+        )
+        .with_context(|| format!("cannot write {}", path.display()))?;
     }
     if failures > 0 {
         bail!("{failures} configuration(s) failed validation (budget {budget:.0e} relative)");

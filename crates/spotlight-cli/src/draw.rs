@@ -86,19 +86,17 @@ impl Canvas {
     }
 
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {
-        let file = std::fs::File::create(path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        let mut enc = png::Encoder::new(
-            std::io::BufWriter::new(file),
-            self.width as u32,
-            self.height as u32,
-        );
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let mut w = enc.write_header().context("writing a PNG header")?;
-        let data: Vec<u8> = self.pixels.iter().flatten().copied().collect();
-        w.write_image_data(&data).context("writing PNG data")?;
-        Ok(())
+        let mut png_bytes = Vec::new();
+        {
+            let mut enc = png::Encoder::new(&mut png_bytes, self.width as u32, self.height as u32);
+            enc.set_color(png::ColorType::Rgb);
+            enc.set_depth(png::BitDepth::Eight);
+            let mut w = enc.write_header().context("writing a PNG header")?;
+            let data: Vec<u8> = self.pixels.iter().flatten().copied().collect();
+            w.write_image_data(&data).context("writing PNG data")?;
+        }
+        // Whole or not at all: a failed write never leaves a truncated image.
+        spotlight_cli::files::write_file_atomic(path, &png_bytes)
     }
 }
 

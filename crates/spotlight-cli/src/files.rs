@@ -282,6 +282,13 @@ pub fn write_bytes_atomic(target: &OutputTarget, bytes: &[u8]) -> anyhow::Result
     result
 }
 
+/// Checks `path` as an output ([`check_output`]) and writes `bytes` to it atomically: for
+/// files the CLI writes whole (JSON, PNG), so a failure leaves the old file or none, never a
+/// partial one.
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    write_bytes_atomic(&check_output(path)?, bytes)
+}
+
 fn temp_path(path: &Path) -> PathBuf {
     let name = path
         .file_name()

@@ -311,8 +311,7 @@ fn one_layer(
         "gpu_seconds": gpu_secs, "lens_passes": passes, "heads": heads, "images": images,
     });
     let path = out_dir.join("stats.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&doc)?)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    spotlight_cli::files::write_file_atomic(&path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
     println!(
         "lens: {} heads, Lq={} Lk={}, {:.2} s ({passes} pass) on {}; wrote stats.json and {} images to {}",
         p.q_heads,

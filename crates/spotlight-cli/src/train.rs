@@ -379,8 +379,7 @@ pub fn main(a: &TrainArgs) -> anyhow::Result<()> {
             "steps_per_second": n / secs.max(1e-9),
         });
         let path = dir.join("train.json");
-        std::fs::write(&path, serde_json::to_vec_pretty(&json)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        spotlight_cli::files::write_file_atomic(&path, &serde_json::to_vec_pretty(&json)?)?;
         println!(
             "spotlight train wrote loss.png, map-before.png, map-after.png, train.json to {}",
             dir.display()

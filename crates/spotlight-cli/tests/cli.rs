@@ -770,6 +770,7 @@ fn bench_prints_validated_numbers_and_json() {
             "timer=",
             "plan=flash/",
             "pieces=1",
+            "passes=flash",
         ] {
             assert!(l.contains(key), "line lacks {key}: {l}");
         }
@@ -787,9 +788,41 @@ fn bench_prints_validated_numbers_and_json() {
             plan.starts_with("flash/") && plan.contains("/chunks"),
             "{plan}"
         );
+        // One profiled call: the fused kernel's GPU time (or every pass untimed).
+        let passes = r["passes"].as_array().unwrap();
+        let untimed = r["untimed_passes"].as_u64().unwrap();
+        assert!(passes.len() + untimed as usize >= 1, "{r}");
+        for k in passes {
+            assert!(k["kernel"].as_str().unwrap().starts_with("flash"), "{r}");
+            assert!(k["ms"].as_f64().unwrap() >= 0.0 && k["count"].as_u64().unwrap() >= 1);
+        }
     }
     assert_eq!(results[1]["causal"], true);
     assert_eq!(results[1]["D"], 40);
+
+    // A --json path that cannot be written is refused before any GPU work, and nothing is
+    // left behind.
+    let out = spotlight(&[
+        "bench",
+        "--config",
+        "1,96,2,32,0",
+        "--json",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is a directory"), "{err}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("spotlight flash"));
+    let missing = dir.join("no-such-dir").join("b.json");
+    let out = spotlight(&[
+        "bench",
+        "--config",
+        "1,96,2,32,0",
+        "--json",
+        missing.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(!missing.exists());
 }
 
 /// A bench run's stdout and its lines that start with `prefix`; fails the test, with both

@@ -100,6 +100,8 @@ pub struct Engine {
     /// [`crate::KvCache`]) record it and refuse to be used with another.
     id: u64,
     scopes_entered: std::sync::atomic::AtomicU64,
+    /// The per-pass timestamps of a profile being taken ([`Engine::time_passes`]).
+    pub(crate) pass_timer: Mutex<Option<crate::timing::PassTimer>>,
 }
 
 fn instance(backends: wgpu::Backends) -> wgpu::Instance {
@@ -277,6 +279,7 @@ impl Engine {
                 NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             },
             scopes_entered: Default::default(),
+            pass_timer: Mutex::new(None),
         }
     }
 
@@ -516,144 +519,5 @@ impl Engine {
     pub fn read_f32(&self, buffer: &wgpu::Buffer, n: usize) -> Result<Vec<f32>> {
         let bytes = self.read_bytes(buffer, 4 * n as u64)?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
-    }
-}
-
-/// How a [`Timing`] was measured.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TimerSource {
-    /// GPU timestamp queries around the recorded work.
-    GpuTimestamps,
-    /// Wall clock around submit and wait (the adapter has no timestamp queries).
-    WallClock,
-}
-
-/// One timed submission.
-#[derive(Clone, Copy, Debug)]
-pub struct Timing {
-    pub seconds: f64,
-    pub source: TimerSource,
-}
-
-impl Engine {
-    /// Records work with `record`, submits it, waits, and returns how long it took on the GPU:
-    /// from timestamp queries written by empty compute passes before and after the work where the
-    /// adapter has them, else wall clock around submit and wait.
-    pub fn time(
-        &self,
-        record: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>,
-    ) -> Result<Timing> {
-        let _gl = self.exclusive();
-        let mut enc = self.device.create_command_encoder(&Default::default());
-        if !self.caps.timestamp_query {
-            let t = std::time::Instant::now();
-            record(&mut enc)?;
-            self.queue.submit([enc.finish()]);
-            self.wait()?;
-            return Ok(Timing {
-                seconds: t.elapsed().as_secs_f64(),
-                source: TimerSource::WallClock,
-            });
-        }
-        let set = self.device.create_query_set(&wgpu::QuerySetDescriptor {
-            label: Some("spotlight timer"),
-            ty: wgpu::QueryType::Timestamp,
-            count: 2,
-        });
-        let marker = |enc: &mut wgpu::CommandEncoder, begin: Option<u32>, end: Option<u32>| {
-            enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("spotlight timer marker"),
-                timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
-                    query_set: &set,
-                    beginning_of_pass_write_index: begin,
-                    end_of_pass_write_index: end,
-                }),
-            });
-        };
-        marker(&mut enc, None, Some(0));
-        record(&mut enc)?;
-        marker(&mut enc, Some(1), None);
-        let resolved = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("spotlight timer resolve"),
-            size: 16,
-            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
-        });
-        enc.resolve_query_set(&set, 0..2, &resolved, 0);
-        self.queue.submit([enc.finish()]);
-        let bytes = self.read_bytes(&resolved, 16)?;
-        let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&bytes);
-        let period = self.queue.get_timestamp_period() as f64;
-        Ok(Timing {
-            seconds: ticks[1].saturating_sub(ticks[0]) as f64 * period * 1e-9,
-            source: TimerSource::GpuTimestamps,
-        })
-    }
-}
-
-impl Engine {
-    /// Measures the adapter's read bandwidth with a plain streaming compute shader over `bytes`
-    /// bytes (rounded to 16): the yardstick for memory-bound kernels such as decoding. Returns
-    /// the median timing of `repeats` runs after one warm-up.
-    pub fn stream_read(&self, bytes: u64, repeats: usize) -> Result<Timing> {
-        let _gl = self.exclusive();
-        use wgpu::util::DeviceExt;
-        let bytes = (bytes.div_ceil(16) * 16).clamp(16, self.caps.max_storage_binding / 16 * 16);
-        let words = (bytes / 16) as u32;
-        let src = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("stream source"),
-            size: bytes,
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        });
-        let groups = (words as u64).div_ceil(256 * 8).clamp(1, 65535);
-        let sink = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("stream sink"),
-            size: groups * 4,
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        });
-        let params = self
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("stream params"),
-                contents: bytemuck::cast_slice(&[words, 0, 0, 0]),
-                usage: wgpu::BufferUsages::UNIFORM,
-            });
-        let kernel = self
-            .cache
-            .get(&self.device, &crate::kernels::Variant::stream())?;
-        let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("stream"),
-            layout: &kernel.layout,
-            entries: &[
-                wgpu::BindGroupEntry {
-                    binding: 0,
-                    resource: params.as_entire_binding(),
-                },
-                wgpu::BindGroupEntry {
-                    binding: 1,
-                    resource: src.as_entire_binding(),
-                },
-                wgpu::BindGroupEntry {
-                    binding: 2,
-                    resource: sink.as_entire_binding(),
-                },
-            ],
-        });
-        let mut times = Vec::new();
-        for _ in 0..repeats.max(1) + 1 {
-            let t = self.time(|enc| {
-                let mut pass = enc.begin_compute_pass(&Default::default());
-                pass.set_pipeline(&kernel.pipeline);
-                pass.set_bind_group(0, &group, &[]);
-                pass.dispatch_workgroups(groups as u32, 1, 1);
-                Ok(())
-            })?;
-            times.push(t);
-        }
-        times.remove(0);
-        times.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
-        Ok(times[times.len() / 2])
     }
 }

@@ -40,13 +40,14 @@ mod plan;
 mod record;
 #[doc(hidden)]
 pub mod testing;
+mod timing;
 
 pub use backward::{
     BackwardConfig, BackwardOptions, BackwardPass, BackwardTiles, DQ_FROM_GRADIENTS_BYTES,
     GpuForward, GpuGradients, Gradients,
 };
 pub use cache::{DecodeOptions, KvCache, KvCacheConfig, SeqId};
-pub use context::{Capabilities, Engine, EngineOptions, TimerSource, Timing, adapter_report};
+pub use context::{Capabilities, Engine, EngineOptions, adapter_report};
 pub use error::{Error, Result};
 pub use layer::{AttentionLayer, LayerTimings};
 pub use lens::{LensOptions, LensStats, lens_passes};
@@ -57,4 +58,5 @@ pub use spotlight_reference::{
     Broadcast, DType, Inputs, Layout, Problem, Tensor, TensorRef, Window,
 };
 pub use spotlight_reference::{LayerConfig, LayerExtras, LayerWeights, Rope, RopeStyle};
+pub use timing::{PASS_QUERIES, PassTime, Profile, TimerSource, Timing};
 pub use wgpu;

@@ -71,9 +71,16 @@ impl Engine {
             layout: &kernel.layout,
             entries: &entries,
         });
+        let stamps = self.pass_timestamps(kernel.shader.name());
         let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some(&kernel.name),
-            timestamp_writes: None,
+            timestamp_writes: stamps
+                .as_ref()
+                .map(|(set, at)| wgpu::ComputePassTimestampWrites {
+                    query_set: set,
+                    beginning_of_pass_write_index: Some(*at),
+                    end_of_pass_write_index: Some(at + 1),
+                }),
         });
         pass.set_pipeline(&kernel.pipeline);
         pass.set_bind_group(0, &group, &[]);

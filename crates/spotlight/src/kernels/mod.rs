@@ -276,6 +276,8 @@ pub fn dtype_code(d: DType) -> u32 {
 
 /// A built pipeline and its bind group layout.
 pub struct Kernel {
+    /// The module it runs (per-pass timings are summed per shader).
+    pub shader: Shader,
     pub pipeline: wgpu::ComputePipeline,
     pub layout: wgpu::BindGroupLayout,
     pub name: String,
@@ -363,6 +365,7 @@ fn build(device: &wgpu::Device, variant: &Variant) -> crate::Result<Kernel> {
         });
     }
     Ok(Kernel {
+        shader: variant.shader(),
         pipeline,
         layout,
         name,

@@ -33,9 +33,10 @@ use wgpu::util::DeviceExt;
 use spotlight_reference::layer::{LayerConfig, LayerExtras, LayerWeights, positions_or_default};
 use spotlight_reference::{DType, Problem, ProblemError, RopeStyle, Tensor, TensorRef};
 
-use crate::context::{Engine, TimerSource};
+use crate::context::Engine;
 use crate::error::{Error, Result};
 use crate::options::{GpuInputs, GpuOutputs, RunOptions};
+use crate::timing::TimerSource;
 
 crate::params::uniform_block! {
 /// The uniform block of `shaders/linear.wgsl` (checked against it by `tests/shaders.rs`).
