@@ -484,6 +484,24 @@ fn backward_refuses_bad_input() {
         )
         .unwrap_err();
     assert!(e.to_string().contains("rows_per_workgroup = 3"), "{e}");
+    // The decode layout is a forward kernel: refused by name.
+    let e = engine
+        .attention_backward(
+            &p,
+            &data.inputs(),
+            &fwd_lse,
+            d_out.as_ref(),
+            &BackwardOptions {
+                layout: Some(FlashLayout::Decode),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(e, spotlight::Error::BackwardUnsupported { .. })
+            && e.to_string().contains("decode layout"),
+        "{e}"
+    );
     // dQ from stored logit gradients takes no bias: refused with the row kernels, ignored by the
     // tiled ones (adapters without the row kernels refuse those instead).
     let mut pb = p.clone();

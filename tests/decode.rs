@@ -4,8 +4,8 @@
 use spotlight::reference::random::Rng;
 use spotlight::reference::{self, Window, compare};
 use spotlight::{
-    Algorithm, DType, DecodeOptions, Error, KvCache, KvCacheConfig, Problem, RunOptions, Tensor,
-    TensorRef,
+    Algorithm, DType, DecodeOptions, Error, FlashLayout, KvCache, KvCacheConfig, Problem,
+    RunOptions, Tensor, TensorRef,
 };
 
 use crate::common::{Data, check_opts, engine};
@@ -104,7 +104,14 @@ fn paged_cache_decodes_like_the_reference_after_many_appends() {
             shadow.k[s].extend(rounded(&k, dtype));
             shadow.v[s].extend(rounded(&v, dtype));
         }
-        for alg in [Algorithm::SplitK, Algorithm::Flash] {
+        // Each fused algorithm as the adapter picks it, and on the decode kernel (all of a
+        // unit's rows in one workgroup: 3 rows × 4 heads per group fit its 16).
+        for (alg, flash_layout) in [
+            (Algorithm::SplitK, None),
+            (Algorithm::Flash, None),
+            (Algorithm::SplitK, Some(FlashLayout::Decode)),
+            (Algorithm::Flash, Some(FlashLayout::Decode)),
+        ] {
             for (q_len, window) in [
                 (1, None),
                 (3, None),
@@ -119,6 +126,7 @@ fn paged_cache_decodes_like_the_reference_after_many_appends() {
                 let opts = DecodeOptions {
                     algorithm: alg,
                     window,
+                    flash_layout,
                     ..Default::default()
                 };
                 check_decode(engine, &cache, &shadow, &seqs, q_len, 8, &opts, &mut rng);
@@ -318,4 +326,50 @@ fn merging_partials_over_any_split_reproduces_the_whole() {
     let short = vec![0.0f32; 3];
     let err = engine.merge(&p, &[(&short, &short)]).unwrap_err();
     assert!(err.to_string().contains("expected 16"), "{err}");
+}
+
+/// The decode kernel (`FlashLayout::Decode`: all of a unit's query rows in one workgroup, what
+/// split-k runs on GPUs) against the reference on random problems with every semantic option
+/// (masks, bias, ALiBi, softcap, windows, sequence lengths, layouts, dtypes), both fused
+/// algorithms, with and without key chunks (merged by their LSE). On a CPU adapter it only runs
+/// when forced, as here.
+#[test]
+fn decode_kernel_matches_the_reference_on_random_problems() {
+    let Some(engine) = engine() else { return };
+    let mut checked = 0;
+    let mut failures = Vec::new();
+    let mut seed = 0xDEC0_0000u64;
+    while checked < 48 {
+        seed += 1;
+        let (p, data, out_dtype) = crate::differential::random_problem(seed);
+        let alg = if seed.is_multiple_of(2) {
+            Algorithm::SplitK
+        } else {
+            Algorithm::Flash
+        };
+        let unit_rows = match alg {
+            Algorithm::SplitK => p.q_len * p.group_size(),
+            _ => p.q_len,
+        };
+        if unit_rows > 16 {
+            continue;
+        }
+        let opts = RunOptions {
+            algorithm: alg,
+            out_dtype,
+            flash_layout: Some(FlashLayout::Decode),
+            max_chunk_keys: seed.is_multiple_of(3).then_some(8 + (seed % 5) as u32 * 8),
+            ..Default::default()
+        };
+        if let Err(e) = check_opts(engine, &p, &data, &opts, None) {
+            failures.push(format!("seed={seed:#x} {}: {p:?}: {e}", alg.name()));
+        }
+        checked += 1;
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

@@ -82,6 +82,25 @@ fn variants() -> Vec<Variant> {
             }
         }
     }
+    // The decode kernel: 1, 4 and 16 rows per unit, 128 threads (64 where memory is short),
+    // every dtype, packed or not, paged or not, wide loads or not.
+    for (d, dv) in [(16, 16), (64, 64), (128, 128), (80, 96)] {
+        for (rows, threads) in [(1, 128), (4, 128), (16, 64)] {
+            let t = FlashTiles::decode(rows, threads);
+            if !t.fits(d, dv, 48 * 1024) {
+                continue;
+            }
+            for dt in dts {
+                for (gqa, paged) in [(false, false), (true, false), (true, true)] {
+                    let v = Variant::flash([dt, dt, dt], d, dv, t, gqa, paged);
+                    if d % 4 == 0 && dv % 4 == 0 {
+                        out.push(v.clone().vec4_kv(true));
+                    }
+                    out.push(v);
+                }
+            }
+        }
+    }
     // The backward's main passes: tiled (lavapipe's and NVIDIA's workgroup memory) and the row
     // kernels (8, 4 and 32 lanes), every dtype, dO in f32 and f16, with and without dS (the row
     // key/value pass also with stored gradients, and the dQ pass that reads them).
@@ -488,7 +507,9 @@ fn tile_choosers_match_the_declared_workgroups() {
         let size = module.entry_points[0].workgroup_size;
         let bytes = workgroup_bytes(&module);
         let (d, dv) = match variant.shader() {
-            Shader::Flash | Shader::FlashRows | Shader::FlashCoop => (c("HEAD_DIM"), c("V_DIM")),
+            Shader::Flash | Shader::FlashRows | Shader::FlashDecode | Shader::FlashCoop => {
+                (c("HEAD_DIM"), c("V_DIM"))
+            }
             Shader::Backward(
                 BackwardPass::KeyValueRows
                 | BackwardPass::QueryRows
@@ -513,6 +534,9 @@ fn tile_choosers_match_the_declared_workgroups() {
                 (t.threads(), t.workgroup_bytes(d, dv))
             } else if variant.shader() == Shader::FlashRows {
                 let t = FlashTiles::rows(c("WG"), c("ROWS"));
+                (t.threads(), t.workgroup_bytes(d, dv))
+            } else if variant.shader() == Shader::FlashDecode {
+                let t = FlashTiles::decode(c("ROWS"), c("WG"));
                 (t.threads(), t.workgroup_bytes(d, dv))
             } else {
                 let t = CoopTiles {
@@ -641,6 +665,7 @@ fn row_kernel_variants_have_no_marked_loops_left() {
             matches!(
                 v.shader(),
                 Shader::FlashRows
+                    | Shader::FlashDecode
                     | Shader::Backward(
                         BackwardPass::KeyValueRows
                             | BackwardPass::QueryRows

@@ -68,8 +68,9 @@ pub struct BenchArgs {
     /// Backward pass instead: its FLOP rate and its time beside the forward's (bench_backward.rs).
     #[arg(long)]
     backward: bool,
-    /// Fused scalar kernels (forward and, with --backward, backward): tiled or rows (default: the
-    /// adapter decides, rows on a CPU adapter).
+    /// Fused scalar kernels (forward and, with --backward, backward): tiled or rows, and for the
+    /// forward decode (a unit's <= 16 query rows in one workgroup) (default: the adapter decides:
+    /// rows on a CPU adapter, decode for split-k elsewhere when it fits, else tiled).
     #[arg(long)]
     flash_layout: Option<FlashLayout>,
     /// Row kernels: rows per workgroup, 8 or 16 (default: by the problem's size).
@@ -460,6 +461,7 @@ pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
                     repeats,
                     warmup: a.warmup,
                     check: !a.no_validate,
+                    flash_layout: a.flash_layout,
                 },
             )?;
             let ok = a.no_validate || err <= budget;

@@ -19,6 +19,8 @@ pub struct Timing {
     pub repeats: usize,
     pub warmup: usize,
     pub check: bool,
+    /// `--flash-layout` (`None`: the adapter decides).
+    pub flash_layout: Option<spotlight::FlashLayout>,
 }
 
 /// One decode problem through the cache. Returns `(ms per call, relative error, algorithm)`.
@@ -34,6 +36,7 @@ pub fn measure(
         repeats,
         warmup,
         check,
+        flash_layout,
     } = *t;
     if p.q_len != 1 {
         bail!(
@@ -70,6 +73,7 @@ pub fn measure(
     let opts = DecodeOptions {
         causal: false,
         algorithm,
+        flash_layout,
         out_dtype: Some(DType::F32),
         ..Default::default()
     };

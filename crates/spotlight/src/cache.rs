@@ -370,6 +370,8 @@ pub struct DecodeOptions {
     /// `Auto` (the default: split-k, or flash where split-k cannot run), `SplitK` or `Flash`;
     /// all read the pages directly.
     pub algorithm: Algorithm,
+    /// The fused kernel, as [`RunOptions::flash_layout`] (`None`: the adapter decides).
+    pub flash_layout: Option<crate::FlashLayout>,
 }
 
 impl Default for DecodeOptions {
@@ -382,6 +384,7 @@ impl Default for DecodeOptions {
             lse: false,
             out_dtype: None,
             algorithm: Algorithm::Auto,
+            flash_layout: None,
         }
     }
 }
@@ -453,6 +456,7 @@ impl Engine {
                 algorithm,
                 lse: opts.lse,
                 out_dtype: opts.out_dtype,
+                flash_layout: opts.flash_layout,
                 ..Default::default()
             };
             self.plan_paged(&p, dtypes, &run).map(|plan| (plan, run))

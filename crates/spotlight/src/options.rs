@@ -77,7 +77,8 @@ pub struct RunOptions {
     /// Lets the matrix-unit kernel round f32 inputs to f16 (f16 and bf16 inputs need no leave).
     pub allow_reduced_precision: bool,
     /// Fused scalar path (flash, split-K): which kernel runs. `None`: the adapter decides, the
-    /// row kernel on CPU adapters and the tiled kernel elsewhere ([`FlashLayout`]).
+    /// row kernel on CPU adapters, the tiled kernel elsewhere, and for split-k on GPUs the decode
+    /// kernel when a unit has at most 16 query rows ([`FlashLayout`]).
     pub flash_layout: Option<FlashLayout>,
     /// Row kernel: query rows per workgroup, 8 or 16 (`None`: by the problem's size,
     /// [`FlashTiles::row_count`](crate::kernels::FlashTiles::row_count)). Other kernels ignore it; other values are refused everywhere.

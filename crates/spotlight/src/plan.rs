@@ -203,6 +203,53 @@ impl Target {
         })
     }
 
+    /// The decode kernel's tiles for units of `unit_rows` query rows, or why it cannot run them:
+    /// every row of a unit in one workgroup (their count rounded up to a power of two, which
+    /// bounds the variants), [`FlashTiles::DECODE_THREADS`] threads (fewer where the adapter
+    /// allows fewer invocations), at least one per output vec4 column.
+    pub(crate) fn decode_tiles(
+        &self,
+        p: &Problem,
+        unit_rows: usize,
+    ) -> std::result::Result<FlashTiles, String> {
+        let caps = &self.caps;
+        if caps.max_storage_buffers_per_stage < 8 {
+            return Err(format!(
+                "the fused kernels bind 8 storage buffers per shader stage; this device allows {}",
+                caps.max_storage_buffers_per_stage
+            ));
+        }
+        let max_rows = FlashTiles::DECODE_MAX_ROWS as usize;
+        if unit_rows > max_rows {
+            return Err(format!(
+                "the decode layout holds at most {max_rows} query rows per workgroup (Lq·Hq/Hkv \
+                 for split-k, Lq for flash); this problem has {unit_rows}"
+            ));
+        }
+        let (d, dv) = (p.head_dim as u32, p.v_head_dim as u32);
+        let rows = (unit_rows.max(1) as u32).next_power_of_two();
+        let mut threads = FlashTiles::DECODE_THREADS;
+        // Fewer threads where the adapter allows fewer invocations, or where the per-row
+        // weights of a tile do not fit its workgroup memory (lavapipe's 32 KiB at 16 rows of
+        // D = 128), down to one thread per output vec4 column.
+        while threads > caps.max_invocations
+            || (threads / 2 >= dv.div_ceil(4)
+                && !FlashTiles::decode(rows, threads).fits(d, dv, caps.max_workgroup_memory))
+        {
+            threads /= 2;
+        }
+        let tiles = FlashTiles::decode(rows, threads);
+        if !tiles.fits(d, dv, caps.max_workgroup_memory) {
+            return Err(format!(
+                "the decode layout needs {} bytes of workgroup memory and one of its {threads} \
+                 threads per output vec4 column for D={d} Dv={dv}; this device offers {} bytes",
+                tiles.workgroup_bytes(d, dv),
+                caps.max_workgroup_memory
+            ));
+        }
+        Ok(tiles)
+    }
+
     /// The fused plan. Flash gives each workgroup a tile of query rows of one head and streams
     /// every key; split-K packs the query rows of all heads of a key/value group into one unit
     /// and splits the key range into enough chunks to fill the GPU. Either way, when the adapter
@@ -220,9 +267,22 @@ impl Target {
         } else {
             (64, p.q_len)
         };
-        let tiles = self
-            .flash_tiles(p, rows, unit_rows, opts)
-            .map_err(|reason| Error::Unsupported { algorithm, reason })?;
+        // The decode kernel: where forced, or for split-k on a GPU when the unit's rows fit it
+        // (on CPU adapters the row kernel reads K and V at a lane-uniform address, faster there).
+        let decode = match opts.flash_layout {
+            Some(FlashLayout::Decode) => Some(
+                self.decode_tiles(p, unit_rows)
+                    .map_err(|reason| Error::Unsupported { algorithm, reason })?,
+            ),
+            None if split_k && !self.cpu => self.decode_tiles(p, unit_rows).ok(),
+            _ => None,
+        };
+        let tiles = match decode {
+            Some(t) => t,
+            None => self
+                .flash_tiles(p, rows, unit_rows, opts)
+                .map_err(|reason| Error::Unsupported { algorithm, reason })?,
+        };
         let lk = p.kv_len as u32;
         let mut limit = self.key_limit(tiles.bk, opts);
         if split_k {
@@ -810,6 +870,14 @@ mod tests {
         let gpu = plan(&nvidia(), &p, &auto()).unwrap();
         assert_eq!(gpu.algorithm(), Algorithm::SplitK);
         assert!(gpu.chunks().count >= 32, "{gpu:?}");
+        // On a GPU, the decode kernel: the 4 rows of a group in one workgroup of 128 threads,
+        // chunks of whole 128-key tiles.
+        assert_eq!(fused(&gpu), FlashTiles::decode(4, 128));
+        assert_eq!(gpu.chunks().keys % 128, 0, "{gpu:?}");
+        assert_eq!(
+            fused(&plan(&lavapipe(), &p, &auto()).unwrap()).layout,
+            FlashLayout::Rows
+        );
         let cpu = plan(&lavapipe(), &p, &auto()).unwrap();
         assert_eq!(cpu.algorithm(), Algorithm::SplitK);
         assert!(
@@ -820,6 +888,49 @@ mod tests {
         let prefill = plan(&nvidia(), &Problem::new(1, 512, 512, 32, 8, 128), &auto()).unwrap();
         assert_eq!(prefill.algorithm(), Algorithm::Flash);
         assert_eq!(fused(&prefill).layout, FlashLayout::Tiled);
+    }
+
+    #[test]
+    fn the_decode_kernel_takes_units_of_up_to_sixteen_rows() {
+        let forced = RunOptions {
+            algorithm: Algorithm::SplitK,
+            flash_layout: Some(FlashLayout::Decode),
+            ..Default::default()
+        };
+        // 4 query rows × 4 heads per group = 16 rows: taken, also on a CPU adapter when forced;
+        // lavapipe's 32 KiB at D = 128 gets 64 threads.
+        let p = Problem::new(1, 4, 4096, 16, 4, 128);
+        assert_eq!(
+            fused(&plan(&nvidia(), &p, &forced).unwrap()),
+            FlashTiles::decode(16, 128)
+        );
+        assert_eq!(
+            fused(&plan(&lavapipe(), &p, &forced).unwrap()),
+            FlashTiles::decode(16, 64)
+        );
+        // 5 × 4 = 20 rows: refused when forced, the tiled kernel under auto.
+        let p = Problem::new(1, 5, 4096, 16, 4, 128);
+        let e = plan(&nvidia(), &p, &forced).unwrap_err();
+        assert!(e.to_string().contains("at most 16 query rows"), "{e}");
+        let split = RunOptions {
+            algorithm: Algorithm::SplitK,
+            ..Default::default()
+        };
+        assert_eq!(
+            fused(&plan(&nvidia(), &p, &split).unwrap()).layout,
+            FlashLayout::Tiled
+        );
+        // Flash's unit is one head: Lq rows.
+        let p = Problem::new(2, 3, 700, 8, 8, 64);
+        let flash = RunOptions {
+            algorithm: Algorithm::Flash,
+            flash_layout: Some(FlashLayout::Decode),
+            ..Default::default()
+        };
+        assert_eq!(
+            fused(&plan(&nvidia(), &p, &flash).unwrap()),
+            FlashTiles::decode(4, 128)
+        );
     }
 
     #[test]

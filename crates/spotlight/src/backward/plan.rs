@@ -59,6 +59,13 @@ impl Engine {
                     && t.rows_bytes(d, dv) <= caps.max_workgroup_memory as u64
             });
         let tiles = match (opts.layout, rows) {
+            (Some(FlashLayout::Decode), _) => {
+                return Err(unsupported(
+                    "the decode layout is a forward kernel for short queries; the backward \
+                     takes the tiled or the row kernels (layout tiled, rows or unset)"
+                        .to_string(),
+                ));
+            }
             (Some(FlashLayout::Rows), None) => {
                 return Err(unsupported(
                     self.target().row_kernel_refusal(p.head_dim, p.v_head_dim),

@@ -29,6 +29,7 @@ pub mod source {
     pub const PV: &str = include_str!("../../../../shaders/pv.wgsl");
     pub const FLASH: &str = include_str!("../../../../shaders/flash.wgsl");
     pub const FLASH_ROWS: &str = include_str!("../../../../shaders/flash_rows.wgsl");
+    pub const FLASH_DECODE: &str = include_str!("../../../../shaders/flash_decode.wgsl");
     pub const FUSED_UNITS: &str = include_str!("../../../../shaders/fused_units.wgsl");
     pub const ROW_LOADS: &str = include_str!("../../../../shaders/row_loads.wgsl");
     pub const PACK: &str = include_str!("../../../../shaders/pack.wgsl");
@@ -49,6 +50,7 @@ pub mod source {
         ("pv.wgsl", PV),
         ("flash.wgsl", FLASH),
         ("flash_rows.wgsl", FLASH_ROWS),
+        ("flash_decode.wgsl", FLASH_DECODE),
         ("fused_units.wgsl", FUSED_UNITS),
         ("row_loads.wgsl", ROW_LOADS),
         ("pack.wgsl", PACK),
@@ -88,6 +90,8 @@ pub enum Shader {
     Flash,
     /// The fused kernel with one query row per invocation, for CPU adapters.
     FlashRows,
+    /// The fused kernel for short queries: a unit's rows in one workgroup (decoding on GPUs).
+    FlashDecode,
     /// f32 → f16/bf16 packing of outputs.
     Pack,
     /// Merge of partial (O, LSE) results over disjoint key sets.
@@ -113,12 +117,13 @@ pub enum Binding {
 }
 
 impl Shader {
-    pub const ALL: [Shader; 18] = [
+    pub const ALL: [Shader; 19] = [
         Shader::Scores,
         Shader::Softmax,
         Shader::Pv,
         Shader::Flash,
         Shader::FlashRows,
+        Shader::FlashDecode,
         Shader::Pack,
         Shader::Merge,
         Shader::Stream,
@@ -141,6 +146,7 @@ impl Shader {
             Shader::Pv => "pv",
             Shader::Flash => "flash",
             Shader::FlashRows => "flash_rows",
+            Shader::FlashDecode => "flash_decode",
             Shader::Pack => "pack",
             Shader::Merge => "merge",
             Shader::Stream => "stream",
@@ -178,6 +184,15 @@ impl Shader {
                 FUSED_UNITS,
                 ROW_LOADS,
                 FLASH_ROWS,
+            ]
+            .concat(),
+            Shader::FlashDecode => [
+                COMMON,
+                LOGITS,
+                SOFTMAX_RULES,
+                FUSED_UNITS,
+                ROW_LOADS,
+                FLASH_DECODE,
             ]
             .concat(),
             Shader::Pack => PACK.to_string(),
@@ -219,7 +234,7 @@ impl Shader {
                 (6, ReadWrite),
                 (7, Uniform),
             ],
-            Shader::Flash | Shader::FlashRows | Shader::FlashCoop => &[
+            Shader::Flash | Shader::FlashRows | Shader::FlashDecode | Shader::FlashCoop => &[
                 (0, Uniform),
                 (1, Read),
                 (2, Read),

@@ -9,6 +9,10 @@ pub enum FlashLayout {
     /// `flash_rows.wgsl`: one query row per invocation, K/V read at uniform addresses straight
     /// from the buffers, no workgroup memory (CPU adapters).
     Rows,
+    /// `flash_decode.wgsl`: every query row of a unit (at most [`FlashTiles::DECODE_MAX_ROWS`])
+    /// in one workgroup whose threads own keys for Q·Kᵀ and output columns for P·V, K/V read
+    /// straight from the buffers (short queries, i.e. decoding, on GPUs).
+    Decode,
 }
 
 impl FlashLayout {
@@ -16,6 +20,7 @@ impl FlashLayout {
         match self {
             FlashLayout::Tiled => "tiled",
             FlashLayout::Rows => "rows",
+            FlashLayout::Decode => "decode",
         }
     }
 }
@@ -26,8 +31,9 @@ impl std::str::FromStr for FlashLayout {
         match s {
             "tiled" => Ok(FlashLayout::Tiled),
             "rows" => Ok(FlashLayout::Rows),
+            "decode" => Ok(FlashLayout::Decode),
             _ => Err(format!(
-                "unknown flash layout '{s}': expected tiled or rows"
+                "unknown flash layout '{s}': expected tiled, rows or decode"
             )),
         }
     }
@@ -82,6 +88,8 @@ impl FlashTiles {
         let dims = match self.layout {
             FlashLayout::Rows => d <= Self::ROWS_MAX_DIM && dv <= Self::ROWS_MAX_DIM,
             FlashLayout::Tiled => dv.div_ceil(4).div_ceil(self.tpr) <= Self::MAX_NC,
+            // One output vec4 column per thread of a key subset.
+            FlashLayout::Decode => dv.div_ceil(4) <= self.tpr,
         };
         dims && self.workgroup_bytes(d, dv) <= workgroup_memory as u64
     }
@@ -98,12 +106,36 @@ impl FlashTiles {
         }
     }
 
+    /// Most query rows of a unit the decode kernel holds (its `const R`: per-row registers).
+    pub const DECODE_MAX_ROWS: u32 = 16;
+    /// Threads of a decode workgroup (keys per tile): a power of two of at least
+    /// `ceil(Dv / 4)` (one output column per thread of a key subset).
+    pub const DECODE_THREADS: u32 = 128;
+
+    /// The decode kernel's configuration for units of `rows` query rows (at most
+    /// [`Self::DECODE_MAX_ROWS`]): all of them in one workgroup of `threads` threads, which is
+    /// also the keys of a tile (`bk`); `tpr` is the threads.
+    pub fn decode(rows: u32, threads: u32) -> Self {
+        FlashTiles {
+            bq: rows,
+            bk: threads,
+            tpr: threads,
+            layout: FlashLayout::Decode,
+        }
+    }
+
     /// Most output vec4 columns one thread accumulates in registers (`NC` in `flash.wgsl`).
     pub const MAX_NC: u32 = 64;
 
     /// Bytes of workgroup memory the flash kernel needs: Q, K and V tiles as vec4 rows padded
     /// by one vec4, the weights, and two vec4 per thread for row reductions.
     pub fn workgroup_bytes(&self, d: u32, dv: u32) -> u64 {
+        if self.layout == FlashLayout::Decode {
+            // q_s (R·D4 vec4), s_s and red_s (R·WG f32 each), o_s (R·DV4 vec4), l_s (R f32).
+            let (r, n) = (self.bq as u64, self.tpr as u64);
+            let (d4, dv4) = (d.div_ceil(4) as u64, dv.div_ceil(4) as u64);
+            return 16 * r * d4 + 8 * r * n + 16 * r * dv4 + 4 * r;
+        }
         if self.layout == FlashLayout::Rows {
             // q_s: R rows of ceil(ceil(D / 4) / lanes) · lanes vec4.
             let lanes = self.tpr as u64;
@@ -116,7 +148,7 @@ impl FlashTiles {
 
     /// Threads per workgroup: `bq / 4` row groups of `tpr` threads.
     pub fn threads(&self) -> u32 {
-        if self.layout == FlashLayout::Rows {
+        if self.layout != FlashLayout::Tiled {
             return self.tpr;
         }
         self.bq / 4 * self.tpr

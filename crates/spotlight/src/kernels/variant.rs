@@ -165,8 +165,11 @@ impl Variant {
             Config::Scores { .. } => Shader::Scores,
             Config::Softmax => Shader::Softmax,
             Config::Pv { .. } => Shader::Pv,
-            Config::Flash(f) if f.tiles.layout == FlashLayout::Rows => Shader::FlashRows,
-            Config::Flash(_) => Shader::Flash,
+            Config::Flash(f) => match f.tiles.layout {
+                FlashLayout::Rows => Shader::FlashRows,
+                FlashLayout::Decode => Shader::FlashDecode,
+                FlashLayout::Tiled => Shader::Flash,
+            },
             Config::FlashCoop(_) => Shader::FlashCoop,
             Config::Merge => Shader::Merge,
             Config::Lens { .. } => Shader::Lens,
@@ -192,7 +195,7 @@ impl Variant {
             Config::Flash(f) => {
                 let mut c = qkv_constants(f.dtypes).to_vec();
                 c.extend([("HEAD_DIM", f.d), ("V_DIM", f.dv)]);
-                if f.tiles.layout == FlashLayout::Rows {
+                if f.tiles.layout != FlashLayout::Tiled {
                     c.extend([
                         ("WG", f.tiles.tpr),
                         ("ROWS", f.tiles.bq),
@@ -270,7 +273,7 @@ impl Variant {
     /// multiples of 4 (callers check). No effect on other kernels.
     pub fn vec4_kv(mut self, on: bool) -> Self {
         match &mut self.config {
-            Config::Flash(f) if f.tiles.layout == FlashLayout::Rows => f.vec4_kv = on,
+            Config::Flash(f) if f.tiles.layout != FlashLayout::Tiled => f.vec4_kv = on,
             Config::Backward(b) => b.set_vec4_kv(on),
             _ => {}
         }
@@ -284,12 +287,17 @@ impl Variant {
     /// What the row-kernel rewrite does to this variant (`None`: not a row kernel).
     fn row_kernel(&self) -> Option<RowKernel> {
         match self.config {
-            Config::Flash(f) if f.tiles.layout == FlashLayout::Rows => {
+            Config::Flash(f) if f.tiles.layout != FlashLayout::Tiled => {
                 let lanes = f.tiles.tpr;
+                // The decode kernel's threads own one output column each: no column array.
+                let registers = match f.tiles.layout {
+                    FlashLayout::Rows => vec![("NV8", "// register columns", cols(f.dv, lanes))],
+                    _ => vec![],
+                };
                 Some(RowKernel {
                     lanes,
                     rows: f.tiles.bq,
-                    registers: vec![("NV8", "// register columns", cols(f.dv, lanes))],
+                    registers,
                     wide: vec![("k", f.dtypes[1], "HEAD_DIM"), ("v", f.dtypes[2], "V_DIM")],
                     vec4: f.vec4_kv,
                 })
