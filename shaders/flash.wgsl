@@ -37,6 +37,8 @@ override TPR: u32 = 8u;
 // subgroup size is a multiple of TPR, so a row group's TPR threads share one subgroup; the
 // variant that sets it also gets the shuffle versions of row_max / row_add below (kernels/).
 override SUBGROUP_ROWS: bool = false;
+// K and V read four elements per load (k4/v4 in kv_loads.wgsl; set by kernels/ with the rewrite).
+override VEC4_KV: bool = false;
 
 // Output vec4 columns per thread, ceil(ceil(V_DIM / 4) / TPR) (at most 64): the size of the
 // accumulator array. A function-scope array needs a constant size, which an override cannot
@@ -170,12 +172,7 @@ fn main(
             var val = zero4;
             if jj < lk && jj - params.key_base < params.kv_len {
                 let jl = jj - params.key_base; // row in this dispatch's K
-                let base = kv_row(b, jl, params.k_sb, params.k_ss) + kvh * params.k_sh + d0;
-                for (var c = 0u; c < 4u; c++) {
-                    if d0 + c < HEAD_DIM {
-                        val[c] = load_k(base + c);
-                    }
-                }
+                val = k4(kv_row(b, jl, params.k_sb, params.k_ss) + kvh * params.k_sh, d0);
             }
             k_s[(x / D4) * DS4 + x % D4] = val;
         }
@@ -186,12 +183,7 @@ fn main(
             // Padding never reaches the output, whatever it holds.
             if jj < lk && jj - params.key_base < params.kv_len {
                 let jl = jj - params.key_base;
-                let base = kv_row(b, jl, params.v_sb, params.v_ss) + kvh * params.v_sh + d0;
-                for (var c = 0u; c < 4u; c++) {
-                    if d0 + c < V_DIM {
-                        val[c] = load_v(base + c);
-                    }
-                }
+                val = v4(kv_row(b, jl, params.v_sb, params.v_ss) + kvh * params.v_sh, d0);
             }
             v_s[(x / DV4) * DVS4 + x % DV4] = val;
         }

@@ -32,7 +32,7 @@ override HEAD_DIM: u32 = 64u;
 override V_DIM: u32 = 64u;
 // Threads per workgroup and keys per tile (a power of two, at least ceil(V_DIM / 4)).
 override WG: u32 = 128u;
-// K and V read four elements per load (see k4 below; set by kernels/ with the rewrite).
+// K and V read four elements per load (k4/v4 in kv_loads.wgsl; set by kernels/ with the rewrite).
 override VEC4_KV: bool = false;
 // The host's row count (at least the unit's rows), written into the `const R` line per pipeline
 // (it sizes register arrays, which an override cannot).
@@ -62,31 +62,6 @@ fn load_k(idx: u32) -> f32 { return elem_value(k[elem_word(idx, K_DT)], idx, K_D
 fn load_v(idx: u32) -> f32 { return elem_value(v[elem_word(idx, V_DT)], idx, V_DT); } // load v
 @group(0) @binding(7) var<storage, read_write> out: array<f32>;
 @group(0) @binding(8) var<storage, read_write> lse: array<f32>;
-
-// Four elements of K (or V) from element `base + d0`, zero past the row (see flash_rows.wgsl:
-// with VEC4_KV kernels/ rewrites these two lines into one wide load each).
-fn k4(base: u32, d0: u32) -> vec4<f32> { return k4_scalar(base, d0); } // load k4
-fn v4(base: u32, d0: u32) -> vec4<f32> { return v4_scalar(base, d0); } // load v4
-
-fn k4_scalar(base: u32, d0: u32) -> vec4<f32> {
-    var x = vec4<f32>(0.0);
-    for (var c = 0u; c < 4u; c++) {
-        if d0 + c < HEAD_DIM {
-            x[c] = load_k(base + d0 + c);
-        }
-    }
-    return x;
-}
-
-fn v4_scalar(base: u32, d0: u32) -> vec4<f32> {
-    var x = vec4<f32>(0.0);
-    for (var c = 0u; c < 4u; c++) {
-        if d0 + c < V_DIM {
-            x[c] = load_v(base + d0 + c);
-        }
-    }
-    return x;
-}
 
 @compute @workgroup_size(WG)
 fn main(

@@ -31,7 +31,7 @@ override V_DT: u32 = 0u;
 override HEAD_DIM: u32 = 64u;
 override V_DIM: u32 = 64u;
 override WG: u32 = 8u;
-// K and V read four elements per load (see k4 below; set by kernels/ with the rewrite).
+// K and V read four elements per load (k4/v4 in kv_loads.wgsl; set by kernels/ with the rewrite).
 override VEC4_KV: bool = false;
 
 // Query rows per workgroup (every lane works on all of them) and keys per lane per block: a
@@ -63,35 +63,6 @@ fn load_k(idx: u32) -> f32 { return elem_value(k[elem_word(idx, K_DT)], idx, K_D
 fn load_v(idx: u32) -> f32 { return elem_value(v[elem_word(idx, V_DT)], idx, V_DT); } // load v
 @group(0) @binding(7) var<storage, read_write> out: array<f32>;
 @group(0) @binding(8) var<storage, read_write> lse: array<f32>;
-
-// Four elements of K (or V) from element `base + d0`, zero past the row's `dim` elements (never
-// read: the next row may hold inf, and 0·inf would be NaN). Where every row of K and V starts at
-// a multiple of 4 elements and the head dims are multiples of 4, kernels/ (`VEC4_KV`) rewrites
-// the K and V bindings as vec4 (f32) or vec2 (packed f16, bf16) words and these two lines into
-// one wide load each: on a CPU adapter every load is a loop over the lanes, so one load of four
-// elements costs about what one element did.
-fn k4(base: u32, d0: u32) -> vec4<f32> { return k4_scalar(base, d0); } // load k4
-fn v4(base: u32, d0: u32) -> vec4<f32> { return v4_scalar(base, d0); } // load v4
-
-fn k4_scalar(base: u32, d0: u32) -> vec4<f32> {
-    var x = vec4<f32>(0.0);
-    for (var c = 0u; c < 4u; c++) {
-        if d0 + c < HEAD_DIM {
-            x[c] = load_k(base + d0 + c);
-        }
-    }
-    return x;
-}
-
-fn v4_scalar(base: u32, d0: u32) -> vec4<f32> {
-    var x = vec4<f32>(0.0);
-    for (var c = 0u; c < 4u; c++) {
-        if d0 + c < V_DIM {
-            x[c] = load_v(base + d0 + c);
-        }
-    }
-    return x;
-}
 
 @compute @workgroup_size(WG)
 fn main(

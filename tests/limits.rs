@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use spotlight::reference::random::Rng;
 use spotlight::reference::{self, compare};
-use spotlight::{Algorithm, DType, Engine, Error, Problem, RunOptions, Tensor};
+use spotlight::{Algorithm, DType, Engine, Error, FlashLayout, Problem, RunOptions, Tensor};
 
 use crate::common::{ALGORITHMS, Data, check, check_opts, engine};
 use crate::differential::random_problem;
@@ -66,10 +66,18 @@ fn random_problems_split_under_a_small_binding_limit() {
         }
         let per_b = (p.q_len * p.q_heads * p.head_dim.max(p.v_head_dim) * 4) as u64;
         let small = Engine::new().unwrap().with_binding_limit(per_b.max(4096));
-        for alg in [Algorithm::Flash, Algorithm::SplitK] {
+        // Odd seeds also run split-k on the decode kernel (what GPUs get) where a group fits it.
+        let decode = seed % 2 == 1 && p.q_len * p.group_size() <= 16;
+        let runs = [
+            (Algorithm::Flash, None),
+            (Algorithm::SplitK, None),
+            (Algorithm::SplitK, Some(FlashLayout::Decode)),
+        ];
+        for (alg, flash_layout) in runs.into_iter().take(if decode { 3 } else { 2 }) {
             let opts = RunOptions {
                 algorithm: alg,
                 out_dtype,
+                flash_layout,
                 ..Default::default()
             };
             let est = small.estimate(&p, d.inputs().dtypes(), &opts).unwrap();
@@ -183,11 +191,15 @@ fn every_path_is_bit_for_bit_deterministic() {
     let Some(engine) = engine() else { return };
     for seed in [1u64, 2, 3] {
         let (p, d, out_dtype) = random_problem(0xDE7E_0000 + seed);
-        for alg in ALGORITHMS {
+        // Every algorithm, and flash on the decode kernel where the problem's rows fit it.
+        let decode = (p.q_len <= 16).then_some((Algorithm::Flash, Some(FlashLayout::Decode)));
+        let runs = ALGORITHMS.iter().map(|&a| (a, None)).chain(decode);
+        for (alg, flash_layout) in runs {
             let opts = RunOptions {
                 algorithm: alg,
                 lse: true,
                 out_dtype,
+                flash_layout,
                 ..Default::default()
             };
             let first = engine.attention(&p, &d.inputs(), &opts).unwrap();

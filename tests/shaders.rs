@@ -59,7 +59,12 @@ fn variants() -> Vec<Variant> {
                 for dt in dts {
                     for (gqa, paged) in [(false, false), (true, false), (true, true), (false, true)]
                     {
-                        out.push(Variant::flash([dt, dt, dt], d, dv, t, gqa, paged));
+                        let v = Variant::flash([dt, dt, dt], d, dv, t, gqa, paged);
+                        // Wide K/V loads where the dims allow them (rows 4-aligned).
+                        if d % 4 == 0 && dv % 4 == 0 && gqa == paged {
+                            out.push(v.clone().vec4_kv(true));
+                        }
+                        out.push(v);
                     }
                 }
             }
@@ -237,9 +242,13 @@ fn every_variant_has_its_own_name() {
     assert_eq!(rows.clone().subgroup_rows(true), rows);
     let tiled = FlashTiles::choose(64, 64, 32 * 1024, 256, 64).expect("tiles");
     let tiled = Variant::flash([DType::F16; 3], 64, 64, tiled, false, false);
-    assert_eq!(tiled.clone().vec4_kv(true), tiled);
+    assert_ne!(tiled.clone().vec4_kv(true), tiled);
     assert_ne!(rows.clone().vec4_kv(true), rows);
     assert_ne!(tiled.clone().subgroup_rows(true), tiled);
+    let coop = CoopTiles::choose(16, 32, 64, 64, 49152, 1024).expect("coop tiles");
+    let coop = Variant::flash_coop([DType::F16; 3], 64, 64, coop);
+    assert_eq!(coop.clone().vec4_kv(true), coop);
+    assert_eq!(coop.clone().subgroup_rows(true), coop);
 }
 
 #[test]

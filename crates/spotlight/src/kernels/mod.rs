@@ -32,6 +32,7 @@ pub mod source {
     pub const FLASH_DECODE: &str = include_str!("../../../../shaders/flash_decode.wgsl");
     pub const FUSED_UNITS: &str = include_str!("../../../../shaders/fused_units.wgsl");
     pub const ROW_LOADS: &str = include_str!("../../../../shaders/row_loads.wgsl");
+    pub const KV_LOADS: &str = include_str!("../../../../shaders/kv_loads.wgsl");
     pub const PACK: &str = include_str!("../../../../shaders/pack.wgsl");
     pub const MERGE: &str = include_str!("../../../../shaders/merge.wgsl");
     pub const STREAM: &str = include_str!("../../../../shaders/stream.wgsl");
@@ -53,6 +54,7 @@ pub mod source {
         ("flash_decode.wgsl", FLASH_DECODE),
         ("fused_units.wgsl", FUSED_UNITS),
         ("row_loads.wgsl", ROW_LOADS),
+        ("kv_loads.wgsl", KV_LOADS),
         ("pack.wgsl", PACK),
         ("merge.wgsl", MERGE),
         ("stream.wgsl", STREAM),
@@ -176,13 +178,23 @@ impl Shader {
             Shader::Scores => [COMMON, LOGITS, QK_TILE, SCORES].concat(),
             Shader::Softmax => [COMMON, SOFTMAX_RULES, SOFTMAX].concat(),
             Shader::Pv => [COMMON, PV].concat(),
-            Shader::Flash => [COMMON, LOGITS, SOFTMAX_RULES, FUSED_UNITS, FLASH].concat(),
+            Shader::Flash => [
+                COMMON,
+                LOGITS,
+                SOFTMAX_RULES,
+                FUSED_UNITS,
+                ROW_LOADS,
+                KV_LOADS,
+                FLASH,
+            ]
+            .concat(),
             Shader::FlashRows => [
                 COMMON,
                 LOGITS,
                 SOFTMAX_RULES,
                 FUSED_UNITS,
                 ROW_LOADS,
+                KV_LOADS,
                 FLASH_ROWS,
             ]
             .concat(),
@@ -192,6 +204,7 @@ impl Shader {
                 SOFTMAX_RULES,
                 FUSED_UNITS,
                 ROW_LOADS,
+                KV_LOADS,
                 FLASH_DECODE,
             ]
             .concat(),

@@ -52,7 +52,7 @@ pub struct FlashConfig {
     pub paged: bool,
     /// Row reductions through subgroup shuffles (tiled layout only).
     pub subgroup_rows: bool,
-    /// K and V read four elements per load (row layout only).
+    /// K and V read four elements per load (callers check that every row is 4-aligned).
     pub vec4_kv: bool,
 }
 
@@ -211,6 +211,7 @@ impl Variant {
                         ("PACK_GQA", f.pack_gqa as u32),
                         ("PAGED", f.paged as u32),
                         ("SUBGROUP_ROWS", f.subgroup_rows as u32),
+                        ("VEC4_KV", f.vec4_kv as u32),
                     ]);
                 }
                 c
@@ -251,10 +252,22 @@ impl Variant {
 
     /// Tensors this variant reads four elements per load.
     fn wide_tensors(&self) -> Vec<&'static str> {
-        self.row_kernel()
-            .filter(|spec| spec.vec4)
-            .map(|spec| spec.wide.iter().map(|w| w.0).collect())
-            .unwrap_or_default()
+        self.wide().iter().map(|w| w.0).collect()
+    }
+
+    /// The streamed tensors read four elements per load (binding, dtype, dim name): K and V of
+    /// the fused kernels, a row kernel's streamed tensors, where the variant's `vec4_kv` is on.
+    fn wide(&self) -> Vec<(&'static str, DType, &'static str)> {
+        match self.config {
+            Config::Flash(f) if f.vec4_kv => {
+                vec![("k", f.dtypes[1], "HEAD_DIM"), ("v", f.dtypes[2], "V_DIM")]
+            }
+            _ => self
+                .row_kernel()
+                .filter(|spec| spec.vec4)
+                .map(|spec| spec.wide)
+                .unwrap_or_default(),
+        }
     }
 
     /// Row reductions of the fused kernel through subgroup shuffles (callers check that every
@@ -268,12 +281,13 @@ impl Variant {
         self
     }
 
-    /// The row kernels reading K and V (or their streamed tensors) four elements per load:
-    /// only where every such row starts at a multiple of 4 elements and the head dims are
-    /// multiples of 4 (callers check). No effect on other kernels.
+    /// The fused scalar kernels reading K and V (the backward's row kernels, their streamed
+    /// tensors) four elements per load: only where every such row starts at a multiple of 4
+    /// elements and the head dims are multiples of 4 (callers check). No effect on other
+    /// kernels.
     pub fn vec4_kv(mut self, on: bool) -> Self {
         match &mut self.config {
-            Config::Flash(f) if f.tiles.layout != FlashLayout::Tiled => f.vec4_kv = on,
+            Config::Flash(f) => f.vec4_kv = on,
             Config::Backward(b) => b.set_vec4_kv(on),
             _ => {}
         }
@@ -343,6 +357,9 @@ impl Variant {
                 .expect("flash.wgsl declares `const NC`")
                 .to_string();
             src = src.replace(&line, &format!("const NC: u32 = {nc}u; {tag}"));
+            if f.vec4_kv {
+                src = wide_loads(src, shader.name(), &self.wide());
+            }
         }
         if let Some(spec) = self.row_kernel() {
             src = row_kernel_source(src, shader.name(), &spec);
@@ -465,38 +482,7 @@ fn row_kernel_source(mut src: String, name: &str, spec: &RowKernel) -> String {
         src = src.replace(&line, &format!("const {reg}: u32 = {value}u; {tag}"));
     }
     if spec.vec4 {
-        for &(t, dtype, dim) in &spec.wide {
-            let (word, wide) = if dtype == DType::F32 {
-                ("vec4<u32>", format!("wide_f32({t}[(base + d0) / 4u])"))
-            } else {
-                let dt = dtype_code(dtype);
-                (
-                    "vec2<u32>",
-                    format!("wide_half({t}[(base + d0) / 4u], {dt}u)"),
-                )
-            };
-            // Zero past the row, like the scalar loads (the dims are multiples of 4).
-            let wide = format!("select(vec4<f32>(0.0), {wide}, d0 < {dim})");
-            let binding = format!("array<u32>; // tensor {t}");
-            assert!(src.contains(&binding), "{name}: no tensor {t}");
-            src = src.replace(&binding, &format!("array<{word}>; // tensor {t}"));
-            let load = format!("fn load_{t}(idx: u32)");
-            let start = src.find(&load).expect("row kernels define their loads");
-            let end = start + src[start..].find('\n').expect("one line");
-            src.replace_range(start..end, "");
-            let scalar = format!("fn {t}4_scalar(");
-            let start = src.find(&scalar).expect("row kernels: scalar loads");
-            let end = start + src[start..].find("\n}\n").expect("a function") + 3;
-            src.replace_range(start..end, "");
-            let line = format!(
-                "fn {t}4(base: u32, d0: u32) -> vec4<f32> {{ return {t}4_scalar(base, d0); }} // load {t}4"
-            );
-            assert!(src.contains(&line), "{name}: no {t}4 line");
-            src = src.replace(
-                &line,
-                &format!("fn {t}4(base: u32, d0: u32) -> vec4<f32> {{ return {wide}; }}"),
-            );
-        }
+        src = wide_loads(src, name, &spec.wide);
     }
     let (r, kbl) = (spec.rows, FlashTiles::ROWS_KBL);
     let products: Vec<(String, u32)> = spec
@@ -515,4 +501,44 @@ fn row_kernel_source(mut src: String, name: &str, spec: &RowKernel) -> String {
     bounds.extend(spec.registers.iter().map(|&(reg, _, v)| (reg, v)));
     bounds.extend(products.iter().map(|(k, v)| (k.as_str(), *v)));
     unroll_marked(&src, &bounds)
+}
+
+/// Rewrites the loads of the streamed tensors `wide` (binding, storage dtype, the WGSL name of
+/// its dim) as one wide load of four elements each: the binding becomes vec4 (f32) or vec2
+/// (packed f16/bf16) words and the kernel's `fn t4(..) // load t4` line reads one word (see
+/// kv_loads.wgsl). Only where every row starts at a multiple of 4 elements (callers check).
+fn wide_loads(mut src: String, name: &str, wide: &[(&'static str, DType, &'static str)]) -> String {
+    for &(t, dtype, dim) in wide {
+        let (word, wide) = if dtype == DType::F32 {
+            ("vec4<u32>", format!("wide_f32({t}[(base + d0) / 4u])"))
+        } else {
+            let dt = dtype_code(dtype);
+            (
+                "vec2<u32>",
+                format!("wide_half({t}[(base + d0) / 4u], {dt}u)"),
+            )
+        };
+        // Zero past the row, like the scalar loads (the dims are multiples of 4).
+        let wide = format!("select(vec4<f32>(0.0), {wide}, d0 < {dim})");
+        let binding = format!("array<u32>; // tensor {t}");
+        assert!(src.contains(&binding), "{name}: no tensor {t}");
+        src = src.replace(&binding, &format!("array<{word}>; // tensor {t}"));
+        let load = format!("fn load_{t}(idx: u32)");
+        let start = src.find(&load).expect("row kernels define their loads");
+        let end = start + src[start..].find('\n').expect("one line");
+        src.replace_range(start..end, "");
+        let scalar = format!("fn {t}4_scalar(");
+        let start = src.find(&scalar).expect("row kernels: scalar loads");
+        let end = start + src[start..].find("\n}\n").expect("a function") + 3;
+        src.replace_range(start..end, "");
+        let line = format!(
+            "fn {t}4(base: u32, d0: u32) -> vec4<f32> {{ return {t}4_scalar(base, d0); }} // load {t}4"
+        );
+        assert!(src.contains(&line), "{name}: no {t}4 line");
+        src = src.replace(
+            &line,
+            &format!("fn {t}4(base: u32, d0: u32) -> vec4<f32> {{ return {wide}; }}"),
+        );
+    }
+    src
 }
