@@ -1,4 +1,7 @@
-//! `spotlight bench`: validated GPU timings of the attention kernels.
+//! `spotlight bench`: validated GPU timings of the attention kernels. (Over 500 lines: the
+//! command's options, its grid, the timing loop and both output forms, line and JSON, which must
+//! stay in step; the decode-cache and backward benchmarks are `bench_cache.rs` and
+//! `bench_backward.rs`.)
 //!
 //! For each configuration: upload rotating input sets (together larger than a GPU's L2 cache),
 //! validate one run against the reference (on sampled rows when the problem is large), warm up,

@@ -3,7 +3,8 @@
 //!
 //! Owning this here means the GPU crate and the reference cannot disagree about what a problem is:
 //! both call [`Problem::validate`] and [`Problem::check_inputs`] and index tensors through
-//! [`Strides`].
+//! [`Strides`]. (Over 500 lines because each field of a problem and the check that guards it
+//! belong side by side: split, a new option could be added without its validation.)
 
 use crate::error::ProblemError;
 use crate::random::Rng;
