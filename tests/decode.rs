@@ -387,3 +387,66 @@ fn decode_kernel_matches_the_reference_on_random_problems() {
         failures.join("\n")
     );
 }
+
+/// The decode kernel over many key tiles (the running max moves between tiles) and several key
+/// chunks (partial results merged by their LSE): hundreds of keys, chunks of one or two
+/// 128-key tiles, the random options of the differential suite (without mask and bias, whose
+/// shapes follow the key count).
+#[test]
+fn decode_kernel_over_many_key_tiles_and_chunks() {
+    let Some(engine) = engine() else { return };
+    let mut failures = Vec::new();
+    for seed in 0..12u64 {
+        let (mut p, _, out_dtype) = crate::differential::random_problem(0xDEC1_0000 + seed);
+        let mut rng = Rng::new(seed);
+        p.q_len = rng.range(1, 5);
+        p.kv_len = rng.range(300, 700);
+        p.bias = None;
+        p.mask = None;
+        let dtypes = [DType::F32, rng.pick(&[DType::F32, DType::F16]), DType::F32];
+        let mut d = Data::random(&p, dtypes, rng.pick(&[1.0f32, 4.0]), &mut rng);
+        if p.alibi {
+            d.alibi_slopes = Some((0..p.q_heads).map(|h| 0.5f32.powi(h as i32 + 1)).collect());
+        }
+        if p.q_seqlens {
+            d.q_seqlens = Some((0..p.batch).map(|_| rng.range(0, p.q_len) as i32).collect());
+        }
+        if p.kv_seqlens {
+            d.kv_seqlens = Some(
+                (0..p.batch)
+                    .map(|_| rng.range(0, p.kv_len) as i32)
+                    .collect(),
+            );
+        }
+        let alg = [Algorithm::SplitK, Algorithm::Flash][seed as usize % 2];
+        let opts = RunOptions {
+            algorithm: alg,
+            out_dtype,
+            flash_layout: Some(FlashLayout::Decode),
+            max_chunk_keys: [None, Some(128), Some(256)][seed as usize % 3],
+            ..Default::default()
+        };
+        let est = engine.estimate(&p, dtypes, &opts).unwrap();
+        if opts.max_chunk_keys.is_some() {
+            // Several chunks: partial results merged by their LSE.
+            assert!(
+                est.plan.contains("/decode/") && !est.plan.ends_with("chunks1"),
+                "{}",
+                est.plan
+            );
+        }
+        if let Err(e) = check_opts(engine, &p, &d, &opts, None) {
+            failures.push(format!(
+                "seed={seed} {} {}: {p:?}: {e}",
+                alg.name(),
+                est.plan
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}

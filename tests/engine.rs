@@ -390,4 +390,16 @@ fn a_profile_times_each_kernel_of_a_call() {
         })
         .unwrap();
     assert_eq!(again.kernels.len(), 4, "{again:?}");
+    // A call that panics while recording leaves no profile armed behind it.
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        engine.time_passes(|_| panic!("the caller's recording panics"))
+    }));
+    assert!(panicked.is_err());
+    let after = engine
+        .time_passes(|enc| {
+            engine.attention_on_buffers(enc, &p, &resident.inputs(), &resident.outputs(), &opts)?;
+            Ok(())
+        })
+        .expect("the timer was disarmed by the panic");
+    assert_eq!(after.kernels.len(), 4, "{after:?}");
 }

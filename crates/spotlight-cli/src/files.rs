@@ -256,14 +256,8 @@ pub fn write_atomic(path: &Path, tensors: &[OutTensor]) -> anyhow::Result<()> {
 /// Writes `bytes` to a checked target atomically (see [`write_atomic`]).
 pub fn write_bytes_atomic(target: &OutputTarget, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
-    let tmp = temp_path(&target.path);
+    let (tmp, mut f) = create_temp(&target.path)?;
     let result = (|| -> anyhow::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .with_context(|| format!("cannot create {}", tmp.display()))?;
         // The replaced file's permissions before any data goes in (a 0600 file stays private).
         if let Some(perm) = &target.permissions {
             f.set_permissions(perm.clone())
@@ -289,10 +283,66 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     write_bytes_atomic(&check_output(path)?, bytes)
 }
 
-fn temp_path(path: &Path) -> PathBuf {
+/// A new temporary file beside `path`, created exclusively (`create_new`: an existing entry of
+/// that name, a symbolic link planted there included, is never opened or followed; the next
+/// name is tried instead).
+fn create_temp(path: &Path) -> anyhow::Result<(PathBuf, std::fs::File)> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "out".into());
-    path.with_file_name(format!(".{name}.spotlight-{}.tmp", std::process::id()))
+    let pid = std::process::id();
+    let mut last = None;
+    for n in 0..64 {
+        let tmp = path.with_file_name(format!(".{name}.spotlight-{pid}-{n}.tmp"));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(tmp),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot create {}", tmp.display()));
+            }
+        }
+    }
+    anyhow::bail!(
+        "cannot create a temporary file beside {}: {} and 63 other names are taken",
+        path.display(),
+        last.map_or_else(String::new, |p| p.display().to_string())
+    )
+}
+
+#[cfg(all(test, unix))]
+mod temp_file_tests {
+    /// A symbolic link planted where the temporary file would go is neither followed nor
+    /// written through: the file it points to stays as it was, and the output lands whole.
+    #[test]
+    fn a_planted_link_at_the_temporary_name_is_not_followed() {
+        let dir = std::env::temp_dir().join(format!("spotlight-tmp-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim");
+        std::fs::write(&victim, b"keep me").unwrap();
+        let out = dir.join("out.json");
+        let planted = dir.join(format!(".out.json.spotlight-{}-0.tmp", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        super::write_file_atomic(&out, b"{\"ok\": true}").unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+        assert_eq!(std::fs::read(&out).unwrap(), b"{\"ok\": true}");
+        assert!(
+            std::fs::symlink_metadata(&planted)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp") && !n.ends_with("-0.tmp"))
+            .collect();
+        assert!(left.is_empty(), "temporary files left: {left:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -232,6 +232,15 @@ impl Engine {
                 untimed: 0,
             });
         }
+        // Disarmed however the call ends, a panic in `record` included.
+        struct Disarm<'a>(&'a Engine);
+        impl Drop for Disarm<'_> {
+            fn drop(&mut self) {
+                let slot = &self.0.pass_timer;
+                slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+            }
+        }
+        let disarm = Disarm(self);
         let total = self.time(record);
         let timer = self
             .pass_timer
@@ -239,6 +248,7 @@ impl Engine {
             .unwrap_or_else(|e| e.into_inner())
             .take()
             .expect("the pass timer stays armed during the call");
+        drop(disarm);
         let total = total?;
         let mut kernels: Vec<PassTime> = Vec::new();
         if let Some(set) = timer.set.as_ref().filter(|_| !timer.kernels.is_empty()) {
