@@ -51,17 +51,6 @@ override NS: u32 = 4u; // subgroups per workgroup
 override BK: u32 = 32u; // keys per tile, a multiple of EDGE
 override EDGE: u32 = 16u; // the matrix edge
 
-@group(0) @binding(4) var<storage, read> q: array<u32>; // tensor q
-@group(0) @binding(5) var<storage, read> k: array<u32>; // tensor k
-@group(0) @binding(6) var<storage, read> v: array<u32>; // tensor v
-@group(0) @binding(7) var<storage, read_write> out: array<f32>;
-@group(0) @binding(8) var<storage, read_write> lse: array<f32>;
-
-// Element loads; a variant that reads f16 natively (SHADER_F16) gets these lines rewritten.
-fn load_q(idx: u32) -> f32 { return elem_value(q[elem_word(idx, Q_DT)], idx, Q_DT); } // load q
-fn load_k(idx: u32) -> f32 { return elem_value(k[elem_word(idx, K_DT)], idx, K_DT); } // load k
-fn load_v(idx: u32) -> f32 { return elem_value(v[elem_word(idx, V_DT)], idx, V_DT); } // load v
-
 fn load_q4(idx: u32) -> vec4<f32> {
     return vec4<f32>(load_q(idx), load_q(idx + 1u), load_q(idx + 2u), load_q(idx + 3u));
 }

@@ -33,6 +33,7 @@ pub mod source {
     pub const FUSED_UNITS: &str = include_str!("../../../../shaders/fused_units.wgsl");
     pub const ROW_LOADS: &str = include_str!("../../../../shaders/row_loads.wgsl");
     pub const KV_LOADS: &str = include_str!("../../../../shaders/kv_loads.wgsl");
+    pub const FUSED_IO: &str = include_str!("../../../../shaders/fused_io.wgsl");
     pub const PACK: &str = include_str!("../../../../shaders/pack.wgsl");
     pub const MERGE: &str = include_str!("../../../../shaders/merge.wgsl");
     pub const STREAM: &str = include_str!("../../../../shaders/stream.wgsl");
@@ -55,6 +56,7 @@ pub mod source {
         ("fused_units.wgsl", FUSED_UNITS),
         ("row_loads.wgsl", ROW_LOADS),
         ("kv_loads.wgsl", KV_LOADS),
+        ("fused_io.wgsl", FUSED_IO),
         ("pack.wgsl", PACK),
         ("merge.wgsl", MERGE),
         ("stream.wgsl", STREAM),
@@ -184,6 +186,7 @@ impl Shader {
                 SOFTMAX_RULES,
                 FUSED_UNITS,
                 ROW_LOADS,
+                FUSED_IO,
                 KV_LOADS,
                 FLASH,
             ]
@@ -194,6 +197,7 @@ impl Shader {
                 SOFTMAX_RULES,
                 FUSED_UNITS,
                 ROW_LOADS,
+                FUSED_IO,
                 KV_LOADS,
                 FLASH_ROWS,
             ]
@@ -204,6 +208,7 @@ impl Shader {
                 SOFTMAX_RULES,
                 FUSED_UNITS,
                 ROW_LOADS,
+                FUSED_IO,
                 KV_LOADS,
                 FLASH_DECODE,
             ]
@@ -218,6 +223,7 @@ impl Shader {
                 COMMON,
                 LOGITS,
                 SOFTMAX_RULES,
+                FUSED_IO,
                 FLASH_COOP,
             ]
             .concat(),
