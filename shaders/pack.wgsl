@@ -1,5 +1,6 @@
 // pack.wgsl — converts f32 values to packed f16 or bf16 (two per u32 word), rounding to nearest
-// even. Used when the output is asked for in half precision.
+// even (half_pack.wgsl). Used when the output is asked for in half precision and the pass that
+// computes it writes f32.
 
 struct PackParams {
     count: u32,
@@ -13,21 +14,6 @@ override OUT_DT: u32 = 1u;
 @group(0) @binding(0) var<uniform> pp: PackParams;
 @group(0) @binding(1) var<storage, read> src: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dst: array<u32>;
-
-fn to_bf16(x: f32) -> u32 {
-    let bits = bitcast<u32>(x);
-    if (bits & 0x7fffffffu) > 0x7f800000u {
-        return 0x7fc0u; // NaN stays NaN
-    }
-    return (bits + 0x7fffu + ((bits >> 16u) & 1u)) >> 16u;
-}
-
-fn to_half(x: f32) -> u32 {
-    if OUT_DT == 2u {
-        return to_bf16(x);
-    }
-    return pack2x16float(vec2<f32>(x, 0.0)) & 0xffffu;
-}
 
 @compute @workgroup_size(256)
 fn main(

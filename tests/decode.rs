@@ -450,3 +450,85 @@ fn decode_kernel_over_many_key_tiles_and_chunks() {
         failures.join("\n")
     );
 }
+
+/// The split-key merge writes a half output dtype itself where Dv is even (no pack pass) and
+/// through f32 and the pack where it is odd; and the engine's reused scratch (partial O and LSE,
+/// aux, the f32 output) carries nothing from one call to the next: calls that grow, shrink and
+/// drop options (sequence lengths, the LSE) in turn all match the reference.
+#[test]
+fn split_key_merge_writes_half_outputs_and_scratch_is_reused_cleanly() {
+    let Some(engine) = engine() else { return };
+    let mut rng = Rng::new(66);
+    let mut calls = 0;
+    for (dv, out) in [
+        (64, DType::F16),
+        (64, DType::Bf16),
+        (33, DType::F16),
+        (33, DType::Bf16),
+        (64, DType::F32),
+    ] {
+        // Long, short, long again; the short one with sequence lengths (aux written), the
+        // others without (aux left as the previous call wrote it, and never read).
+        for (b, lq, lk, lens) in [
+            (2, 4, 900, false),
+            (1, 1, 150, true),
+            (2, 4, 900, false),
+            (2, 3, 400, true),
+        ] {
+            let mut p = Problem::new(b, lq, lk, 8, 2, 64)
+                .v_head_dim(dv)
+                .causal(calls % 2 == 0);
+            p.kv_seqlens = lens;
+            let mut d = Data::random(&p, [DType::F16, DType::F16, DType::F16], 1.0, &mut rng);
+            if lens {
+                d.kv_seqlens = Some((0..b).map(|_| rng.range(1, lk) as i32).collect());
+            }
+            let opts = RunOptions {
+                algorithm: Algorithm::SplitK,
+                out_dtype: Some(out),
+                max_chunk_keys: Some(64),
+                ..Default::default()
+            };
+            check_opts(engine, &p, &d, &opts, None)
+                .unwrap_or_else(|e| panic!("Dv {dv} {out:?} B{b} Lq{lq} Lk{lk}: {e}"));
+            calls += 1;
+        }
+    }
+    assert_eq!(calls, 20);
+    // Which passes ran: attention and merge only, unless Dv is odd and O is half.
+    let mut timed = false;
+    for (dv, out, expected) in [
+        (64, DType::F16, &["flash", "merge"][..]),
+        (33, DType::F16, &["flash", "merge", "pack"][..]),
+        (64, DType::F32, &["flash", "merge"][..]),
+    ] {
+        let p = Problem::new(1, 2, 700, 8, 2, 64).v_head_dim(dv);
+        let d = Data::random(&p, [DType::F16; 3], 0.5, &mut rng);
+        let opts = RunOptions {
+            algorithm: Algorithm::SplitK,
+            out_dtype: Some(out),
+            max_chunk_keys: Some(64),
+            ..Default::default()
+        };
+        let resident = engine.upload(&p, &d.inputs(), &opts).unwrap();
+        let (gi, go) = (resident.inputs(), resident.outputs());
+        let profile = engine
+            .time_passes(|enc| {
+                engine
+                    .attention_on_buffers(enc, &p, &gi, &go, &opts)
+                    .map(drop)
+            })
+            .unwrap();
+        if !engine.capabilities().timestamp_query {
+            continue;
+        }
+        timed = true;
+        let names: Vec<&str> = profile.kernels.iter().map(|k| k.kernel).collect();
+        // The attention kernel's name depends on the adapter's layout (flash, flash_rows, ...).
+        assert!(names[0].starts_with("flash"), "{profile:?}");
+        assert_eq!(&names[1..], &expected[1..], "Dv {dv} {out:?}: {profile:?}");
+    }
+    if !timed {
+        eprintln!("SKIPPED which passes ran: the adapter has no timestamp queries");
+    }
+}

@@ -21,7 +21,7 @@ fn module(src: &str, name: &str) -> (naga::Module, naga::valid::ModuleInfo) {
 /// produces on 32 KiB and 48 KiB adapters.
 fn variants() -> Vec<Variant> {
     let dts = [DType::F32, DType::F16, DType::Bf16];
-    let mut out = vec![Variant::softmax(), Variant::merge(), Variant::stream()];
+    let mut out = vec![Variant::softmax(), Variant::stream()];
     // Every f16 variant again, reading f16 natively (SHADER_F16).
     let natives = |v: &[Variant]| -> Vec<Variant> {
         v.iter()
@@ -37,6 +37,7 @@ fn variants() -> Vec<Variant> {
     for a in dts {
         out.push(Variant::pv(a));
         out.push(Variant::pack(a));
+        out.push(Variant::merge(a));
         for b in dts {
             out.push(Variant::linear(a, b));
             out.push(Variant::scores(a, b));

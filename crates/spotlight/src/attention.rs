@@ -242,7 +242,9 @@ impl Engine {
         let opts = self.resolve_coop(p, inputs.dtypes, &opts)?;
         let plan = self.plan(p, inputs.dtypes, &opts)?;
         self.check_health()?;
-        self.encode(encoder, p, plan, inputs, outputs, None)?;
+        // Scoped like every operation: a scratch allocation that fails is `OutOfMemory` here,
+        // and the engine's reusable scratch is dropped with it.
+        self.scoped(|| self.encode(encoder, p, plan, inputs, outputs, None))?;
         Ok(plan.algorithm())
     }
 

@@ -102,6 +102,8 @@ pub struct Engine {
     scopes_entered: std::sync::atomic::AtomicU64,
     /// The per-pass timestamps of a profile being taken ([`Engine::time_passes`]).
     pub(crate) pass_timer: Mutex<Option<crate::timing::PassTimer>>,
+    /// Scratch reused across calls ([`crate::record::Slot`]).
+    pub(crate) scratch_pool: crate::record::ScratchPool,
 }
 
 fn instance(backends: wgpu::Backends) -> wgpu::Instance {
@@ -264,6 +266,7 @@ impl Engine {
             queue,
             caps,
             cache: PipelineCache::default(),
+            scratch_pool: Default::default(),
             gpu_error: Arc::new(Mutex::new(None)),
             lost,
             why,
@@ -447,6 +450,10 @@ impl Engine {
         let result = f();
         let validation = pollster::block_on(validation.pop());
         let oom = pollster::block_on(oom.pop());
+        if oom.is_some() || validation.is_some() || result.is_err() {
+            // A pooled scratch buffer created inside may be the failure: start afresh.
+            self.scratch_pool.clear();
+        }
         if let Some(e) = oom {
             return Err(Error::OutOfMemory(e.to_string()));
         }

@@ -71,7 +71,9 @@ impl Engine {
         let pl = init("partial lse", &part_lse, storage);
         let out = init("out", &vec![f32::NAN; p.o_elems()], storage);
         let lse = init("lse", &vec![f32::NAN; rows], storage);
-        let kernel = self.cache.get(dev, &Variant::merge())?;
+        let kernel = self
+            .cache
+            .get(dev, &Variant::merge(spotlight_reference::DType::F32))?;
         let mut enc = dev.create_command_encoder(&Default::default());
         let binds = [(0, &params), (4, &po), (5, &pl), (6, &out), (7, &lse)];
         self.dispatch(&mut enc, &kernel, &binds, rows as u64)?;

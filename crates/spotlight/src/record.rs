@@ -19,6 +19,45 @@ fn fused_bindings(b: [&wgpu::Buffer; 9]) -> [(u32, &wgpu::Buffer); 9] {
     std::array::from_fn(|n| (n as u32, b[n]))
 }
 
+/// The scratch `encode` records into, by role. Each is written and read only inside one
+/// recording of `encode` (one submission's passes, in order), so recordings may share them: any
+/// number of encoders, submitted in any order, each find the data they wrote themselves (wgpu
+/// orders the passes and submissions that use a buffer). Reusing them saves each call the
+/// allocations and wgpu's zero-fill of fresh buffers, which on the decode path cost more than the
+/// merge itself. Never given to a caller, never bound twice in one dispatch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Slot {
+    /// Bound where a kernel's optional input (bias, mask) is absent.
+    Unused,
+    /// `[q_seqlens][kv_seqlens][slopes][block table]` (`params_and_aux`).
+    Aux,
+    /// O in f32 before the pack to a half output dtype.
+    Out32,
+    /// The LSE when the caller did not ask for it.
+    Lse,
+    /// Split-key partial O and LSE, before the merge.
+    PartialOut,
+    PartialLse,
+}
+
+/// Pooled scratch buffers up to this size are kept for reuse; larger ones are allocated per call
+/// (their zero-fill is small beside the work that needs them) so that one large problem does not
+/// pin its scratch for the engine's lifetime. Kept: at most 6 × 32 MiB per engine.
+const POOL_MAX_BYTES: u64 = 32 << 20;
+
+/// The engine's reusable scratch, one buffer per [`Slot`], grown (to a power of two) on demand.
+#[derive(Default)]
+pub(crate) struct ScratchPool {
+    buffers: parking_lot::Mutex<std::collections::HashMap<Slot, wgpu::Buffer>>,
+}
+
+impl ScratchPool {
+    /// Forgets every buffer (after an operation failed: one of them may be invalid).
+    pub(crate) fn clear(&self) {
+        self.buffers.lock().clear();
+    }
+}
+
 /// P·V key tiles per dispatch where loops are bounded (see `Engine::pv_keys_per_dispatch`).
 const PV_TILES_PER_DISPATCH_BOUNDED: usize = 2048;
 
@@ -45,6 +84,31 @@ impl Engine {
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         })
+    }
+
+    /// A scratch buffer for `slot` of at least `bytes`, reused across calls (see [`Slot`]).
+    pub(crate) fn pooled(&self, slot: Slot, bytes: u64) -> wgpu::Buffer {
+        let label = match slot {
+            Slot::Unused => "unused",
+            Slot::Aux => "aux",
+            Slot::Out32 => "out f32",
+            Slot::Lse => "lse",
+            Slot::PartialOut => "partial out",
+            Slot::PartialLse => "partial lse",
+        };
+        let size = padded(bytes);
+        if size > POOL_MAX_BYTES {
+            return self.scratch(label, size);
+        }
+        let mut pool = self.scratch_pool.buffers.lock();
+        if let Some(b) = pool.get(&slot)
+            && b.size() >= size
+        {
+            return b.clone();
+        }
+        let b = self.scratch(label, size.next_power_of_two().min(POOL_MAX_BYTES));
+        pool.insert(slot, b.clone());
+        b
     }
 
     pub(crate) fn dispatch(
@@ -105,21 +169,10 @@ impl Engine {
             uniform.key_base = base;
             uniform.kv_total = total;
         }
-        let (params, aux) = self.params_and_aux(enc, p, uniform, i, paging);
-        let dummy = self.scratch("unused", 4);
+        let (params, aux) = self.params_and_aux(enc, p, uniform, i, paging, true);
+        let dummy = self.pooled(Slot::Unused, 4);
         let bias = i.bias.unwrap_or(&dummy);
         let mask = i.mask.unwrap_or(&dummy);
-        let out_scratch =
-            (o.out_dtype != DType::F32).then(|| self.scratch("out f32", p.o_elems() as u64 * 4));
-        let out32 = out_scratch.as_ref().unwrap_or(o.out);
-        let lse_scratch = o
-            .lse
-            .is_none()
-            .then(|| self.scratch("lse", p.lse_elems() as u64 * 4));
-        let lse = o.lse.or(lse_scratch.as_ref()).expect("lse buffer");
-        // The fused kernels' bindings (flash.wgsl and flash_coop.wgsl share them).
-        let fused_binds = |o, l| fused_bindings([&params, &aux, bias, mask, i.q, i.k, i.v, o, l]);
-        let grids = self.grids(p, plan);
         // The fused kernels: one variant, then (when the key range is cut into chunks) partial O
         // and LSE to scratch, merged by their LSE.
         let fused = match plan.run {
@@ -142,14 +195,33 @@ impl Engine {
             ),
             Run::ThreePass => None,
         };
+        let chunks = plan.chunks().count as u64;
+        // The merge writes a half output dtype itself (two per word) where Dv is even, so a
+        // split-key run has no pack pass; otherwise O goes through f32 and the pack.
+        let merged = fused.is_some() && chunks > 1;
+        let merge_out = match o.out_dtype {
+            DType::F32 => DType::F32,
+            d if p.v_head_dim.is_multiple_of(2) => d,
+            _ => DType::F32,
+        };
+        let out_scratch = (o.out_dtype != DType::F32 && !(merged && merge_out == o.out_dtype))
+            .then(|| self.pooled(Slot::Out32, p.o_elems() as u64 * 4));
+        let out32 = out_scratch.as_ref().unwrap_or(o.out);
+        let lse_scratch = o
+            .lse
+            .is_none()
+            .then(|| self.pooled(Slot::Lse, p.lse_elems() as u64 * 4));
+        let lse = o.lse.or(lse_scratch.as_ref()).expect("lse buffer");
+        // The fused kernels' bindings (flash.wgsl and flash_coop.wgsl share them).
+        let fused_binds = |o, l| fused_bindings([&params, &aux, bias, mask, i.q, i.k, i.v, o, l]);
+        let grids = self.grids(p, plan);
         match fused {
             Some(variant) => {
                 let kernel = self.cache.get(dev, &variant)?;
-                let chunks = plan.chunks().count as u64;
-                let split = (chunks > 1).then(|| {
+                let split = merged.then(|| {
                     (
-                        self.scratch("partial out", chunks * p.o_elems() as u64 * 4),
-                        self.scratch("partial lse", chunks * p.lse_elems() as u64 * 4),
+                        self.pooled(Slot::PartialOut, chunks * p.o_elems() as u64 * 4),
+                        self.pooled(Slot::PartialLse, chunks * p.lse_elems() as u64 * 4),
                     )
                 });
                 let (o_dst, lse_dst) = match &split {
@@ -158,7 +230,12 @@ impl Engine {
                 };
                 self.dispatch(enc, &kernel, &fused_binds(o_dst, lse_dst), grids[0].1)?;
                 if let Some((po, pl)) = &split {
-                    let merge = self.cache.get(dev, &Variant::merge())?;
+                    let merge_dtype = if out_scratch.is_some() {
+                        DType::F32
+                    } else {
+                        o.out_dtype
+                    };
+                    let merge = self.cache.get(dev, &Variant::merge(merge_dtype))?;
                     let binds = [(0, &params), (4, po), (5, pl), (6, out32), (7, lse)];
                     self.dispatch(enc, &merge, &binds, grids[1].1)?;
                 }
@@ -228,7 +305,8 @@ impl Engine {
 
     /// The uniform block and the aux buffer every attention kernel binds (0 and 1). aux is
     /// `[q_seqlens: B][kv_seqlens: B][alibi slopes: Hq][block table]`, gathered on the GPU from
-    /// the caller's buffers.
+    /// the caller's buffers. `pooled`: aux is the engine's reusable [`Slot::Aux`] (only for a
+    /// caller whose aux is dead once its recording ends, as `encode`'s is).
     pub(crate) fn params_and_aux(
         &self,
         enc: &mut wgpu::CommandEncoder,
@@ -236,6 +314,7 @@ impl Engine {
         mut uniform: Params,
         i: &GpuInputs<'_>,
         paging: Option<&Paging<'_>>,
+        pooled: bool,
     ) -> (wgpu::Buffer, wgpu::Buffer) {
         let aux_words = (2 * p.batch + p.q_heads) as u64;
         if let Some(pg) = paging {
@@ -252,7 +331,12 @@ impl Engine {
             });
         let b4 = p.batch as u64 * 4;
         let table_bytes = paging.map_or(0, |pg| p.batch as u64 * pg.table_stride as u64 * 4);
-        let aux = self.scratch("aux", aux_words * 4 + table_bytes);
+        let aux_bytes = aux_words * 4 + table_bytes;
+        let aux = if pooled {
+            self.pooled(Slot::Aux, aux_bytes)
+        } else {
+            self.scratch("aux", aux_bytes)
+        };
         for (src, offset, size) in [
             (i.q_seqlens, 0, b4),
             (i.kv_seqlens, b4, b4),

@@ -35,6 +35,7 @@ pub mod source {
     pub const KV_LOADS: &str = include_str!("../../../../shaders/kv_loads.wgsl");
     pub const FUSED_IO: &str = include_str!("../../../../shaders/fused_io.wgsl");
     pub const PACK: &str = include_str!("../../../../shaders/pack.wgsl");
+    pub const HALF_PACK: &str = include_str!("../../../../shaders/half_pack.wgsl");
     pub const MERGE: &str = include_str!("../../../../shaders/merge.wgsl");
     pub const STREAM: &str = include_str!("../../../../shaders/stream.wgsl");
     pub const LENS: &str = include_str!("../../../../shaders/lens.wgsl");
@@ -58,6 +59,7 @@ pub mod source {
         ("kv_loads.wgsl", KV_LOADS),
         ("fused_io.wgsl", FUSED_IO),
         ("pack.wgsl", PACK),
+        ("half_pack.wgsl", HALF_PACK),
         ("merge.wgsl", MERGE),
         ("stream.wgsl", STREAM),
         ("lens.wgsl", LENS),
@@ -213,8 +215,8 @@ impl Shader {
                 FLASH_DECODE,
             ]
             .concat(),
-            Shader::Pack => PACK.to_string(),
-            Shader::Merge => [COMMON, SOFTMAX_RULES, MERGE].concat(),
+            Shader::Pack => [PACK, HALF_PACK].concat(),
+            Shader::Merge => [COMMON, SOFTMAX_RULES, HALF_PACK, MERGE].concat(),
             Shader::Stream => STREAM.to_string(),
             Shader::Linear => LINEAR.to_string(),
             Shader::Lens => [COMMON, LOGITS, QK_TILE, SOFTMAX_RULES, LENS].concat(),

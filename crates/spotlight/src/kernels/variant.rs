@@ -24,8 +24,8 @@ pub enum Config {
     Flash(FlashConfig),
     /// The fused kernel on matrix units (`flash_coop.wgsl`).
     FlashCoop(CoopConfig),
-    /// The LSE merge of partial results (`merge.wgsl`).
-    Merge,
+    /// The LSE merge of partial results (`merge.wgsl`), writing O in `out`.
+    Merge { out: DType },
     /// The attention lens (`lens.wgsl`).
     Lens { q: DType, k: DType },
     /// The layer's projection (`linear.wgsl`).
@@ -127,8 +127,10 @@ impl Variant {
         .into()
     }
 
-    pub fn merge() -> Self {
-        Config::Merge.into()
+    /// The LSE merge of split-key parts, writing O in `out` (a half dtype only where Dv is even:
+    /// `merge.wgsl` writes two halves per word).
+    pub fn merge(out: DType) -> Self {
+        Config::Merge { out }.into()
     }
 
     /// The cooperative-matrix kernel with its tiles (matrix edge, subgroup size, subgroups per
@@ -172,7 +174,7 @@ impl Variant {
                 FlashLayout::Tiled => Shader::Flash,
             },
             Config::FlashCoop(_) => Shader::FlashCoop,
-            Config::Merge => Shader::Merge,
+            Config::Merge { .. } => Shader::Merge,
             Config::Lens { .. } => Shader::Lens,
             Config::Linear { .. } => Shader::Linear,
             Config::Stream => Shader::Stream,
@@ -189,7 +191,7 @@ impl Variant {
             }
             Config::Softmax => vec![("WG", 128)],
             Config::Pv { v } => vec![("V_DT", dtype_code(v))],
-            Config::Merge => vec![("WG", 64)],
+            Config::Merge { out } => vec![("WG", 128), ("OUT_DT", dtype_code(out))],
             Config::Linear { x, w } => vec![("X_DT", dtype_code(x)), ("W_DT", dtype_code(w))],
             Config::Stream => vec![],
             Config::Pack { out } => vec![("OUT_DT", dtype_code(out))],
