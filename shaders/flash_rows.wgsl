@@ -129,6 +129,18 @@ fn main(
         }
     }
 
+    // Each row's visible keys from the bands, this chunk's end and the key length alone
+    // (inclusive; empty for a row past the valid query length): the band path below.
+    var band_lo: array<i32, R>;
+    var band_hi: array<i32, R>;
+    for (var r = 0u; r < R; r++) { // unroll
+        let rr = r0 + r;
+        let i = row_pos(rr);
+        let band = band_limits(i, off, lk);
+        band_lo[r] = band.x;
+        band_hi[r] = select(-1, min(band.y, j_hi - 1), rr < unit_rows && i < lq);
+    }
+
     for (var j0 = j_lo; j0 < j_hi; j0 += i32(WG * KBL)) {
         // S: lane `lid` computes the logits of its keys j0 + c·WG + lid for the R rows.
         var kb: array<u32, KBL>;
@@ -165,6 +177,17 @@ fn main(
         if clean && plain {
             for (var e = 0u; e < R * KBL; e++) { // unroll
                 s[e] = params.scale * s[e];
+            }
+        } else if no_masks && plain {
+            // Only the bands and lengths hide keys (the diagonal block of a causal or windowed
+            // problem, the last block of a row): two comparisons per logit against the rows'
+            // limits, unrolled like the clean path so the logits stay in registers. The same
+            // decision as the general path below (band_limits is visible without a mask, the
+            // scale is finish_logit without bias, ALiBi or cap).
+            for (var e = 0u; e < R * KBL; e++) { // unroll
+                let j = j0 + i32((e % KBL) * WG + lid);
+                let ok = j >= band_lo[e / KBL] && j <= band_hi[e / KBL];
+                s[e] = select(ninf, params.scale * s[e], ok);
             }
         } else {
             var t: array<f32, R * KBL>;

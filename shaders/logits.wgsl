@@ -5,20 +5,9 @@
 @group(0) @binding(3) var<storage, read> mask: array<u32>;
 
 // Whether key j (a global key index) is visible to query row i of (b, h); off = Lk_b - Lq_b,
-// lk = Lk_b.
+// lk = Lk_b: inside the bands (in_band) and kept by the mask.
 fn visible(b: u32, h: u32, i: u32, j: u32, off: i32, lk: u32) -> bool {
-    if j >= lk {
-        return false;
-    }
-    let diag = i32(i) + off;
-    let jj = i32(j);
-    if has(F_CAUSAL) && jj > diag {
-        return false;
-    }
-    if params.win_left >= 0 && jj < diag - params.win_left {
-        return false;
-    }
-    if params.win_right >= 0 && jj > diag + params.win_right {
+    if !in_band(i, i32(j), off, lk) {
         return false;
     }
     if has(F_MASK) {
@@ -29,6 +18,32 @@ fn visible(b: u32, h: u32, i: u32, j: u32, off: i32, lk: u32) -> bool {
         }
     }
     return true;
+}
+
+// Whether key j (>= 0) lies inside the key length and the causal and window bands of query
+// row i: what `visible` decides before the mask.
+fn in_band(i: u32, j: i32, off: i32, lk: u32) -> bool {
+    let band = band_limits(i, off, lk);
+    return j >= band.x && j <= band.y;
+}
+
+// The keys query row i sees from the key length and the causal and window bands alone, as an
+// inclusive range [x, y] (empty when y < x): in_band's decision, for kernels that hoist it out
+// of their key loop.
+fn band_limits(i: u32, off: i32, lk: u32) -> vec2<i32> {
+    let diag = i32(i) + off;
+    var hi = i32(lk) - 1;
+    if has(F_CAUSAL) {
+        hi = min(hi, diag);
+    }
+    if params.win_right >= 0 {
+        hi = min(hi, diag + params.win_right);
+    }
+    var lo = 0;
+    if params.win_left >= 0 {
+        lo = diag - params.win_left;
+    }
+    return vec2<i32>(lo, hi);
 }
 
 // Keys that can be visible to at least one of the query rows at positions i_first..=i_last of a
