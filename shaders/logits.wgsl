@@ -7,7 +7,7 @@
 // Whether key j (a global key index) is visible to query row i of (b, h); off = Lk_b - Lq_b,
 // lk = Lk_b: inside the bands (in_band) and kept by the mask.
 fn visible(b: u32, h: u32, i: u32, j: u32, off: i32, lk: u32) -> bool {
-    if !in_band(i, i32(j), off, lk) {
+    if j >= lk || !in_band(i, i32(j), off, lk) {
         return false;
     }
     if has(F_MASK) {
@@ -20,8 +20,8 @@ fn visible(b: u32, h: u32, i: u32, j: u32, off: i32, lk: u32) -> bool {
     return true;
 }
 
-// Whether key j (>= 0) lies inside the key length and the causal and window bands of query
-// row i: what `visible` decides before the mask.
+// Whether key j lies inside the key length and the causal and window bands of query row i:
+// what `visible` decides before the mask (which also tests j < lk in u32, for keys past i32).
 fn in_band(i: u32, j: i32, off: i32, lk: u32) -> bool {
     let band = band_limits(i, off, lk);
     return j >= band.x && j <= band.y;
@@ -32,14 +32,15 @@ fn in_band(i: u32, j: i32, off: i32, lk: u32) -> bool {
 // of their key loop.
 fn band_limits(i: u32, off: i32, lk: u32) -> vec2<i32> {
     let diag = i32(i) + off;
-    var hi = i32(lk) - 1;
+    // j < lk, for every lk a u32 holds (past i32's range every key index is below it).
+    var hi = select(i32(lk) - 1, 0x7fffffff, lk > 0x7fffffffu);
     if has(F_CAUSAL) {
         hi = min(hi, diag);
     }
     if params.win_right >= 0 {
         hi = min(hi, diag + params.win_right);
     }
-    var lo = 0;
+    var lo = -2147483647 - 1; // no lower bound but the left window
     if params.win_left >= 0 {
         lo = diag - params.win_left;
     }

@@ -169,7 +169,8 @@ impl Engine {
             let dummy = self.scratch("unused", 4);
             let gin = r.inputs();
             let mut enc = dev.create_command_encoder(&Default::default());
-            let (params, aux) = self.params_and_aux(&mut enc, p, Params::new(p), &gin, None, false);
+            let (params, aux) =
+                self.params_and_aux(&mut enc, p, Params::new(p), &gin, None, false)?;
             let groups = (tiles_i * p.batch * p.q_heads) as u64;
             for (n, begin) in (0..p.kv_len).step_by(chunk).enumerate() {
                 let lp = LensParams {

@@ -86,8 +86,10 @@ impl Engine {
         })
     }
 
-    /// A scratch buffer for `slot` of at least `bytes`, reused across calls (see [`Slot`]).
-    pub(crate) fn pooled(&self, slot: Slot, bytes: u64) -> wgpu::Buffer {
+    /// A scratch buffer for `slot` of at least `bytes`, reused across calls (see [`Slot`]). A new
+    /// pooled buffer is created inside its own out-of-memory scope and kept only once it exists,
+    /// so no other call (thread) is ever handed a buffer whose allocation failed.
+    pub(crate) fn pooled(&self, slot: Slot, bytes: u64) -> Result<wgpu::Buffer> {
         let label = match slot {
             Slot::Unused => "unused",
             Slot::Aux => "aux",
@@ -98,17 +100,30 @@ impl Engine {
         };
         let size = padded(bytes);
         if size > POOL_MAX_BYTES {
-            return self.scratch(label, size);
+            return Ok(self.scratch(label, size));
         }
         let mut pool = self.scratch_pool.buffers.lock();
         if let Some(b) = pool.get(&slot)
             && b.size() >= size
         {
-            return b.clone();
+            return Ok(b.clone());
         }
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let b = self.scratch(label, size.next_power_of_two().min(POOL_MAX_BYTES));
+        if let Some(e) = pollster::block_on(oom.pop()) {
+            return Err(Error::OutOfMemory(e.to_string()));
+        }
         pool.insert(slot, b.clone());
-        b
+        Ok(b)
+    }
+
+    /// Drops the scratch buffers the engine keeps for reuse across calls (one per role: the key
+    /// split's partial outputs and LSEs, the f32 output before conversion, the LSE when not asked
+    /// for, the sequence-length/block-table block; each at most 32 MiB, rounded up to a power of
+    /// two). Calls allocate them again when next needed. For an application that ran a large
+    /// problem once and wants the memory back; never needed for correctness.
+    pub fn release_scratch(&self) {
+        self.scratch_pool.clear();
     }
 
     pub(crate) fn dispatch(
@@ -169,8 +184,8 @@ impl Engine {
             uniform.key_base = base;
             uniform.kv_total = total;
         }
-        let (params, aux) = self.params_and_aux(enc, p, uniform, i, paging, true);
-        let dummy = self.pooled(Slot::Unused, 4);
+        let (params, aux) = self.params_and_aux(enc, p, uniform, i, paging, true)?;
+        let dummy = self.pooled(Slot::Unused, 4)?;
         let bias = i.bias.unwrap_or(&dummy);
         let mask = i.mask.unwrap_or(&dummy);
         // The fused kernels: one variant, then (when the key range is cut into chunks) partial O
@@ -205,12 +220,14 @@ impl Engine {
             _ => DType::F32,
         };
         let out_scratch = (o.out_dtype != DType::F32 && !(merged && merge_out == o.out_dtype))
-            .then(|| self.pooled(Slot::Out32, p.o_elems() as u64 * 4));
+            .then(|| self.pooled(Slot::Out32, p.o_elems() as u64 * 4))
+            .transpose()?;
         let out32 = out_scratch.as_ref().unwrap_or(o.out);
         let lse_scratch = o
             .lse
             .is_none()
-            .then(|| self.pooled(Slot::Lse, p.lse_elems() as u64 * 4));
+            .then(|| self.pooled(Slot::Lse, p.lse_elems() as u64 * 4))
+            .transpose()?;
         let lse = o.lse.or(lse_scratch.as_ref()).expect("lse buffer");
         // The fused kernels' bindings (flash.wgsl and flash_coop.wgsl share them).
         let fused_binds = |o, l| fused_bindings([&params, &aux, bias, mask, i.q, i.k, i.v, o, l]);
@@ -218,12 +235,13 @@ impl Engine {
         match fused {
             Some(variant) => {
                 let kernel = self.cache.get(dev, &variant)?;
-                let split = merged.then(|| {
-                    (
-                        self.pooled(Slot::PartialOut, chunks * p.o_elems() as u64 * 4),
-                        self.pooled(Slot::PartialLse, chunks * p.lse_elems() as u64 * 4),
-                    )
-                });
+                let split = match merged {
+                    true => Some((
+                        self.pooled(Slot::PartialOut, chunks * p.o_elems() as u64 * 4)?,
+                        self.pooled(Slot::PartialLse, chunks * p.lse_elems() as u64 * 4)?,
+                    )),
+                    false => None,
+                };
                 let (o_dst, lse_dst) = match &split {
                     Some((po, pl)) => (po, pl),
                     None => (out32, lse),
@@ -315,7 +333,7 @@ impl Engine {
         i: &GpuInputs<'_>,
         paging: Option<&Paging<'_>>,
         pooled: bool,
-    ) -> (wgpu::Buffer, wgpu::Buffer) {
+    ) -> Result<(wgpu::Buffer, wgpu::Buffer)> {
         let aux_words = (2 * p.batch + p.q_heads) as u64;
         if let Some(pg) = paging {
             uniform.page_size = pg.page_size;
@@ -333,7 +351,7 @@ impl Engine {
         let table_bytes = paging.map_or(0, |pg| p.batch as u64 * pg.table_stride as u64 * 4);
         let aux_bytes = aux_words * 4 + table_bytes;
         let aux = if pooled {
-            self.pooled(Slot::Aux, aux_bytes)
+            self.pooled(Slot::Aux, aux_bytes)?
         } else {
             self.scratch("aux", aux_bytes)
         };
@@ -347,7 +365,7 @@ impl Engine {
                 enc.copy_buffer_to_buffer(src, 0, &aux, offset, size);
             }
         }
-        (params, aux)
+        Ok((params, aux))
     }
 
     /// Converts `count` f32 values in `src` to packed `dtype` in `dst`.
