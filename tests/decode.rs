@@ -405,19 +405,7 @@ fn decode_kernel_over_many_key_tiles_and_chunks() {
         p.mask = None;
         let dtypes = [DType::F32, rng.pick(&[DType::F32, DType::F16]), DType::F32];
         let mut d = Data::random(&p, dtypes, rng.pick(&[1.0f32, 4.0]), &mut rng);
-        if p.alibi {
-            d.alibi_slopes = Some((0..p.q_heads).map(|h| 0.5f32.powi(h as i32 + 1)).collect());
-        }
-        if p.q_seqlens {
-            d.q_seqlens = Some((0..p.batch).map(|_| rng.range(0, p.q_len) as i32).collect());
-        }
-        if p.kv_seqlens {
-            d.kv_seqlens = Some(
-                (0..p.batch)
-                    .map(|_| rng.range(0, p.kv_len) as i32)
-                    .collect(),
-            );
-        }
+        crate::differential::random_lengths_and_slopes(&p, &mut d, &mut rng);
         let alg = [Algorithm::SplitK, Algorithm::Flash][seed as usize % 2];
         let opts = RunOptions {
             algorithm: alg,

@@ -122,19 +122,29 @@ pub fn random_problem(seed: u64) -> (Problem, Data, Option<DType>) {
         let keep = rng.uniform(0.3, 0.95) as f64;
         data.mask = Some((0..n_b(&b)).map(|_| rng.chance(keep) as u8).collect());
     }
-    if p.alibi {
-        data.alibi_slopes = Some((0..q_heads).map(|h| 0.5f32.powi(h as i32 + 1)).collect());
-    }
-    if p.q_seqlens {
-        data.q_seqlens = Some((0..batch).map(|_| rng.range(0, lq) as i32).collect());
-    }
-    if p.kv_seqlens {
-        data.kv_seqlens = Some((0..batch).map(|_| rng.range(0, lk) as i32).collect());
-    }
+    random_lengths_and_slopes(&p, &mut data, &mut rng);
     let out_dtype = rng
         .chance(0.2)
         .then(|| rng.pick(&[DType::F32, DType::F16, DType::Bf16]));
     (p, data, out_dtype)
+}
+
+/// The ALiBi slopes and random valid lengths (0..=Lq-1, 0..=Lk-1) that `p`'s flags ask for, for a
+/// problem whose lengths a test changed after [`random_problem`] drew it (which calls this too).
+pub fn random_lengths_and_slopes(p: &Problem, data: &mut Data, rng: &mut Rng) {
+    if p.alibi {
+        data.alibi_slopes = Some((0..p.q_heads).map(|h| 0.5f32.powi(h as i32 + 1)).collect());
+    }
+    if p.q_seqlens {
+        data.q_seqlens = Some((0..p.batch).map(|_| rng.range(0, p.q_len) as i32).collect());
+    }
+    if p.kv_seqlens {
+        data.kv_seqlens = Some(
+            (0..p.batch)
+                .map(|_| rng.range(0, p.kv_len) as i32)
+                .collect(),
+        );
+    }
 }
 
 // Property test: random problems with random combinations of every option, on every algorithm

@@ -51,19 +51,7 @@ fn random_problems_split_under_a_small_binding_limit() {
         p.mask = None;
         let dtypes = [DType::F32, rng.pick(&[DType::F32, DType::F16]), DType::F32];
         let mut d = Data::random(&p, dtypes, 1.0, &mut rng);
-        if p.alibi {
-            d.alibi_slopes = Some((0..p.q_heads).map(|h| 0.5f32.powi(h as i32 + 1)).collect());
-        }
-        if p.q_seqlens {
-            d.q_seqlens = Some((0..p.batch).map(|_| rng.range(0, p.q_len) as i32).collect());
-        }
-        if p.kv_seqlens {
-            d.kv_seqlens = Some(
-                (0..p.batch)
-                    .map(|_| rng.range(0, p.kv_len) as i32)
-                    .collect(),
-            );
-        }
+        crate::differential::random_lengths_and_slopes(&p, &mut d, &mut rng);
         let per_b = (p.q_len * p.q_heads * p.head_dim.max(p.v_head_dim) * 4) as u64;
         let small = Engine::new().unwrap().with_binding_limit(per_b.max(4096));
         // Odd seeds also run split-k on the decode kernel (what GPUs get) where a group fits it.

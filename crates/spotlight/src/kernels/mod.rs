@@ -178,43 +178,23 @@ impl Shader {
     /// The module source before flash-coop's numbered blocks are expanded.
     pub fn template(self) -> String {
         use source::*;
+        // The shared files of the three scalar fused kernels, in order, before each one's own.
+        const SCALAR_FUSED: [&str; 7] = [
+            COMMON,
+            LOGITS,
+            SOFTMAX_RULES,
+            FUSED_UNITS,
+            ROW_LOADS,
+            FUSED_IO,
+            KV_LOADS,
+        ];
         match self {
             Shader::Scores => [COMMON, LOGITS, QK_TILE, SCORES].concat(),
             Shader::Softmax => [COMMON, SOFTMAX_RULES, SOFTMAX].concat(),
             Shader::Pv => [COMMON, PV].concat(),
-            Shader::Flash => [
-                COMMON,
-                LOGITS,
-                SOFTMAX_RULES,
-                FUSED_UNITS,
-                ROW_LOADS,
-                FUSED_IO,
-                KV_LOADS,
-                FLASH,
-            ]
-            .concat(),
-            Shader::FlashRows => [
-                COMMON,
-                LOGITS,
-                SOFTMAX_RULES,
-                FUSED_UNITS,
-                ROW_LOADS,
-                FUSED_IO,
-                KV_LOADS,
-                FLASH_ROWS,
-            ]
-            .concat(),
-            Shader::FlashDecode => [
-                COMMON,
-                LOGITS,
-                SOFTMAX_RULES,
-                FUSED_UNITS,
-                ROW_LOADS,
-                FUSED_IO,
-                KV_LOADS,
-                FLASH_DECODE,
-            ]
-            .concat(),
+            Shader::Flash => [SCALAR_FUSED.concat(), FLASH.to_string()].concat(),
+            Shader::FlashRows => [SCALAR_FUSED.concat(), FLASH_ROWS.to_string()].concat(),
+            Shader::FlashDecode => [SCALAR_FUSED.concat(), FLASH_DECODE.to_string()].concat(),
             Shader::Pack => [PACK, HALF_PACK].concat(),
             Shader::Merge => [COMMON, SOFTMAX_RULES, HALF_PACK, MERGE].concat(),
             Shader::Stream => STREAM.to_string(),
