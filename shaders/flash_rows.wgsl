@@ -33,6 +33,12 @@ override V_DIM: u32 = 64u;
 override WG: u32 = 8u;
 // K and V read four elements per load (k4/v4 in kv_loads.wgsl; set by kernels/ with the rewrite).
 override VEC4_KV: bool = false;
+// The problem has no mask, bias, ALiBi or soft cap (set by the host from the problem): only
+// bands and lengths hide keys, so the general per-logit path below is dead and compiles away.
+// Why a variant: gallivm (lavapipe, llvmpipe) compiles both sides of every branch and runs
+// them under a lane mask, and that path was a third of the 16-row kernel's compile (whole first
+// process at 1,1024,2,64, Mesa's cache off: 2.6-4.0 -> 1.6-1.9 s; run time within noise).
+override PLAIN_LOGITS: bool = false;
 
 // Query rows per workgroup (every lane works on all of them) and keys per lane per block: a
 // block is KBL·WG keys, key j0 + c·WG + lane for c < KBL; the running max moves once per block.
@@ -178,7 +184,7 @@ fn main(
             for (var e = 0u; e < R * KBL; e++) { // unroll
                 s[e] = params.scale * s[e];
             }
-        } else if no_masks && plain {
+        } else if PLAIN_LOGITS || (no_masks && plain) {
             // Only the bands and lengths hide keys (the diagonal block of a causal or windowed
             // problem, the last block of a row): two comparisons per logit against the rows'
             // limits, unrolled like the clean path so the logits stay in registers. The same

@@ -82,7 +82,9 @@ fn variants() -> Vec<Variant> {
                     let v = Variant::flash([dt, dt, dt], d, dv, t, gqa, paged);
                     if d % 4 == 0 && dv % 4 == 0 {
                         out.push(v.clone().vec4_kv(true));
+                        out.push(v.clone().vec4_kv(true).plain_logits(true));
                     }
+                    out.push(v.clone().plain_logits(true));
                     out.push(v);
                 }
             }
@@ -241,15 +243,19 @@ fn every_variant_has_its_own_name() {
         false,
     );
     assert_eq!(rows.clone().subgroup_rows(true), rows);
+    assert_ne!(rows.clone().plain_logits(true), rows);
+    assert!(rows.clone().plain_logits(true).name().ends_with("_plain"));
     let tiled = FlashTiles::choose(64, 64, 32 * 1024, 256, 64).expect("tiles");
     let tiled = Variant::flash([DType::F16; 3], 64, 64, tiled, false, false);
     assert_ne!(tiled.clone().vec4_kv(true), tiled);
     assert_ne!(rows.clone().vec4_kv(true), rows);
     assert_ne!(tiled.clone().subgroup_rows(true), tiled);
+    assert_eq!(tiled.clone().plain_logits(true), tiled);
     let coop = CoopTiles::choose(16, 32, 64, 64, 49152, 1024).expect("coop tiles");
     let coop = Variant::flash_coop([DType::F16; 3], 64, 64, coop);
     assert_eq!(coop.clone().vec4_kv(true), coop);
     assert_eq!(coop.clone().subgroup_rows(true), coop);
+    assert_eq!(coop.clone().plain_logits(true), coop);
 }
 
 #[test]

@@ -131,6 +131,13 @@ fn unsupported_reason(e: &Error) -> String {
 /// loops twice over a row's keys. Measured on lavapipe: 3.6 M keys right, 6 M silently wrong.
 const THREE_PASS_MAX_KEYS_BOUNDED: usize = 3_600_000;
 
+/// Whether only bands (causal, window) and lengths hide keys: no mask, bias, ALiBi or soft cap,
+/// so the row kernel may run without its general per-logit path (`PLAIN_LOGITS`). (A validated
+/// soft cap is finite and >= 0, so `<= 0` is the kernel's `!(softcap > 0)`.)
+pub(crate) fn plain_logits(p: &Problem) -> bool {
+    p.mask.is_none() && p.bias.is_none() && !p.alibi && p.effective_softcap() <= 0.0
+}
+
 /// Whether every K and V row starts at a multiple of 4 elements (so the row kernel may read
 /// them four elements per load): head dims and every stride (batch, sequence, head; with a paged
 /// cache the same strides inside a page) are multiples of 4.
@@ -794,6 +801,31 @@ mod tests {
         RunOptions {
             algorithm,
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_bands_and_lengths_leave_the_logits_plain() {
+        use spotlight_reference::{Broadcast, Window};
+        let p = || Problem::new(2, 64, 64, 2, 2, 64);
+        let all = Broadcast { batch: 2, heads: 2 };
+        let window = Window {
+            left: Some(3),
+            right: Some(0),
+        };
+        // Causal, windows and lengths are the band path's: plain.
+        let mut banded = p().q_seqlens(true).kv_seqlens(true).softcap(Some(0.0));
+        banded.causal = true;
+        banded.window = Some(window);
+        assert!(plain_logits(&p()) && plain_logits(&banded));
+        // Each of mask, bias, ALiBi and a soft cap needs the general path.
+        for general in [
+            p().mask(Some(all)),
+            p().bias(Some(all)),
+            p().alibi(true),
+            p().softcap(Some(30.0)),
+        ] {
+            assert!(!plain_logits(&general), "{general:?}");
         }
     }
 

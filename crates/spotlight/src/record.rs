@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::kernels::{Kernel, Variant};
 use crate::options::{GpuInputs, GpuOutputs};
 use crate::params::{PackParams, Params};
-use crate::plan::{Plan, Run, wide_kv_rows};
+use crate::plan::{Plan, Run, plain_logits, wide_kv_rows};
 
 /// Bindings 0..=8 of the fused kernels, in binding order.
 fn fused_bindings(b: [&wgpu::Buffer; 9]) -> [(u32, &wgpu::Buffer); 9] {
@@ -201,6 +201,7 @@ impl Engine {
                     paging.is_some(),
                 )
                 .vec4_kv(wide_kv_rows(p))
+                .plain_logits(plain_logits(p))
                 .native_f16(self.native_f16())
                 .subgroup_rows(self.subgroup_rows(tiles.tpr)),
             ),

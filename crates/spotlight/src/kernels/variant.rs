@@ -55,6 +55,9 @@ pub struct FlashConfig {
     pub subgroup_rows: bool,
     /// K and V read four elements per load (callers check that every row is 4-aligned).
     pub vec4_kv: bool,
+    /// The problem has no mask, bias, ALiBi or soft cap: the row kernel compiles without its
+    /// general per-logit path (row layout only; see `flash_rows.wgsl`).
+    pub plain_logits: bool,
 }
 
 /// The matrix-unit kernel's configuration.
@@ -123,6 +126,7 @@ impl Variant {
             paged,
             subgroup_rows: false,
             vec4_kv: false,
+            plain_logits: false,
         })
         .into()
     }
@@ -206,6 +210,9 @@ impl Variant {
                         ("PAGED", f.paged as u32),
                         ("VEC4_KV", f.vec4_kv as u32),
                     ]);
+                    if f.tiles.layout == FlashLayout::Rows {
+                        c.push(("PLAIN_LOGITS", f.plain_logits as u32));
+                    }
                 } else {
                     c.extend([
                         ("BQ", f.tiles.bq),
@@ -293,6 +300,17 @@ impl Variant {
             Config::Flash(f) => f.vec4_kv = on,
             Config::Backward(b) => b.set_vec4_kv(on),
             _ => {}
+        }
+        self
+    }
+
+    /// The row kernel compiled for problems without mask, bias, ALiBi or soft cap, which the
+    /// caller guarantees (`flash_rows.wgsl`'s `PLAIN_LOGITS`). No effect on other kernels.
+    pub fn plain_logits(mut self, on: bool) -> Self {
+        if let Config::Flash(f) = &mut self.config
+            && f.tiles.layout == FlashLayout::Rows
+        {
+            f.plain_logits = on;
         }
         self
     }
@@ -422,13 +440,17 @@ impl Variant {
                     let dt = ["f32", "f16", "bf16"][v as usize % 3];
                     format!("{}-{dt}", k.trim_end_matches("_DT").to_ascii_lowercase())
                 }
-                "PACK_GQA" | "PAGED" | "SUBGROUP_ROWS" | "VEC4_KV" | "WRITE_DS" if v == 0 => {
+                "PACK_GQA" | "PAGED" | "SUBGROUP_ROWS" | "VEC4_KV" | "WRITE_DS"
+                | "PLAIN_LOGITS"
+                    if v == 0 =>
+                {
                     continue;
                 }
                 "VEC4_KV" => "vec4".to_string(),
                 "PACK_GQA" => "gqa".to_string(),
                 "PAGED" => "paged".to_string(),
                 "SUBGROUP_ROWS" => "sg".to_string(),
+                "PLAIN_LOGITS" => "plain".to_string(),
                 "WRITE_DS" => "ds".to_string(),
                 "HEAD_DIM" => format!("d{v}"),
                 "V_DIM" => format!("dv{v}"),
