@@ -518,6 +518,7 @@ fn row_kernel_source(mut src: String, name: &str, spec: &RowKernel) -> String {
     let mut bounds: Vec<(&str, u32)> = vec![
         ("4u", 4),
         ("R", r),
+        ("R - 1u", r - 1),
         ("KBL", kbl),
         ("R * KBL", r * kbl),
         ("WG", spec.lanes),
