@@ -335,15 +335,18 @@ fn main(
         }
     }
 
-    for (var r = 0u; r < R; r++) { // unroll
+    // dK and dV of the R keys: key r is always in slot 0 and the slots move down by one after
+    // each key (register moves), so the stores are written once, not R times (see
+    // flash_rows.wgsl's last loop: each store is a lane loop in gallivm).
+    for (var r = 0u; r < R; r++) {
         let j = j0 + r;
         if j < params.kv_len {
             let kb = b * params.k_sb + j * params.k_ss + kvh * params.k_sh;
             for (var n = 0u; n < NK8; n++) { // unroll
                 let col = n * WG + lid;
-                let a = dk[r * NK8 + n];
-                for (var c = 0u; c < 4u; c++) {
-                    if col < D4 && 4u * col + c < HEAD_DIM {
+                let a = dk[n];
+                for (var c = 0u; c < 4u; c++) { // unroll
+                    if 4u * col + c < HEAD_DIM {
                         var val = a[c];
                         if range.accumulate != 0u {
                             val = dkv[kb + 4u * col + c] + val;
@@ -355,9 +358,9 @@ fn main(
             let vb = range.dv_offset + b * params.v_sb + j * params.v_ss + kvh * params.v_sh;
             for (var n = 0u; n < NV8; n++) { // unroll
                 let col = n * WG + lid;
-                let a = dv[r * NV8 + n];
-                for (var c = 0u; c < 4u; c++) {
-                    if col < DV4 && 4u * col + c < V_DIM {
+                let a = dv[n];
+                for (var c = 0u; c < 4u; c++) { // unroll
+                    if 4u * col + c < V_DIM {
                         var val = a[c];
                         if range.accumulate != 0u {
                             val = dkv[vb + 4u * col + c] + val;
@@ -365,6 +368,14 @@ fn main(
                         dkv[vb + 4u * col + c] = val;
                     }
                 }
+            }
+        }
+        for (var k = 0u; k < R - 1u; k++) { // unroll
+            for (var n = 0u; n < NK8; n++) { // unroll
+                dk[k * NK8 + n] = dk[(k + 1u) * NK8 + n];
+            }
+            for (var n = 0u; n < NV8; n++) { // unroll
+                dv[k * NV8 + n] = dv[(k + 1u) * NV8 + n];
             }
         }
     }

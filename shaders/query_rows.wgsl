@@ -31,17 +31,20 @@ fn k4_scalar(base: u32, d0: u32) -> vec4<f32> {
 }
 
 // dQ of the R rows from this lane's accumulators (vec4 columns lid + WG·n), in Q's layout; added
-// to what an earlier dispatch wrote when the range accumulates.
-fn store_dq(acc: array<vec4<f32>, R * NK8>, b: u32, h: u32, i0: u32, lid: u32) {
-    for (var r = 0u; r < R; r++) { // unroll
+// to what an earlier dispatch wrote when the range accumulates. Row r is always in slot 0 and
+// the slots move down by one after each row (register moves), so the stores are written once,
+// not R times (see flash_rows.wgsl's last loop: each store is a lane loop in gallivm).
+fn store_dq(acc_rows: array<vec4<f32>, R * NK8>, b: u32, h: u32, i0: u32, lid: u32) {
+    var acc = acc_rows;
+    for (var r = 0u; r < R; r++) {
         let i = i0 + r;
         if i < params.q_len {
             let qb = b * params.q_sb + i * params.q_ss + h * params.q_sh;
             for (var n = 0u; n < NK8; n++) { // unroll
                 let col = n * WG + lid;
-                let a = acc[r * NK8 + n];
-                for (var c = 0u; c < 4u; c++) {
-                    if col < D4 && 4u * col + c < HEAD_DIM {
+                let a = acc[n];
+                for (var c = 0u; c < 4u; c++) { // unroll
+                    if 4u * col + c < HEAD_DIM {
                         var val = a[c];
                         if range.accumulate != 0u {
                             val = dqs[qb + 4u * col + c] + val;
@@ -49,6 +52,11 @@ fn store_dq(acc: array<vec4<f32>, R * NK8>, b: u32, h: u32, i0: u32, lid: u32) {
                         dqs[qb + 4u * col + c] = val;
                     }
                 }
+            }
+        }
+        for (var k = 0u; k < R - 1u; k++) { // unroll
+            for (var n = 0u; n < NK8; n++) { // unroll
+                acc[k * NK8 + n] = acc[(k + 1u) * NK8 + n];
             }
         }
     }
