@@ -184,8 +184,8 @@ fn random_problems_every_option(alg: Algorithm) {
             // Every fourth problem runs the tiled fused kernel where the adapter's default is the
             // row kernel (CPU adapters with subgroups), so both meet every option.
             let flash_layout = (seed % 4 == 3).then_some(FlashLayout::Tiled);
-            // Every 64th runs the row kernel with 16 rows per workgroup (what large problems
-            // get; these small ones would get 8).
+            // Every 64th runs the row kernel with 16 rows per workgroup (what units of 64 query
+            // rows or more get; these small ones would get 8).
             let rows_per_workgroup = (seed % 64 == 1).then_some(16);
             let opts = RunOptions {
                 algorithm: alg,

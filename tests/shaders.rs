@@ -701,14 +701,18 @@ fn row_kernel_variants_have_no_marked_loops_left() {
     }
 }
 
-/// The row kernels' rows per workgroup: 16 from `ROWS_LARGE_LOGITS` logits with at least 64 rows
-/// per unit, else 8 (decoding keeps 8 however long the cache).
+/// The row kernels' rows per workgroup: the forward's 16 from 64 rows per unit (decoding keeps 8
+/// however long the cache), the backward's 16 from `ROWS_LARGE_LOGITS` logits with at least 64
+/// rows, else 8.
 #[test]
 fn row_count_takes_sixteen_rows_only_for_large_problems() {
+    assert_eq!(FlashTiles::row_count(64), 16);
+    assert_eq!(FlashTiles::row_count(63), 8);
+    assert_eq!(FlashTiles::row_count(0), 8);
     let large = FlashTiles::ROWS_LARGE_LOGITS;
-    assert_eq!(FlashTiles::row_count(large, 64), 16);
-    assert_eq!(FlashTiles::row_count(large - 1, 64), 8);
-    assert_eq!(FlashTiles::row_count(large * 1024, 63), 8);
-    assert_eq!(FlashTiles::row_count(0, 0), 8);
+    assert_eq!(FlashTiles::backward_row_count(large, 64), 16);
+    assert_eq!(FlashTiles::backward_row_count(large - 1, 64), 8);
+    assert_eq!(FlashTiles::backward_row_count(large * 1024, 63), 8);
+    assert_eq!(FlashTiles::backward_row_count(0, 0), 8);
     assert!(FlashTiles::ROWS_R.contains(&16) && FlashTiles::ROWS_R.contains(&8));
 }

@@ -386,12 +386,9 @@ impl Engine {
     }
 
     /// The row kernels' rows per workgroup: the caller's (`rows_per_workgroup`, checked) or
-    /// [`crate::kernels::FlashTiles::row_count`]'s for `logits` logits and `rows` rows per unit.
-    pub(crate) fn row_count(
-        asked: Option<u32>,
-        logits: usize,
-        rows: usize,
-    ) -> std::result::Result<u32, String> {
+    /// `default` (the kernel's own choice: [`crate::kernels::FlashTiles::row_count`] and
+    /// [`crate::kernels::FlashTiles::backward_row_count`]).
+    pub(crate) fn row_count(asked: Option<u32>, default: u32) -> std::result::Result<u32, String> {
         use crate::kernels::FlashTiles;
         match asked {
             Some(r) if FlashTiles::ROWS_R.contains(&r) => Ok(r),
@@ -399,7 +396,7 @@ impl Engine {
                 "rows_per_workgroup = {r}: the row kernels take {:?}",
                 FlashTiles::ROWS_R
             )),
-            None => Ok(FlashTiles::row_count(logits as u64, rows)),
+            None => Ok(default),
         }
     }
 

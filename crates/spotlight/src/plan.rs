@@ -178,7 +178,7 @@ impl Target {
                 8 - caps.max_storage_buffers_per_stage
             ));
         }
-        let r = Engine::row_count(opts.rows_per_workgroup, p.probs_elems(), unit_rows)?;
+        let r = Engine::row_count(opts.rows_per_workgroup, FlashTiles::row_count(unit_rows))?;
         let lanes = self.row_lanes().filter(|&n| {
             FlashTiles::rows(n, r).fits(
                 p.head_dim as u32,
@@ -329,7 +329,7 @@ impl Target {
         p.validate()?;
         // A row count the row kernel does not have is the caller's mistake on every algorithm
         // (auto must not fall back to three-pass over it).
-        Engine::row_count(opts.rows_per_workgroup, 0, 0).map_err(|reason| Error::Unsupported {
+        Engine::row_count(opts.rows_per_workgroup, 8).map_err(|reason| Error::Unsupported {
             algorithm: opts.algorithm,
             reason,
         })?;
@@ -830,15 +830,18 @@ mod tests {
     }
 
     #[test]
-    fn lavapipe_runs_the_row_kernel_with_16_rows_only_for_large_problems() {
+    fn lavapipe_runs_the_row_kernel_with_16_rows_where_a_unit_has_64() {
         let t = lavapipe();
         let big = plan(&t, &Problem::new(1, 1024, 1024, 2, 2, 64), &auto()).unwrap();
         assert_eq!(big.algorithm(), Algorithm::Flash);
         let tiles = fused(&big);
         assert_eq!(tiles.layout, FlashLayout::Rows);
         assert_eq!((tiles.bq, tiles.tpr, tiles.bk), (16, 8, 32));
-        let small = plan(&t, &Problem::new(1, 256, 256, 2, 2, 64), &auto()).unwrap();
-        assert_eq!(fused(&small).bq, 8);
+        // Any size from 64 query rows per head; fewer keep 8.
+        let small = plan(&t, &Problem::new(1, 64, 64, 1, 1, 64), &auto()).unwrap();
+        assert_eq!(fused(&small).bq, 16);
+        let short = plan(&t, &Problem::new(4, 63, 4096, 2, 2, 64), &auto()).unwrap();
+        assert_eq!(fused(&short).bq, 8);
         // The caller may force either count, and nothing else.
         let eight = RunOptions {
             rows_per_workgroup: Some(8),

@@ -54,22 +54,37 @@ pub struct FlashTiles {
 
 impl FlashTiles {
     /// Query rows (or, in the backward's key/value pass, keys) per workgroup of the row kernels
-    /// (their `const R`, rewritten per pipeline from the `ROWS` constant): 8, or 16 for large
-    /// problems ([`FlashTiles::row_count`]).
+    /// (their `const R`, rewritten per pipeline from the `ROWS` constant): 8, or 16 where a unit
+    /// has enough rows ([`FlashTiles::row_count`], [`FlashTiles::backward_row_count`]).
     pub const ROWS_R: [u32; 2] = [8, 16];
-    /// Logits (B·Hq·Lq·Lk) from which the row kernels own 16 rows per workgroup.
+    /// Logits (B·Hq·Lq·Lk) from which the backward's row kernels own 16 rows per workgroup.
     ///
     /// Why a threshold: 16 rows make every K/V vector a lane loads feed twice the FMAs
-    /// (lavapipe, 1,1024,2,64 f32: forward 3.1-3.4 → 4.7-4.9 GFLOP/s; backward 590 → 321 ms), but
-    /// the unrolled kernel takes 2-2.5× as long to compile (forward first call ~2 → ~4.8 s at
-    /// D = 64; backward ~9.5 → ~23 s), which only a long run pays back (and which made the test
-    /// suite, mostly small problems, 17 minutes slower when every problem used 16).
+    /// (lavapipe, 1,1024,2,64 f32: backward 590 → 321 ms), but the backward's 16-row kernels
+    /// still take twice as long to compile (forward and backward first call at 1,256,2,64,
+    /// Mesa's cache off: 3.0 s with 8 rows, 6.0 s with 16), which only a long run pays back.
+    /// The forward has no threshold (see [`FlashTiles::row_count`]).
     pub const ROWS_LARGE_LOGITS: u64 = 1 << 19;
 
-    /// The rows per workgroup of the row kernels for a problem of `logits` logits whose
-    /// workgroups own rows out of `rows` (query rows of a unit, or keys): 16 for large problems
-    /// with at least 64 such rows, else 8 (decoding, with a few rows per unit, keeps 8).
-    pub fn row_count(logits: u64, rows: usize) -> u32 {
+    /// The forward row kernel's rows per workgroup where a unit (a head's query rows, or with
+    /// split-K a key/value group's) has `rows` rows: 16 from 64 rows, else 8 (decoding, with a
+    /// few rows per unit, keeps 8). Why no size threshold any more: since its stores are written
+    /// once (`flash_rows.wgsl`'s last loop) and plain problems compile without the general
+    /// logit path, the 16-row kernel compiles about as fast as the 8-row one at D = 64 (whole
+    /// first process 0.7 s each, lavapipe Mesa 22.3.6) and runs faster at every size measured:
+    /// 1,64,2,64 0.26 → 0.23 ms, 1,256,2,64 causal 1.45 → 1.04, 1,256,2,64 2.20 → 1.68.
+    pub fn row_count(rows: usize) -> u32 {
+        if rows >= 64 {
+            Self::ROWS_R[1]
+        } else {
+            Self::ROWS_R[0]
+        }
+    }
+
+    /// The backward row kernels' rows per workgroup for a problem of `logits` logits whose
+    /// workgroups own rows out of `rows` (query rows, or keys): 16 from
+    /// [`FlashTiles::ROWS_LARGE_LOGITS`] logits with at least 64 such rows, else 8.
+    pub fn backward_row_count(logits: u64, rows: usize) -> u32 {
         if logits >= Self::ROWS_LARGE_LOGITS && rows >= 64 {
             Self::ROWS_R[1]
         } else {
