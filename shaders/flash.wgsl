@@ -279,12 +279,15 @@ fn main(
             var p1 = p_s[pb + TPR + k4];
             var p2 = p_s[pb + 2u * TPR + k4];
             var p3 = p_s[pb + 3u * TPR + k4];
-            // A weight of 0 (a hidden key) must add nothing even where V is NaN or inf: outside
-            // clean tiles each product goes through a select.
+            // A weight of 0 (a hidden key, or a visible one whose weight underflowed: README,
+            // Semantics) must add nothing even where V is NaN or inf: unless the tile is clean
+            // and this thread's 16 weights of these keys are all nonzero, each product goes
+            // through a select.
             let nz0 = !(p0 == zero4);
             let nz1 = !(p1 == zero4);
             let nz2 = !(p2 == zero4);
             let nz3 = !(p3 == zero4);
+            let dense = clean && all(nz0) && all(nz1) && all(nz2) && all(nz3);
             for (var n = 0u; n < nc; n++) {
                 let col = t + n * TPR;
                 if col >= DV4 {
@@ -297,7 +300,7 @@ fn main(
                 let vb = 4u * k4 * DVS4 + col;
                 for (var e = 0u; e < 4u; e++) {
                     let vv = v_s[vb + e * DVS4];
-                    if clean {
+                    if dense {
                         a0 += p0[e] * vv;
                         a1 += p1[e] * vv;
                         a2 += p2[e] * vv;

@@ -302,6 +302,11 @@ fn main(
                         continue;
                     }
                     let p = sm_weight(s, m);
+                    // A weight that underflowed to 0 skips its key like a hidden one (README,
+                    // Semantics): 0 · inf would be NaN.
+                    if p == 0.0 {
+                        continue;
+                    }
                     let jl = ju + kk - params.key_base;
                     let base = b * params.v_sb + jl * params.v_ss + kvh * params.v_sh;
                     for (var c = 0u; c < V_DIM; c++) {

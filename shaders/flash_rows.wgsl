@@ -119,7 +119,6 @@ fn main(
     let all_lo = keys.z;
     let all_hi = keys.w;
     let no_masks = !has(F_MASK) && !has(F_BIAS);
-    let plain = !has(F_BIAS) && !has(F_ALIBI) && !(params.softcap > 0.0);
     let last_row = i32(params.kv_len) - 1;
 
     // Row max (the same in every lane), this lane's share of the row sum, and the output
@@ -180,16 +179,13 @@ fn main(
             }
         }
         let clean = no_masks && j0 >= all_lo && j0 + i32(WG * KBL) <= all_hi;
-        if clean && plain {
-            for (var e = 0u; e < R * KBL; e++) { // unroll
-                s[e] = params.scale * s[e];
-            }
-        } else if PLAIN_LOGITS || (no_masks && plain) {
-            // Only the bands and lengths hide keys (the diagonal block of a causal or windowed
-            // problem, the last block of a row): two comparisons per logit against the rows'
-            // limits, unrolled like the clean path so the logits stay in registers. The same
-            // decision as the general path below (band_limits is visible without a mask, the
-            // scale is finish_logit without bias, ALiBi or cap).
+        if PLAIN_LOGITS {
+            // Only the bands and lengths hide keys: two comparisons per logit against the rows'
+            // limits, unrolled so the logits stay in registers; the same decision as the general
+            // path below (band_limits is visible without a mask, the scale is finish_logit
+            // without bias, ALiBi or cap). Blocks every row sees whole take it too: a separate
+            // clean branch would only be compiled and run beside it (gallivm runs both sides of
+            // a branch), 0.3 s of the 32-row kernel's compile for no run-time gain.
             for (var e = 0u; e < R * KBL; e++) { // unroll
                 let j = j0 + i32((e % KBL) * WG + lid);
                 let ok = j >= band_lo[e / KBL] && j <= band_hi[e / KBL];
@@ -262,13 +258,11 @@ fn main(
                 for (var n = 0u; n < NV8; n++) { // unroll
                     let col = n * WG + lid;
                     let vv = v4(vb, 4u * min(col, DV4 - 1u));
+                    // A weight of 0 adds nothing even where V is NaN or inf: a hidden key's, and
+                    // a visible key's whose weight underflowed (README, Semantics), in every
+                    // block. (One formula: gallivm would run a clean-block branch beside it.)
                     for (var r = 0u; r < R; r++) { // unroll
-                        if clean {
-                            acc[r * NV8 + n] += w[r] * vv;
-                        } else {
-                            // A weight of 0 adds nothing even where V is NaN or inf.
-                            acc[r * NV8 + n] += select(zero4, w[r] * vv, !(w[r] == 0.0));
-                        }
+                        acc[r * NV8 + n] += select(zero4, w[r] * vv, !(w[r] == 0.0));
                     }
                 }
             }

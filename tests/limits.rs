@@ -268,6 +268,69 @@ fn non_finite_inputs_propagate_to_their_rows_only() {
     }
 }
 
+/// A visible key whose f32 weight underflows to exactly 0 is skipped like a hidden one (README,
+/// Semantics): NaN in its V row leaves every output row finite, on every algorithm and both fused
+/// layouts. The key sits in the first block of keys, which every row sees whole (the row kernel's
+/// clean blocks once multiplied such a weight anyway: 0 · NaN), and 128 query rows give the row
+/// kernel its 32-row variant.
+#[test]
+fn a_visible_key_whose_weight_underflows_is_skipped_like_a_hidden_one() {
+    let Some(engine) = engine() else { return };
+    let (lq, lk, d) = (128, 64, 8);
+    let p = Problem::new(1, lq, lk, 1, 1, d);
+    let mut rng = Rng::new(0x0F10);
+    // Every query points along the first axis; key 0 points 400 units the other way: its logit
+    // is about 140 below the others' (|logit| < 1), and exp(-140) underflows f32 to 0.
+    let q: Vec<f32> = (0..lq * d)
+        .map(|x| if x % d == 0 { 1.0 } else { 0.0 })
+        .collect();
+    let mut k = rng.vec(p.k_elems());
+    k[..d].fill(0.0);
+    k[0] = -400.0;
+    let mut v = rng.vec(p.v_elems());
+    v[..d].fill(f32::NAN);
+    // The reference multiplies the tiny weight (f64 does not underflow there): with key 0's V
+    // at 0 instead of NaN it gives what skipping the key gives, to f64 rounding.
+    let mut v0 = v.clone();
+    v0[..d].fill(0.0);
+    let t = spotlight::TensorRef::F32;
+    let want = reference::attention(&p, &reference::Inputs::new(t(&q), t(&k), t(&v0))).unwrap();
+    let inputs = reference::Inputs::new(t(&q), t(&k), t(&v));
+    let mut runs = vec![];
+    for alg in ALGORITHMS {
+        runs.push((alg, None));
+    }
+    runs.push((Algorithm::Flash, Some(FlashLayout::Tiled)));
+    runs.push((Algorithm::Flash, Some(FlashLayout::Rows)));
+    // The matrix units where the adapter has them (f32 inputs, staged as f16: reduced precision).
+    if engine.capabilities().coop_edge > 0 {
+        runs.push((Algorithm::FlashCoop, None));
+    }
+    for (algorithm, flash_layout) in runs {
+        let coop = algorithm == Algorithm::FlashCoop;
+        let opts = RunOptions {
+            algorithm,
+            flash_layout,
+            allow_reduced_precision: coop,
+            ..Default::default()
+        };
+        let out = match engine.attention(&p, &inputs, &opts) {
+            Ok(out) => out,
+            // A layout this adapter does not have (the row kernel needs subgroups).
+            Err(Error::Unsupported { .. }) if flash_layout.is_some() => continue,
+            Err(e) => panic!("{algorithm:?} {flash_layout:?}: {e}"),
+        };
+        let o = out.out.to_f32_vec();
+        assert!(
+            o.iter().all(|x| x.is_finite()),
+            "{algorithm:?} {flash_layout:?}: a row took the NaN of a key whose weight is 0"
+        );
+        let e = compare::compare(&o, &want.out);
+        let budget = if coop { 1e-2 } else { 1e-5 };
+        assert!(e.within(budget), "{algorithm:?} {flash_layout:?}: {e}");
+    }
+}
+
 /// One thread's long run must not make another thread's calls fail. wgpu's GL backend keeps one GL
 /// context behind a lock that panics after 6 s of waiting, and a readback holds it until the GPU
 /// is done, so on GL the engine queues its operations instead (`Engine::exclusive`). The long
