@@ -1,6 +1,6 @@
 // flash_rows.wgsl — fused attention with an online softmax for CPU adapters (lavapipe, llvmpipe,
-// WARP, SwiftShader): one subgroup per workgroup, 8 query rows, K and V read straight from the
-// buffers, no workgroup memory in the key loop and no barrier after the start.
+// WARP, SwiftShader): one subgroup per workgroup, R = 8, 16 or 32 query rows, K and V read
+// straight from the buffers, no workgroup memory in the key loop and no barrier after the start.
 //
 // Why this shape (read from Mesa 22.3's gallivm and measured on lavapipe: README, Performance):
 // a CPU adapter runs a subgroup of WG invocations (8 with AVX2) as one SIMD vector. Arithmetic
@@ -43,7 +43,7 @@ override PLAIN_LOGITS: bool = false;
 // Query rows per workgroup (every lane works on all of them) and keys per lane per block: a
 // block is KBL·WG keys, key j0 + c·WG + lane for c < KBL; the running max moves once per block.
 // kernels/ mirrors both (FlashTiles::ROWS_R, ROWS_KBL).
-// R is the host's ROWS (8 or 16; FlashTiles::row_count), written into this line per pipeline
+// R is the host's ROWS (8, 16 or 32; FlashTiles::row_count), written into this line per pipeline
 // (it sizes register arrays, which an override cannot).
 override ROWS: u32 = 8u;
 const R: u32 = 8u; // rows per workgroup

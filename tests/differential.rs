@@ -184,9 +184,13 @@ fn random_problems_every_option(alg: Algorithm) {
             // Every fourth problem runs the tiled fused kernel where the adapter's default is the
             // row kernel (CPU adapters with subgroups), so both meet every option.
             let flash_layout = (seed % 4 == 3).then_some(FlashLayout::Tiled);
-            // Every 64th runs the row kernel with 16 rows per workgroup (what units of 64 query
-            // rows or more get; these small ones would get 8).
-            let rows_per_workgroup = (seed % 64 == 1).then_some(16);
+            // Every 64th runs the row kernel with 16 rows per workgroup and every 64th with 32
+            // (what units of 64 and 128 query rows or more get; these small ones would get 8).
+            let rows_per_workgroup = match seed % 64 {
+                1 => Some(16),
+                33 => Some(32),
+                _ => None,
+            };
             let opts = RunOptions {
                 algorithm: alg,
                 probs,

@@ -72,7 +72,7 @@ fn variants() -> Vec<Variant> {
         }
         // The row kernel for CPU adapters: AVX2 (8 lanes; 8 and 16 rows), SSE (4) and, unused but
         // legal, 32.
-        for (lanes, r) in [(8, 8), (8, 16), (4, 8), (32, 8)] {
+        for (lanes, r) in [(8, 8), (8, 16), (8, 32), (4, 8), (32, 8)] {
             for dt in dts {
                 for (gqa, paged) in [(false, false), (true, false), (true, true)] {
                     let t = FlashTiles::rows(lanes, r);
@@ -706,9 +706,15 @@ fn row_kernel_variants_have_no_marked_loops_left() {
 /// rows, else 8.
 #[test]
 fn row_count_takes_sixteen_rows_only_for_large_problems() {
-    assert_eq!(FlashTiles::row_count(64), 16);
-    assert_eq!(FlashTiles::row_count(63), 8);
-    assert_eq!(FlashTiles::row_count(0), 8);
+    // Forward: 32 from 128 rows with at most two output vec4 columns per lane, 16 from 64.
+    assert_eq!(FlashTiles::row_count(128, 64, 8), 32);
+    assert_eq!(FlashTiles::row_count(128, 65, 8), 16);
+    assert_eq!(FlashTiles::row_count(128, 64, 4), 16);
+    assert_eq!(FlashTiles::row_count(127, 64, 8), 16);
+    assert_eq!(FlashTiles::row_count(64, 128, 8), 16);
+    assert_eq!(FlashTiles::row_count(63, 64, 8), 8);
+    assert_eq!(FlashTiles::row_count(0, 0, 8), 8);
+    assert_eq!(FlashTiles::BACKWARD_ROWS_R, [8, 16]);
     let large = FlashTiles::ROWS_LARGE_LOGITS;
     assert_eq!(FlashTiles::backward_row_count(large, 64), 16);
     assert_eq!(FlashTiles::backward_row_count(large - 1, 64), 8);

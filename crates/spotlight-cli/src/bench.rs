@@ -76,7 +76,7 @@ pub struct BenchArgs {
     /// rows on a CPU adapter, decode for split-k elsewhere when it fits, else tiled).
     #[arg(long)]
     flash_layout: Option<FlashLayout>,
-    /// Row kernels: rows per workgroup, 8 or 16 (default: by the problem's size).
+    /// Row kernels: rows per workgroup, 8, 16 or 32 (the backward: 8 or 16) (default: by the problem's size).
     #[arg(long)]
     rows_per_workgroup: Option<u32>,
     /// With --backward, row kernels: dQ from the logit gradients the key/value pass stores

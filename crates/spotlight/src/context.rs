@@ -385,16 +385,19 @@ impl Engine {
         self.target().row_lanes()
     }
 
-    /// The row kernels' rows per workgroup: the caller's (`rows_per_workgroup`, checked) or
-    /// `default` (the kernel's own choice: [`crate::kernels::FlashTiles::row_count`] and
+    /// The row kernels' rows per workgroup: the caller's (`rows_per_workgroup`, checked against
+    /// the kernel's `allowed` counts) or `default` (the kernel's own choice:
+    /// [`crate::kernels::FlashTiles::row_count`] and
     /// [`crate::kernels::FlashTiles::backward_row_count`]).
-    pub(crate) fn row_count(asked: Option<u32>, default: u32) -> std::result::Result<u32, String> {
-        use crate::kernels::FlashTiles;
+    pub(crate) fn row_count(
+        asked: Option<u32>,
+        allowed: &[u32],
+        default: u32,
+    ) -> std::result::Result<u32, String> {
         match asked {
-            Some(r) if FlashTiles::ROWS_R.contains(&r) => Ok(r),
+            Some(r) if allowed.contains(&r) => Ok(r),
             Some(r) => Err(format!(
-                "rows_per_workgroup = {r}: the row kernels take {:?}",
-                FlashTiles::ROWS_R
+                "rows_per_workgroup = {r}: the row kernels take {allowed:?}"
             )),
             None => Ok(default),
         }

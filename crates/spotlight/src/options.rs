@@ -80,7 +80,7 @@ pub struct RunOptions {
     /// row kernel on CPU adapters, the tiled kernel elsewhere, and for split-k on GPUs the decode
     /// kernel when a unit has at most 16 query rows ([`FlashLayout`]).
     pub flash_layout: Option<FlashLayout>,
-    /// Row kernel: query rows per workgroup, 8 or 16 (`None`: by the problem's size,
+    /// Row kernel: query rows per workgroup, 8, 16 or 32 (`None`: by the problem's size,
     /// [`FlashTiles::row_count`](crate::kernels::FlashTiles::row_count)). Other kernels ignore it; other values are refused everywhere.
     pub rows_per_workgroup: Option<u32>,
 }

@@ -85,7 +85,7 @@ impl Plan {
         }
     }
 
-    /// The plan in one word for logs and benchmarks, e.g. `flash/rows/bq16/bk32/tpr8/chunks1`
+    /// The plan in one word for logs and benchmarks, e.g. `flash/rows/bq32/bk32/tpr8/chunks1`
     /// or `flash-coop/edge8/rows32/bk32/chunks1`.
     pub(crate) fn describe(&self) -> String {
         let c = self.chunks().count;
@@ -178,7 +178,15 @@ impl Target {
                 8 - caps.max_storage_buffers_per_stage
             ));
         }
-        let r = Engine::row_count(opts.rows_per_workgroup, FlashTiles::row_count(unit_rows))?;
+        let r = Engine::row_count(
+            opts.rows_per_workgroup,
+            &FlashTiles::ROWS_R,
+            FlashTiles::row_count(
+                unit_rows,
+                p.v_head_dim as u32,
+                self.row_lanes().unwrap_or(8),
+            ),
+        )?;
         let lanes = self.row_lanes().filter(|&n| {
             FlashTiles::rows(n, r).fits(
                 p.head_dim as u32,
@@ -329,9 +337,11 @@ impl Target {
         p.validate()?;
         // A row count the row kernel does not have is the caller's mistake on every algorithm
         // (auto must not fall back to three-pass over it).
-        Engine::row_count(opts.rows_per_workgroup, 8).map_err(|reason| Error::Unsupported {
-            algorithm: opts.algorithm,
-            reason,
+        Engine::row_count(opts.rows_per_workgroup, &FlashTiles::ROWS_R, 8).map_err(|reason| {
+            Error::Unsupported {
+                algorithm: opts.algorithm,
+                reason,
+            }
         })?;
         if opts.probs
             && matches!(
@@ -830,13 +840,16 @@ mod tests {
     }
 
     #[test]
-    fn lavapipe_runs_the_row_kernel_with_16_rows_where_a_unit_has_64() {
+    fn lavapipe_runs_the_row_kernel_with_16_or_32_rows_where_a_unit_has_64_or_128() {
         let t = lavapipe();
         let big = plan(&t, &Problem::new(1, 1024, 1024, 2, 2, 64), &auto()).unwrap();
         assert_eq!(big.algorithm(), Algorithm::Flash);
         let tiles = fused(&big);
         assert_eq!(tiles.layout, FlashLayout::Rows);
-        assert_eq!((tiles.bq, tiles.tpr, tiles.bk), (16, 8, 32));
+        assert_eq!((tiles.bq, tiles.tpr, tiles.bk), (32, 8, 32));
+        // Wider value rows (4 output vec4 columns per lane) keep 16.
+        let wide = plan(&t, &Problem::new(1, 1024, 1024, 2, 2, 128), &auto()).unwrap();
+        assert_eq!(fused(&wide).bq, 16);
         // Any size from 64 query rows per head; fewer keep 8.
         let small = plan(&t, &Problem::new(1, 64, 64, 1, 1, 64), &auto()).unwrap();
         assert_eq!(fused(&small).bq, 16);
@@ -868,7 +881,7 @@ mod tests {
     fn plans_describe_themselves_in_one_word() {
         let p = Problem::new(1, 1024, 1024, 2, 2, 64);
         let d = plan(&lavapipe(), &p, &auto()).unwrap().describe();
-        assert_eq!(d, "flash/rows/bq16/bk32/tpr8/chunks1");
+        assert_eq!(d, "flash/rows/bq32/bk32/tpr8/chunks1");
         let q = Problem::new(1, 256, 256, 2, 2, 128);
         let coop = forced(Algorithm::FlashCoop);
         let d = plan(&nvidia(), &q, &coop).unwrap().describe();

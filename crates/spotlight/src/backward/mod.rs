@@ -49,7 +49,7 @@ pub struct BackwardOptions {
     /// subgroups of one fixed size, as the forward chooses; the tiled ones elsewhere).
     pub layout: Option<FlashLayout>,
     /// Row kernels: keys or query rows per workgroup, 8 or 16 (`None`: by the problem's size,
-    /// [`FlashTiles::row_count`](crate::kernels::FlashTiles::row_count)). The tiled kernels ignore it; other values are refused.
+    /// [`FlashTiles::backward_row_count`](crate::kernels::FlashTiles::backward_row_count)). The tiled kernels ignore it; other values are refused.
     pub rows_per_workgroup: Option<u32>,
     /// Row kernels without a bias: the key/value pass stores the logit gradients
     /// `[B, Hq, Lq, ceil(Lk/4)·4]` (f32, beside dK and dV in one binding) and dQ is their product

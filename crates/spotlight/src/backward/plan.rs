@@ -47,6 +47,7 @@ impl Engine {
         // fixed size, for head dims up to FlashTiles::ROWS_MAX_DIM.
         let r = Engine::row_count(
             opts.rows_per_workgroup,
+            &FlashTiles::BACKWARD_ROWS_R,
             FlashTiles::backward_row_count(p.probs_elems() as u64, p.q_len.min(p.kv_len)),
         )
         .map_err(unsupported)?;

@@ -53,10 +53,13 @@ pub struct FlashTiles {
 }
 
 impl FlashTiles {
-    /// Query rows (or, in the backward's key/value pass, keys) per workgroup of the row kernels
-    /// (their `const R`, rewritten per pipeline from the `ROWS` constant): 8, or 16 where a unit
-    /// has enough rows ([`FlashTiles::row_count`], [`FlashTiles::backward_row_count`]).
-    pub const ROWS_R: [u32; 2] = [8, 16];
+    /// Query rows per workgroup of the forward row kernel (its `const R`, rewritten per pipeline
+    /// from the `ROWS` constant): 8, or 16 or 32 where a unit has enough rows
+    /// ([`FlashTiles::row_count`]).
+    pub const ROWS_R: [u32; 3] = [8, 16, 32];
+    /// Query rows or keys per workgroup of the backward's row kernels: 8 or 16
+    /// ([`FlashTiles::backward_row_count`]).
+    pub const BACKWARD_ROWS_R: [u32; 2] = [8, 16];
     /// Logits (B·Hq·Lq·Lk) from which the backward's row kernels own 16 rows per workgroup.
     ///
     /// Why a threshold: 16 rows make every K/V vector a lane loads feed twice the FMAs
@@ -67,14 +70,24 @@ impl FlashTiles {
     pub const ROWS_LARGE_LOGITS: u64 = 1 << 19;
 
     /// The forward row kernel's rows per workgroup where a unit (a head's query rows, or with
-    /// split-K a key/value group's) has `rows` rows: 16 from 64 rows, else 8 (decoding, with a
-    /// few rows per unit, keeps 8). Why no size threshold any more: since its stores are written
-    /// once (`flash_rows.wgsl`'s last loop) and plain problems compile without the general
-    /// logit path, the 16-row kernel compiles about as fast as the 8-row one at D = 64 (whole
-    /// first process 0.7 s each, lavapipe Mesa 22.3.6) and runs faster at every size measured:
-    /// 1,64,2,64 0.26 → 0.23 ms, 1,256,2,64 causal 1.45 → 1.04, 1,256,2,64 2.20 → 1.68.
-    pub fn row_count(rows: usize) -> u32 {
-        if rows >= 64 {
+    /// split-K a key/value group's) has `rows` rows and each of `lanes` lanes owns
+    /// `ceil(ceil(dv / 4) / lanes)` output vec4 columns per row: 32 from 128 rows where that is
+    /// at most 2 (Dv ≤ 64 on 8 lanes), 16 from 64 rows, else 8 (decoding, with a few rows per
+    /// unit, keeps 8). Measured on lavapipe (Mesa 22.3.6, 2026-11-29; README, Performance):
+    /// - no size threshold: since the stores are written once (`flash_rows.wgsl`'s last loop)
+    ///   and plain problems compile without the general logit path, 16 rows compile about as fast
+    ///   as 8 at D = 64 (whole first process 0.7 s each) and run faster at every size measured
+    ///   (1,64,2,64 0.26 → 0.23 ms, 1,256,2,64 causal 1.45 → 1.04, 1,256,2,64 2.20 → 1.68);
+    /// - 32 rows: every K/V vector a lane loads feeds twice the FMAs again, 15-25% faster than
+    ///   16 at D = 64 (1,1024,2,64 22.5 → 17.2 ms, 4,256,2,64 6.07 → 4.86) for a first call of
+    ///   1.6 s; with 4 output columns (D = 128) the registers spill: slower (1,512,2,128 10.2 →
+    ///   12.6 ms) and 2.9 s to compile, so wider rows keep 16. 64 rows ran no faster than 32 and
+    ///   took 6 s to compile.
+    pub fn row_count(rows: usize, dv: u32, lanes: u32) -> u32 {
+        let columns = dv.div_ceil(4).div_ceil(lanes.max(1));
+        if rows >= 128 && columns <= 2 {
+            Self::ROWS_R[2]
+        } else if rows >= 64 {
             Self::ROWS_R[1]
         } else {
             Self::ROWS_R[0]
@@ -86,9 +99,9 @@ impl FlashTiles {
     /// [`FlashTiles::ROWS_LARGE_LOGITS`] logits with at least 64 such rows, else 8.
     pub fn backward_row_count(logits: u64, rows: usize) -> u32 {
         if logits >= Self::ROWS_LARGE_LOGITS && rows >= 64 {
-            Self::ROWS_R[1]
+            Self::BACKWARD_ROWS_R[1]
         } else {
-            Self::ROWS_R[0]
+            Self::BACKWARD_ROWS_R[0]
         }
     }
     /// Keys per lane per block of `flash_rows.wgsl` (its `const KBL`).
