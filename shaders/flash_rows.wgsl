@@ -21,9 +21,11 @@
 // to compile for no gain).
 //
 // The semantics are flash.wgsl's, through the same functions (visible, finish_logit, the softmax
-// rules): masked keys weigh exactly 0 and their p·v product is dropped by a select; blocks that
-// every valid row of the workgroup sees whole skip the per-element checks. PACK_GQA, PAGED and the
-// key chunks of split-K work as in flash.wgsl, and the bindings are the same.
+// rules): masked keys weigh exactly 0 and their p·v product is dropped by a select; in the
+// general variant, blocks that every valid row of the workgroup sees whole skip the per-element
+// checks (the plain variant's band path costs two comparisons per logit in every block).
+// PACK_GQA, PAGED and the key chunks of split-K work as in flash.wgsl, and the bindings are the
+// same.
 
 override Q_DT: u32 = 0u;
 override K_DT: u32 = 0u;

@@ -72,7 +72,7 @@ fn variants() -> Vec<Variant> {
         }
         // The row kernel for CPU adapters: AVX2 (8 lanes; 8 and 16 rows), SSE (4) and, unused but
         // legal, 32.
-        for (lanes, r) in [(8, 8), (8, 16), (8, 32), (4, 8), (32, 8)] {
+        for (lanes, r) in [(8, 8), (8, 16), (8, 32), (4, 8), (4, 32), (32, 8), (32, 32)] {
             for dt in dts {
                 for (gqa, paged) in [(false, false), (true, false), (true, true)] {
                     let t = FlashTiles::rows(lanes, r);

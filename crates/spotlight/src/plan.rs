@@ -187,13 +187,26 @@ impl Target {
                 self.row_lanes().unwrap_or(8),
             ),
         )?;
-        let lanes = self.row_lanes().filter(|&n| {
-            FlashTiles::rows(n, r).fits(
-                p.head_dim as u32,
-                p.v_head_dim as u32,
-                caps.max_workgroup_memory,
-            )
-        });
+        let fitting = |r: u32| {
+            self.row_lanes().filter(|&n| {
+                FlashTiles::rows(n, r).fits(
+                    p.head_dim as u32,
+                    p.v_head_dim as u32,
+                    caps.max_workgroup_memory,
+                )
+            })
+        };
+        // The kernel's own choice steps down to fewer rows where the adapter's workgroup memory
+        // does not hold it (a forced count is taken or refused as it is).
+        let (r, lanes) = match opts.rows_per_workgroup {
+            Some(_) => (r, fitting(r)),
+            None => FlashTiles::ROWS_R
+                .iter()
+                .rev()
+                .filter(|&&c| c <= r)
+                .find_map(|&c| fitting(c).map(|n| (c, Some(n))))
+                .unwrap_or((r, None)),
+        };
         let cpu = self.cpu;
         match (layout, lanes) {
             (Some(FlashLayout::Rows), None) => {
@@ -850,6 +863,17 @@ mod tests {
         // Wider value rows (4 output vec4 columns per lane) keep 16.
         let wide = plan(&t, &Problem::new(1, 1024, 1024, 2, 2, 128), &auto()).unwrap();
         assert_eq!(fused(&wide).bq, 16);
+        // Where 32 rows of a D = 256 query do not fit the workgroup memory (16 KiB), 16 do.
+        let small_memory = Target {
+            caps: Capabilities {
+                max_workgroup_memory: 16 * 1024,
+                ..lavapipe().caps
+            },
+            ..lavapipe()
+        };
+        let deep = Problem::new(1, 1024, 1024, 1, 1, 256).v_head_dim(64);
+        let tiles = fused(&plan(&small_memory, &deep, &auto()).unwrap());
+        assert_eq!((tiles.layout, tiles.bq), (FlashLayout::Rows, 16));
         // Any size from 64 query rows per head; fewer keep 8.
         let small = plan(&t, &Problem::new(1, 64, 64, 1, 1, 64), &auto()).unwrap();
         assert_eq!(fused(&small).bq, 16);

@@ -208,7 +208,7 @@ impl BackwardTiles {
 
     /// The row kernels' tiles for subgroups of `lanes` invocations (one subgroup per
     /// workgroup): `r` keys (key/value pass) or query rows (query pass) per workgroup (one of
-    /// [`FlashTiles::ROWS_R`]), streamed in blocks of `ROWS_KBL · lanes` rows or keys (the
+    /// [`FlashTiles::BACKWARD_ROWS_R`]), streamed in blocks of `ROWS_KBL · lanes` rows or keys (the
     /// forward row kernel's shape).
     pub fn rows(lanes: u32, r: u32) -> Self {
         let block = FlashTiles::ROWS_KBL * lanes;
