@@ -1,6 +1,6 @@
 // flash_rows.wgsl — fused attention with an online softmax for CPU adapters (lavapipe, llvmpipe,
-// WARP, SwiftShader): one subgroup per workgroup, R = 8, 16 or 32 query rows, K and V read
-// straight from the buffers, no workgroup memory in the key loop and no barrier after the start.
+// WARP, SwiftShader): one subgroup per workgroup, R = 8, 16 or 32 query rows, Q in registers,
+// K and V read straight from the buffers, no workgroup memory and no barrier.
 //
 // Why this shape (read from Mesa 22.3's gallivm and measured on lavapipe: README, Performance):
 // a CPU adapter runs a subgroup of WG invocations (8 with AVX2) as one SIMD vector. Arithmetic
@@ -9,16 +9,24 @@
 // too. Subgroup shuffles stay in registers. So the kernel counts lane loops per FMA:
 // - Q·Kᵀ: key j0 + c·WG + lane belongs to lane `lane` (c < KBL). Each lane reads its keys' K as
 //   vec4 and computes their logits for all R rows; the q vector every lane needs at step d comes
-//   from the lane that read it (q is staged once in workgroup memory, one vec4 per lane per
-//   chunk of WG vec4) through subgroupShuffle. One K vector a lane loads feeds R·4 FMAs.
+//   from the lane that holds it (each lane keeps one vec4 of every row per chunk of WG vec4 in
+//   registers, read once) through subgroupShuffle. One K vector a lane loads feeds R·4 FMAs.
 // - Softmax: the block's row max through subgroupMax (the same in every lane), then each lane's
 //   weights and its share of the row sum (subgroupAdd once at the end).
 // - P·V: lane `lane` owns the output vec4 columns lane + WG·n (n < NV8) of all R rows in
-//   registers; key (c, u)'s weights come from lane u by shuffle. One V vector feeds R·4 FMAs.
+//   registers; the weights of keys (c, u), c < KBL, come from lane u as one vec4 per row by
+//   shuffle, and each accumulator takes all KBL products in one update. One V vector feeds R·4
+//   FMAs.
 // Register arrays (logits, weights, accumulators) are only ever indexed by constants: loops
 // marked `// unroll` are unrolled in the text by kernels/ (`unroll_marked`); the loops over
-// head-dim chunks, keys of a block and lanes stay loops (unrolling them too took lavapipe 7-30 s
-// to compile for no gain).
+// keys of a block, lanes and vec4 columns inside a chunk stay loops (unrolling them too took
+// lavapipe 7-30 s to compile for no gain).
+// Two things gallivm does that shaped the rest (read from Mesa 22.3 and its JIT output under
+// perf, 2026-12-06): llvmpipe runs every compute workgroup as a coroutine and a barrier is a
+// suspend point (Q once staged in workgroup memory behind a barrier, and re-read from it every
+// block, cost 20-25% of the run time against Q in registers); and register arrays this large
+// live in stack memory, where each update of a loop-carried value is a load, a blend with the
+// lane mask and a store, so an accumulator should take several products per update.
 //
 // The semantics are flash.wgsl's, through the same functions (visible, finish_logit, the softmax
 // rules): masked keys weigh exactly 0 and their p·v product is dropped by a select; in the
@@ -54,12 +62,61 @@ const KBL: u32 = 4u;
 // function-scope array needs a constant size, which an override cannot give, so kernels/
 // rewrites this line for each pipeline.
 const NV8: u32 = 2u; // register columns
+// Lane `lane` holds the q vec4 columns lane + WG·n, n < NQ8 = ceil(ceil(HEAD_DIM / 4) / WG), of
+// every row (rewritten per pipeline like NV8); Q·Kᵀ walks them chunk by chunk (unrolled),
+// shuffling each to every lane.
+const NQ8: u32 = 2u; // register columns q
+// Wider heads (more than FlashTiles::ROWS_Q_REGISTER_COLUMNS chunks) stage Q once in workgroup
+// memory instead, QS = R·ND8·WG vec4 (1 otherwise), and walk the chunks in a loop: their
+// unrolled chunks cost more compile than they saved (D = 256: first call 2.0 -> 3.0 s for 14%).
+// Both rewritten per pipeline by kernels/ (Q_STAGED is set with them).
+const QS: u32 = 1u; // staged q
+override Q_STAGED: bool = false;
+// Likewise P·V takes one key per accumulator update where the output has more than that many
+// vec4 columns per lane (NV8 > 4: Dv = 256), and KBL keys per update otherwise (each update of
+// an accumulator in stack memory is a load, a blend and a store on a CPU adapter: 1,1024,2,64
+// 13.5 -> 12 ms, 4,256,2,64 3.9 -> 3.5), whose unrolled copies at NV8 = 8 cost 1 s of compile.
+override PV_BY_KEY: bool = false;
 override D4: u32 = (HEAD_DIM + 3u) / 4u;
 override DV4: u32 = (V_DIM + 3u) / 4u;
-// ceil(D4 / WG): q is read in chunks of WG vec4, one per lane, and shuffled to every lane.
 override ND8: u32 = (D4 + WG - 1u) / WG;
 
-var<workgroup> q_s: array<vec4<f32>, R * ND8 * WG>;
+var<workgroup> q_s: array<vec4<f32>, QS>;
+
+
+// Row `rr` of a unit, vec4 column d4 of q (zero past the head dim or the valid rows).
+fn load_q_row(b: u32, unit: u32, rr: u32, unit_rows: u32, lq: u32, d4: u32) -> vec4<f32> {
+    var val = vec4<f32>(0.0);
+    let ii = row_pos(rr);
+    if rr < unit_rows && ii < lq && d4 < D4 {
+        let base = b * params.q_sb + ii * params.q_ss + row_head(unit, rr) * params.q_sh + 4u * d4;
+        for (var c = 0u; c < 4u; c++) {
+            if 4u * d4 + c < HEAD_DIM {
+                val[c] = load_q(base + c);
+            }
+        }
+    }
+    return val;
+}
+
+// Q·Kᵀ over chunk n of WG q vec4 columns: s[r·KBL + c] += q[row r]·k[key (c, lid)] over the
+// chunk's columns; column n·WG + u of every row comes from lane u by shuffle. Only columns
+// inside the head dim: past it, q is 0 but K may hold inf (the next row), and 0·inf is NaN.
+fn qk_chunk(n: u32, lid: u32, qd: array<vec4<f32>, R>, kb: array<u32, KBL>, s: ptr<function, array<f32, R * KBL>>) {
+    let n_u = min(WG, D4 - n * WG);
+    for (var u = 0u; u < n_u; u++) {
+        var kv: array<vec4<f32>, KBL>;
+        for (var c = 0u; c < KBL; c++) { // unroll
+            kv[c] = k4(kb[c], 4u * (n * WG + u));
+        }
+        for (var r = 0u; r < R; r++) { // unroll
+            let qv = subgroupShuffle(qd[r], u);
+            for (var c = 0u; c < KBL; c++) { // unroll
+                (*s)[r * KBL + c] += dot(qv, kv[c]);
+            }
+        }
+    }
+}
 
 @compute @workgroup_size(WG)
 fn main(
@@ -94,24 +151,29 @@ fn main(
     let ninf = neg_inf();
     let zero4 = vec4<f32>(0.0);
 
-    // q_s[(r·ND8 + n)·WG + lane] = q[row r][vec4 column n·WG + lane].
-    for (var x = lid; x < R * ND8 * WG; x += WG) {
-        let r = x / (ND8 * WG);
-        let d4 = x % (ND8 * WG);
-        let rr = r0 + r;
-        let ii = row_pos(rr);
-        var val = zero4;
-        if rr < unit_rows && ii < lq && d4 < D4 {
-            let base = b * params.q_sb + ii * params.q_ss + row_head(unit, rr) * params.q_sh + 4u * d4;
-            for (var c = 0u; c < 4u; c++) {
-                if 4u * d4 + c < HEAD_DIM {
-                    val[c] = load_q(base + c);
+    // Q in registers: slot r·NQ8 + n holds q[row r][vec4 column n·WG + lid]; loaded one row per
+    // iteration into the last slots, every slot moving down one (constant indices only). Staged
+    // instead: q_s[(r·ND8 + n)·WG + lane] = q[row r][vec4 column n·WG + lane].
+    var qreg: array<vec4<f32>, R * NQ8>;
+    if Q_STAGED {
+        for (var x = lid; x < R * ND8 * WG; x += WG) {
+            let r = x / (ND8 * WG);
+            let d4 = x % (ND8 * WG);
+            q_s[x] = load_q_row(b, unit, r0 + r, unit_rows, lq, d4);
+        }
+        workgroupBarrier();
+    } else {
+        for (var r = 0u; r < R; r++) {
+            for (var k = 0u; k < R - 1u; k++) { // unroll
+                for (var n = 0u; n < NQ8; n++) { // unroll
+                    qreg[k * NQ8 + n] = qreg[(k + 1u) * NQ8 + n];
                 }
             }
+            for (var n = 0u; n < NQ8; n++) { // unroll
+                qreg[(R - 1u) * NQ8 + n] = load_q_row(b, unit, r0 + r, unit_rows, lq, n * WG + lid);
+            }
         }
-        q_s[x] = val;
     }
-    workgroupBarrier();
 
     let i_first = row_pos(r0);
     let i_last = row_pos(min(r0 + R, unit_rows) - 1u);
@@ -159,25 +221,21 @@ fn main(
         for (var e = 0u; e < R * KBL; e++) { // unroll
             s[e] = 0.0;
         }
-        for (var n = 0u; n < ND8; n++) {
-            var qd: array<vec4<f32>, R>;
-            for (var r = 0u; r < R; r++) { // unroll
-                qd[r] = q_s[(r * ND8 + n) * WG + lid];
-            }
-            // Only vec4 columns inside the head dim: past it, q is 0 but K may hold inf (the
-            // next row), and 0·inf is NaN.
-            let n_u = min(WG, D4 - n * WG);
-            for (var u = 0u; u < n_u; u++) {
-                var kv: array<vec4<f32>, KBL>;
-                for (var c = 0u; c < KBL; c++) { // unroll
-                    kv[c] = k4(kb[c], 4u * (n * WG + u));
-                }
+        if Q_STAGED {
+            for (var n = 0u; n < ND8; n++) {
+                var qd: array<vec4<f32>, R>;
                 for (var r = 0u; r < R; r++) { // unroll
-                    let qv = subgroupShuffle(qd[r], u);
-                    for (var c = 0u; c < KBL; c++) { // unroll
-                        s[r * KBL + c] += dot(qv, kv[c]);
-                    }
+                    qd[r] = q_s[(r * ND8 + n) * WG + lid];
                 }
+                qk_chunk(n, lid, qd, kb, &s);
+            }
+        } else {
+            for (var n = 0u; n < NQ8; n++) { // unroll
+                var qd: array<vec4<f32>, R>;
+                for (var r = 0u; r < R; r++) { // unroll
+                    qd[r] = qreg[r * NQ8 + n];
+                }
+                qk_chunk(n, lid, qd, kb, &s);
             }
         }
         let clean = no_masks && j0 >= all_lo && j0 + i32(WG * KBL) <= all_hi;
@@ -241,30 +299,53 @@ fn main(
                 acc[r * NV8 + n] *= alpha[r];
             }
         }
-        // O: lane `lid` adds p·V over every key of the block for its own output columns; the
-        // weights of key j0 + c·WG + u come from lane u.
-        for (var c = 0u; c < KBL; c++) {
-            var pc: array<f32, R>;
-            for (var r = 0u; r < R; r++) { // unroll
-                pc[r] = p[r][c];
-            }
-            // Not unrolled: with constant shuffle lanes it measured within noise (2.7-3.1 vs
-            // 3.1-3.4 GFLOP/s, D = 64) and took 0.5-1 s longer to compile.
-            for (var u = 0u; u < WG; u++) {
-                let jl = u32(clamp(j0 + i32(c * WG + u) - i32(params.key_base), 0, last_row));
-                let vb = kv_row(b, jl, params.v_sb, params.v_ss) + kvh * params.v_sh;
-                var w: array<f32, R>;
+        // O: lane `lid` adds p·V for its own output columns; lane u holds the weights of the
+        // keys j0 + c·WG + u (c < KBL) as one vec4 per row. A weight of 0 adds nothing even
+        // where V is NaN or inf: a hidden key's, and a visible key's whose weight underflowed
+        // (README, Semantics), in every block. (One formula: gallivm would run a clean-block
+        // branch beside it.)
+        if PV_BY_KEY {
+            // Wide heads: one key per step, its weights from lane u by shuffle.
+            for (var c = 0u; c < KBL; c++) {
+                var pc: array<f32, R>;
                 for (var r = 0u; r < R; r++) { // unroll
-                    w[r] = subgroupShuffle(pc[r], u);
+                    pc[r] = p[r][c];
                 }
-                for (var n = 0u; n < NV8; n++) { // unroll
-                    let col = n * WG + lid;
-                    let vv = v4(vb, 4u * min(col, DV4 - 1u));
-                    // A weight of 0 adds nothing even where V is NaN or inf: a hidden key's, and
-                    // a visible key's whose weight underflowed (README, Semantics), in every
-                    // block. (One formula: gallivm would run a clean-block branch beside it.)
+                for (var u = 0u; u < WG; u++) {
+                    let jl = u32(clamp(j0 + i32(c * WG + u) - i32(params.key_base), 0, last_row));
+                    let vb = kv_row(b, jl, params.v_sb, params.v_ss) + kvh * params.v_sh;
+                    var w: array<f32, R>;
                     for (var r = 0u; r < R; r++) { // unroll
-                        acc[r * NV8 + n] += select(zero4, w[r] * vv, !(w[r] == 0.0));
+                        w[r] = subgroupShuffle(pc[r], u);
+                    }
+                    for (var n = 0u; n < NV8; n++) { // unroll
+                        let vv = v4(vb, 4u * min(n * WG + lid, DV4 - 1u));
+                        for (var r = 0u; r < R; r++) { // unroll
+                            acc[r * NV8 + n] += select(zero4, w[r] * vv, !(w[r] == 0.0));
+                        }
+                    }
+                }
+            }
+        } else {
+            // KBL keys per step, so each accumulator takes KBL products per update (they live
+            // in stack memory on a CPU adapter: one load, blend and store per update).
+            for (var u = 0u; u < WG; u++) {
+                var vv: array<vec4<f32>, KBL * NV8>;
+                for (var c = 0u; c < KBL; c++) { // unroll
+                    let jl = u32(clamp(j0 + i32(c * WG + u) - i32(params.key_base), 0, last_row));
+                    let vb = kv_row(b, jl, params.v_sb, params.v_ss) + kvh * params.v_sh;
+                    for (var n = 0u; n < NV8; n++) { // unroll
+                        vv[c * NV8 + n] = v4(vb, 4u * min(n * WG + lid, DV4 - 1u));
+                    }
+                }
+                for (var r = 0u; r < R; r++) { // unroll
+                    let w = subgroupShuffle(p[r], u);
+                    for (var n = 0u; n < NV8; n++) { // unroll
+                        var t = select(zero4, w.x * vv[n], !(w.x == 0.0));
+                        t += select(zero4, w.y * vv[NV8 + n], !(w.y == 0.0));
+                        t += select(zero4, w.z * vv[2u * NV8 + n], !(w.z == 0.0));
+                        t += select(zero4, w.w * vv[3u * NV8 + n], !(w.w == 0.0));
+                        acc[r * NV8 + n] += t;
                     }
                 }
             }

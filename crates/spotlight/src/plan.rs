@@ -197,7 +197,8 @@ impl Target {
             })
         };
         // The kernel's own choice steps down to fewer rows where the adapter's workgroup memory
-        // does not hold it (a forced count is taken or refused as it is).
+        // does not hold it (only heads wide enough to stage Q use any; a forced count is taken
+        // or refused as it is).
         let (r, lanes) = match opts.rows_per_workgroup {
             Some(_) => (r, fitting(r)),
             None => FlashTiles::ROWS_R

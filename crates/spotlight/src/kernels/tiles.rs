@@ -107,6 +107,28 @@ impl FlashTiles {
     /// Keys per lane per block of `flash_rows.wgsl` (its `const KBL`).
     pub const ROWS_KBL: u32 = 4;
 
+    /// Most q vec4 chunks (ceil(ceil(D / 4) / lanes): 4 is D = 128 on 8 lanes) the forward row
+    /// kernel keeps in registers; wider heads stage Q in workgroup memory
+    /// ([`FlashTiles::rows_q_staged`]). Measured on lavapipe (Mesa 22.3.6, 2026-12-06, AVX-512
+    /// EPYC): Q in registers instead of staged behind a barrier and re-read every block made
+    /// 1,1024,2,64 18 → 13.5 ms and 4,256,2,64 4.8 → 3.8 ms, the first call unchanged at D = 64
+    /// and 1.1 → 1.4 s at D = 128; at D = 256 (8 chunks, each unrolled) it ran 14% faster but
+    /// the first call took 3.0 s instead of 2.0.
+    pub const ROWS_Q_REGISTER_COLUMNS: u32 = 4;
+
+    /// Whether the forward row kernel stages Q in workgroup memory for head dim `d` (more than
+    /// [`FlashTiles::ROWS_Q_REGISTER_COLUMNS`] chunks of q vec4 columns per lane).
+    pub fn rows_q_staged(&self, d: u32) -> bool {
+        d.div_ceil(4).div_ceil(self.tpr.max(1)) > Self::ROWS_Q_REGISTER_COLUMNS
+    }
+
+    /// Whether the forward row kernel's P·V takes one key per accumulator update for value head
+    /// dim `dv` (more than [`FlashTiles::ROWS_Q_REGISTER_COLUMNS`] output vec4 columns per lane:
+    /// the unrolled KBL-key update would cost 1 s of compile at Dv = 256; `flash_rows.wgsl`).
+    pub fn rows_pv_by_key(&self, dv: u32) -> bool {
+        dv.div_ceil(4).div_ceil(self.tpr.max(1)) > Self::ROWS_Q_REGISTER_COLUMNS
+    }
+
     /// Largest head dims (D and Dv) the row kernel takes: its unrolled P·V loop grows with Dv
     /// and so does the compile (larger dims run the tiled kernel).
     pub const ROWS_MAX_DIM: u32 = 256;
@@ -165,8 +187,12 @@ impl FlashTiles {
             return 16 * r * d4 + 8 * r * n + 16 * r * dv4 + 4 * r;
         }
         if self.layout == FlashLayout::Rows {
-            // q_s: R rows of ceil(ceil(D / 4) / lanes) · lanes vec4.
+            // Q staged (R rows of ceil(ceil(D / 4) / lanes) · lanes vec4) only for wide heads;
+            // otherwise it lives in registers and the array has one vec4 (flash_rows.wgsl).
             let lanes = self.tpr as u64;
+            if !self.rows_q_staged(d) {
+                return 16;
+            }
             return 16 * self.bq as u64 * (d.div_ceil(4) as u64).div_ceil(lanes) * lanes;
         }
         let (d4, dv4) = (d.div_ceil(4) as u64 + 1, dv.div_ceil(4) as u64 + 1);

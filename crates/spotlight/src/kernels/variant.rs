@@ -212,6 +212,8 @@ impl Variant {
                     ]);
                     if f.tiles.layout == FlashLayout::Rows {
                         c.push(("PLAIN_LOGITS", f.plain_logits as u32));
+                        c.push(("Q_STAGED", f.tiles.rows_q_staged(f.d) as u32));
+                        c.push(("PV_BY_KEY", f.tiles.rows_pv_by_key(f.dv) as u32));
                     }
                 } else {
                     c.extend([
@@ -326,7 +328,16 @@ impl Variant {
                 let lanes = f.tiles.tpr;
                 // The decode kernel's threads own one output column each: no column array.
                 let registers = match f.tiles.layout {
-                    FlashLayout::Rows => vec![("NV8", "// register columns", cols(f.dv, lanes))],
+                    FlashLayout::Rows => {
+                        // Q in registers, or staged in workgroup memory (flash_rows.wgsl).
+                        let (nq, staged) = (cols(f.d, lanes), f.tiles.rows_q_staged(f.d));
+                        let qs = if staged { f.tiles.bq * nq * lanes } else { 1 };
+                        vec![
+                            ("NV8", "// register columns", cols(f.dv, lanes)),
+                            ("NQ8", "// register columns q", if staged { 1 } else { nq }),
+                            ("QS", "// staged q", qs),
+                        ]
+                    }
                     _ => vec![],
                 };
                 Some(RowKernel {
@@ -446,6 +457,8 @@ impl Variant {
                 {
                     continue;
                 }
+                // Functions of the head dims and lanes already in the name.
+                "Q_STAGED" | "PV_BY_KEY" => continue,
                 "VEC4_KV" => "vec4".to_string(),
                 "PACK_GQA" => "gqa".to_string(),
                 "PAGED" => "paged".to_string(),
