@@ -353,13 +353,29 @@ fn main(
     }
 
     let rows = params.batch * params.q_heads * params.q_len;
-    // Row r's statistics and output are always in slot 0: after writing them, every slot moves
-    // down by one (register moves, constant indices), so the stores are written once instead of
-    // R times. Each storage store is a lane loop with bounds checks in gallivm; unrolled per row
-    // (and an inner loop per component) they were half of the 16-row kernel's compile: whole
-    // first process, Mesa's cache off, 1,1024,2,64 1.6-1.9 -> 0.8-0.9 s, D = 128 3.4 -> 1.4 s.
+    // One loop over the rows with one copy of the stores: row r's statistics and output are
+    // picked from the registers (constant indices) by a chain of selects. Each storage store is
+    // a lane loop with bounds checks in gallivm; unrolled per row (and an inner loop per
+    // component) they were half of the 16-row kernel's compile (whole first process, Mesa's
+    // cache off, 1,1024,2,64 1.6-1.9 -> 0.8-0.9 s, D = 128 3.4 -> 1.4 s). The selects replaced
+    // moving every slot down one per row (5.7% of the run time at 4,256,2,64 under perf against
+    // 6.9%: a move of a loop-carried register is a load, a blend and a store).
     for (var r = 0u; r < R; r++) {
-        let ll = subgroupAdd(l[0]);
+        var lr = l[0];
+        var mr = m[0];
+        var ar: array<vec4<f32>, NV8>;
+        for (var n = 0u; n < NV8; n++) { // unroll
+            ar[n] = acc[n];
+        }
+        for (var k = 0u; k < R - 1u; k++) { // unroll
+            let pick = r == k + 1u;
+            lr = select(lr, l[k + 1u], pick);
+            mr = select(mr, m[k + 1u], pick);
+            for (var n = 0u; n < NV8; n++) { // unroll
+                ar[n] = select(ar[n], acc[(k + 1u) * NV8 + n], pick);
+            }
+        }
+        let ll = subgroupAdd(lr);
         let rr = r0 + r;
         let i = row_pos(rr);
         let h = row_head(unit, rr);
@@ -374,7 +390,7 @@ fn main(
                 let col = n * WG + lid;
                 var o = zero4;
                 if valid {
-                    o = acc[n] / ll;
+                    o = ar[n] / ll;
                 }
                 for (var c = 0u; c < 4u; c++) { // unroll
                     if 4u * col + c < V_DIM {
@@ -383,14 +399,7 @@ fn main(
                 }
             }
             if lid == 0u {
-                lse[row] = select(ninf, sm_lse(m[0], ll), valid);
-            }
-        }
-        for (var k = 0u; k < R - 1u; k++) { // unroll
-            l[k] = l[k + 1u];
-            m[k] = m[k + 1u];
-            for (var n = 0u; n < NV8; n++) { // unroll
-                acc[k * NV8 + n] = acc[(k + 1u) * NV8 + n];
+                lse[row] = select(ninf, sm_lse(mr, ll), valid);
             }
         }
     }
