@@ -228,3 +228,54 @@ fn random_problems_every_option(alg: Algorithm) {
         failures.join("\n")
     );
 }
+
+// The row kernel's two layouts per side (flash_rows.wgsl): Q in registers up to 4 vec4 chunks per
+// lane and staged in workgroup memory above (D = 256), P·V by groups of keys up to Dv = 128 and
+// one key per update above, in every combination, with the general logit path (mask and bias)
+// and the band path (causal), at 8, 16 and 32 rows per workgroup (D = 256, Dv = 32 at 130 rows
+// stages 32 rows of Q: all 32 KiB of lavapipe's workgroup memory). Every fused algorithm.
+per_algorithm!(wide_heads_either_side, super::wide_heads_either_side);
+
+fn wide_heads_either_side(alg: Algorithm) {
+    let Some(engine) = engine() else { return };
+    let mut rng = Rng::new(0x5EED_0256);
+    let mut failures = Vec::new();
+    let mut n = 0;
+    for (d, dv) in [(32usize, 256usize), (256, 32), (256, 256), (128, 128)] {
+        for (lq, lk, masked) in [(9usize, 40usize, true), (70, 33, false), (130, 70, true)] {
+            let mut p = Problem::new(1, lq, lk, 2, 1, d)
+                .v_head_dim(dv)
+                .causal(!masked);
+            if masked {
+                let all = Broadcast { batch: 1, heads: 2 };
+                p.mask = Some(all);
+                p.bias = Some(all);
+            }
+            let mut data = Data::random(&p, [DType::F32; 3], 1.0, &mut rng);
+            if masked {
+                let cells = 2 * lq * lk;
+                data.bias = Some((0..cells).map(|_| rng.uniform(-2.0, 2.0)).collect());
+                data.mask = Some((0..cells).map(|_| rng.chance(0.7) as u8).collect());
+            }
+            n += 1;
+            if let Err(e) = check(
+                engine,
+                &p,
+                &data,
+                alg,
+                alg == Algorithm::ThreePass,
+                None,
+                Some(Budget::strict()),
+            ) {
+                failures.push(format!("{p:?}: {e}"));
+            }
+        }
+    }
+    assert_eq!(n, 12);
+    assert!(
+        failures.is_empty(),
+        "{} of {n} failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
