@@ -1,6 +1,7 @@
 // flash_rows.wgsl — fused attention with an online softmax for CPU adapters (lavapipe, llvmpipe,
-// WARP, SwiftShader): one subgroup per workgroup, R = 8, 16 or 32 query rows, Q in registers,
-// K and V read straight from the buffers, no workgroup memory and no barrier.
+// WARP, SwiftShader): one subgroup per workgroup, R = 8, 16 or 32 query rows, Q in registers
+// (staged in workgroup memory for D > 128 on 8 lanes), K and V read straight from the buffers,
+// no barrier.
 //
 // Why this shape (read from Mesa 22.3's gallivm and measured on lavapipe: README, Performance):
 // a CPU adapter runs a subgroup of WG invocations (8 with AVX2) as one SIMD vector. Arithmetic
@@ -10,13 +11,14 @@
 // - Q·Kᵀ: key j0 + c·WG + lane belongs to lane `lane` (c < KBL). Each lane reads its keys' K as
 //   vec4 and computes their logits for all R rows; the q vector every lane needs at step d comes
 //   from the lane that holds it (each lane keeps one vec4 of every row per chunk of WG vec4 in
-//   registers, read once) through subgroupShuffle. One K vector a lane loads feeds R·4 FMAs.
+//   registers, read once; Q_STAGED: in workgroup memory) through subgroupShuffle. One K vector
+//   a lane loads feeds R·4 FMAs.
 // - Softmax: the block's row max through subgroupMax (the same in every lane), then each lane's
 //   weights and its share of the row sum (subgroupAdd once at the end).
 // - P·V: lane `lane` owns the output vec4 columns lane + WG·n (n < NV8) of all R rows in
 //   registers; the weights of keys (c, u), c < KBL, come from lane u as one vec4 per row by
-//   shuffle, and each accumulator takes all KBL products in one update. One V vector feeds R·4
-//   FMAs.
+//   shuffle, and each accumulator takes all KBL products in one update (PV_BY_KEY: one key per
+//   update). One V vector feeds R·4 FMAs.
 // Register arrays (logits, weights, accumulators) are only ever indexed by constants: loops
 // marked `// unroll` are unrolled in the text by kernels/ (`unroll_marked`); the loops over
 // keys of a block, lanes and vec4 columns inside a chunk stay loops (unrolling them too took
@@ -66,14 +68,17 @@ const NV8: u32 = 2u; // register columns
 // every row (rewritten per pipeline like NV8); Q·Kᵀ walks them chunk by chunk (unrolled),
 // shuffling each to every lane.
 const NQ8: u32 = 2u; // register columns q
-// Wider heads (more than FlashTiles::ROWS_Q_REGISTER_COLUMNS chunks) stage Q once in workgroup
-// memory instead, QS = R·ND8·WG vec4 (1 otherwise), and walk the chunks in a loop: their
-// unrolled chunks cost more compile than they saved (D = 256: first call 2.0 -> 3.0 s for 14%).
-// Both rewritten per pipeline by kernels/ (Q_STAGED is set with them).
+// Wider heads (more than FlashTiles::ROWS_Q_REGISTER_COLUMNS chunks: D > 128 on 8 lanes) stage
+// Q once in workgroup memory instead, QS = R·ND8·WG vec4 (1 otherwise), and walk the chunks in a
+// loop: their unrolled chunks cost more compile than they saved (D = 256: first call 2.0 -> 3.0 s
+// for 14%). NQ8 (1 when staged) and QS are rewritten per pipeline by kernels/, which sets the
+// Q_STAGED override with them. No barrier: each lane reads back only the slots it wrote
+// (x ≡ lane mod WG), and a barrier is a coroutine suspend point on llvmpipe.
 const QS: u32 = 1u; // staged q
 override Q_STAGED: bool = false;
-// Likewise P·V takes one key per accumulator update where the output has more than that many
-// vec4 columns per lane (NV8 > 4: Dv = 256), and KBL keys per update otherwise (each update of
+// P·V takes one key per accumulator update where the output has more than
+// FlashTiles::ROWS_PV_GROUPED_COLUMNS vec4 columns per lane (Dv > 128 on 8 lanes), and KBL keys
+// per update otherwise (each update of
 // an accumulator in stack memory is a load, a blend and a store on a CPU adapter: 1,1024,2,64
 // 13.5 -> 12 ms, 4,256,2,64 3.9 -> 3.5), whose unrolled copies at NV8 = 8 cost 1 s of compile.
 override PV_BY_KEY: bool = false;
@@ -161,7 +166,6 @@ fn main(
             let d4 = x % (ND8 * WG);
             q_s[x] = load_q_row(b, unit, r0 + r, unit_rows, lq, d4);
         }
-        workgroupBarrier();
     } else {
         for (var r = 0u; r < R; r++) {
             for (var k = 0u; k < R - 1u; k++) { // unroll

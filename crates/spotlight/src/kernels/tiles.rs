@@ -122,11 +122,17 @@ impl FlashTiles {
         d.div_ceil(4).div_ceil(self.tpr.max(1)) > Self::ROWS_Q_REGISTER_COLUMNS
     }
 
+    /// Most output vec4 columns per lane (4: Dv = 128 on 8 lanes) for which the forward row
+    /// kernel's P·V adds the 4 keys of a lane in one accumulator update (lavapipe, 2026-12-06:
+    /// 1,1024,2,64 13.5 → 12 ms, 4,256,2,64 3.9 → 3.5; at Dv = 256 its unrolled copies cost 1 s
+    /// of first call for about 9%, one run).
+    pub const ROWS_PV_GROUPED_COLUMNS: u32 = 4;
+
     /// Whether the forward row kernel's P·V takes one key per accumulator update for value head
-    /// dim `dv` (more than [`FlashTiles::ROWS_Q_REGISTER_COLUMNS`] output vec4 columns per lane:
-    /// the unrolled KBL-key update would cost 1 s of compile at Dv = 256; `flash_rows.wgsl`).
+    /// dim `dv` (more than [`FlashTiles::ROWS_PV_GROUPED_COLUMNS`] output vec4 columns per lane;
+    /// `flash_rows.wgsl`).
     pub fn rows_pv_by_key(&self, dv: u32) -> bool {
-        dv.div_ceil(4).div_ceil(self.tpr.max(1)) > Self::ROWS_Q_REGISTER_COLUMNS
+        dv.div_ceil(4).div_ceil(self.tpr.max(1)) > Self::ROWS_PV_GROUPED_COLUMNS
     }
 
     /// Largest head dims (D and Dv) the row kernel takes: its unrolled P·V loop grows with Dv
