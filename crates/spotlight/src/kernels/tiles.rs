@@ -119,7 +119,7 @@ impl FlashTiles {
     /// Whether the forward row kernel stages Q in workgroup memory for head dim `d` (more than
     /// [`FlashTiles::ROWS_Q_REGISTER_COLUMNS`] chunks of q vec4 columns per lane).
     pub fn rows_q_staged(&self, d: u32) -> bool {
-        d.div_ceil(4).div_ceil(self.tpr.max(1)) > Self::ROWS_Q_REGISTER_COLUMNS
+        super::variant::cols(d, self.tpr) > Self::ROWS_Q_REGISTER_COLUMNS
     }
 
     /// Most output vec4 columns per lane (4: Dv = 128 on 8 lanes) for which the forward row
@@ -132,7 +132,7 @@ impl FlashTiles {
     /// dim `dv` (more than [`FlashTiles::ROWS_PV_GROUPED_COLUMNS`] output vec4 columns per lane;
     /// `flash_rows.wgsl`).
     pub fn rows_pv_by_key(&self, dv: u32) -> bool {
-        dv.div_ceil(4).div_ceil(self.tpr.max(1)) > Self::ROWS_PV_GROUPED_COLUMNS
+        super::variant::cols(dv, self.tpr) > Self::ROWS_PV_GROUPED_COLUMNS
     }
 
     /// Largest head dims (D and Dv) the row kernel takes: its unrolled P·V loop grows with Dv
