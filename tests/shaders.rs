@@ -722,3 +722,229 @@ fn row_count_takes_sixteen_rows_only_for_large_problems() {
     assert_eq!(FlashTiles::backward_row_count(0, 0), 8);
     assert!(FlashTiles::ROWS_R.contains(&16) && FlashTiles::ROWS_R.contains(&8));
 }
+
+/// The engine compiles its modules without naga's forced loop bounds (`kernels::build`: a
+/// 64-bit counter and a break in every loop, 0.25-0.3 s of the row kernel's compile on
+/// lavapipe), which is sound only if no loop can run forever. So every loop must be a `for`
+/// whose counter is a local variable that the loop header alone moves, one way: tested against
+/// `counter < bound` (or `<=`, a bound that nothing in the loop changes) and increased (`++`, `+= step` with no literal step of 0 or
+/// less), or tested against `counter > 0u` and halved (`>>= 1u`). No `loop`, `while` or
+/// `break if`; the body never stores to the counter nor passes it to a function by pointer.
+#[test]
+fn every_loop_moves_its_counter_towards_its_bound() {
+    use naga::{BinaryOperator as B, Block, Expression as E, Literal, Statement as S};
+
+    fn local(f: &naga::Function, e: naga::Handle<E>) -> Option<naga::Handle<naga::LocalVariable>> {
+        match f.expressions[e] {
+            E::LocalVariable(l) => Some(l),
+            _ => None,
+        }
+    }
+    fn loaded(f: &naga::Function, e: naga::Handle<E>) -> Option<naga::Handle<naga::LocalVariable>> {
+        match f.expressions[e] {
+            E::Load { pointer } => local(f, pointer),
+            _ => None,
+        }
+    }
+    // The local variables an expression reads (through the operators a loop bound uses).
+    fn reads(
+        f: &naga::Function,
+        e: naga::Handle<E>,
+        out: &mut Vec<naga::Handle<naga::LocalVariable>>,
+    ) {
+        match f.expressions[e] {
+            E::Load { pointer } => match local(f, pointer) {
+                Some(l) => out.push(l),
+                None => reads(f, pointer, out),
+            },
+            E::Binary { left, right, .. } => {
+                reads(f, left, out);
+                reads(f, right, out);
+            }
+            E::Unary { expr, .. } | E::As { expr, .. } => reads(f, expr, out),
+            E::Math {
+                arg,
+                arg1,
+                arg2,
+                arg3,
+                ..
+            } => {
+                for a in [Some(arg), arg1, arg2, arg3].into_iter().flatten() {
+                    reads(f, a, out);
+                }
+            }
+            E::Select {
+                condition,
+                accept,
+                reject,
+            } => {
+                for a in [condition, accept, reject] {
+                    reads(f, a, out);
+                }
+            }
+            E::Access { base, index } => {
+                reads(f, base, out);
+                reads(f, index, out);
+            }
+            E::AccessIndex { base, .. } => reads(f, base, out),
+            E::LocalVariable(l) => out.push(l),
+            _ => {}
+        }
+    }
+    fn non_emit(b: &Block) -> Vec<&S> {
+        b.iter().filter(|s| !matches!(s, S::Emit(_))).collect()
+    }
+    // Whether any statement in `b` (nested too) stores to `l` or passes it by pointer.
+    fn touches(f: &naga::Function, b: &Block, l: naga::Handle<naga::LocalVariable>) -> bool {
+        b.iter().any(|s| match s {
+            S::Store { pointer, .. } => local(f, *pointer) == Some(l),
+            S::Call { arguments, .. } => arguments.iter().any(|&a| local(f, a) == Some(l)),
+            S::Block(x) => touches(f, x, l),
+            S::If { accept, reject, .. } => touches(f, accept, l) || touches(f, reject, l),
+            S::Switch { cases, .. } => cases.iter().any(|c| touches(f, &c.body, l)),
+            S::Loop {
+                body, continuing, ..
+            } => touches(f, body, l) || touches(f, continuing, l),
+            _ => false,
+        })
+    }
+    fn check(f: &naga::Function, b: &Block, at: &str, loops: &mut usize) {
+        for s in b.iter() {
+            match s {
+                S::Block(x) => check(f, x, at, loops),
+                S::If { accept, reject, .. } => {
+                    check(f, accept, at, loops);
+                    check(f, reject, at, loops);
+                }
+                S::Switch { cases, .. } => cases.iter().for_each(|c| check(f, &c.body, at, loops)),
+                S::Loop {
+                    body,
+                    continuing,
+                    break_if,
+                } => {
+                    *loops += 1;
+                    assert!(break_if.is_none(), "{at}: a loop with `break if`");
+                    // The update: counter = counter + step, or counter = counter >> 1.
+                    let update = non_emit(continuing);
+                    let (l, halves) = match update.as_slice() {
+                        [S::Store { pointer, value }] => {
+                            let l = local(f, *pointer).unwrap_or_else(|| {
+                                panic!("{at}: a loop updates no local variable")
+                            });
+                            match f.expressions[*value] {
+                                E::Binary {
+                                    op: B::Add,
+                                    left,
+                                    right,
+                                } if loaded(f, left) == Some(l) => {
+                                    let step_ok = match f.expressions[right] {
+                                        E::Literal(Literal::U32(x)) => x > 0,
+                                        E::Literal(Literal::I32(x)) => x > 0,
+                                        E::Unary { .. } => false,
+                                        _ => true,
+                                    };
+                                    assert!(step_ok, "{at}: a loop step that is not positive");
+                                    (l, false)
+                                }
+                                E::Binary {
+                                    op: B::ShiftRight,
+                                    left,
+                                    right,
+                                } if loaded(f, left) == Some(l)
+                                    && matches!(
+                                        f.expressions[right],
+                                        E::Literal(Literal::U32(1))
+                                    ) =>
+                                {
+                                    (l, true)
+                                }
+                                ref other => panic!(
+                                    "{at}: a loop update {other:?} (expected `+= step` or `>>= 1u`)"
+                                ),
+                            }
+                        }
+                        other => panic!(
+                            "{at}: a loop whose update is {other:?} (expected a `for` with one counter update)"
+                        ),
+                    };
+                    let name = f.local_variables[l].name.clone().unwrap_or_default();
+                    // The test: the first statement, `if counter < bound {} else { break }`
+                    // (Calls in the test, such as `opaque(D4)`, come before it.)
+                    let first = non_emit(body);
+                    let test = first.iter().find(|s| !matches!(s, S::Call { .. }));
+                    match test {
+                        Some(S::If {
+                            condition,
+                            accept,
+                            reject,
+                        }) => {
+                            assert!(
+                                accept.is_empty()
+                                    && matches!(non_emit(reject).as_slice(), [S::Break]),
+                                "{at}: loop over `{name}` does not start with its test"
+                            );
+                            match f.expressions[*condition] {
+                                E::Binary { op, left, right } if loaded(f, left) == Some(l) => {
+                                    // The bound: nothing it reads changes inside the loop.
+                                    let mut bound = Vec::new();
+                                    reads(f, right, &mut bound);
+                                    for x in bound {
+                                        assert!(
+                                            !touches(f, body, x) && !touches(f, continuing, x),
+                                            "{at}: the bound of the loop over `{name}` changes inside it"
+                                        );
+                                    }
+                                    if halves {
+                                        assert!(
+                                            op == B::Greater
+                                                && matches!(
+                                                    f.expressions[right],
+                                                    E::Literal(Literal::U32(0))
+                                                ),
+                                            "{at}: `{name}` halves but is not tested `> 0u`"
+                                        );
+                                    } else {
+                                        assert!(
+                                            matches!(op, B::Less | B::LessEqual),
+                                            "{at}: `{name}` grows but is tested with {op:?}"
+                                        );
+                                    }
+                                }
+                                ref other => panic!(
+                                    "{at}: loop over `{name}` tests {other:?}, not the counter"
+                                ),
+                            }
+                        }
+                        other => {
+                            panic!("{at}: loop over `{name}` starts with {other:?}, not its test")
+                        }
+                    }
+                    assert!(
+                        !touches(f, body, l),
+                        "{at}: the body of the loop over `{name}` changes it"
+                    );
+                    check(f, body, at, loops);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    let mut loops = 0;
+    for shader in Shader::ALL {
+        let (module, _) = module(&shader.source(), shader.name());
+        for (_, f) in module.functions.iter() {
+            let at = format!("{}::{}", shader.name(), f.name.as_deref().unwrap_or("?"));
+            check(f, &f.body, &at, &mut loops);
+        }
+        for e in &module.entry_points {
+            check(
+                &e.function,
+                &e.function.body,
+                &format!("{}::{}", shader.name(), e.name),
+                &mut loops,
+            );
+        }
+    }
+    assert!(loops > 200, "only {loops} loops checked");
+}
