@@ -224,14 +224,17 @@ pub fn peak_rss_bytes() -> Option<u64> {
 }
 
 /// Checks one run against the reference: every row when the problem is small, else 48 rows
-/// spread over batches, heads and positions (first and last rows included).
+/// spread over batches, heads and positions (first and last rows included). Also returns the
+/// seconds of the GPU call alone (upload, any kernel not built yet, run, read-back).
 fn validate(
     engine: &Engine,
     p: &Problem,
     inputs: &Inputs<'_>,
     opts: &RunOptions,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, f64)> {
+    let start = std::time::Instant::now();
     let got = engine.attention(p, inputs, &RunOptions { lse: true, ..*opts })?;
+    let call = start.elapsed().as_secs_f64();
     let out = got.out.to_f32_vec();
     let lse = got.lse.unwrap_or_default();
     let work = p.flops();
@@ -242,11 +245,12 @@ fn validate(
         if el.non_finite_mismatches > 0 {
             bail!("LSE mismatch: {el}");
         }
-        return Ok(e.rel_frobenius.max(if e.non_finite_mismatches > 0 {
+        let err = e.rel_frobenius.max(if e.non_finite_mismatches > 0 {
             f64::INFINITY
         } else {
             0.0
-        }));
+        });
+        return Ok((err, call));
     }
     let mut rng = Rng::new(99);
     let mut rows = vec![(0, 0, 0), (p.batch - 1, p.q_heads - 1, p.q_len - 1)];
@@ -262,11 +266,12 @@ fn validate(
         let row = rows[e.worst_index / (p.v_head_dim + 1)];
         eprintln!("spotlight: validation mismatch at row (b, h, i) = {row:?} ({e})");
     }
-    Ok(if e.non_finite_mismatches > 0 {
+    let err = if e.non_finite_mismatches > 0 {
         f64::INFINITY
     } else {
         e.rel_frobenius
-    })
+    };
+    Ok((err, call))
 }
 
 /// One measured configuration.
@@ -280,6 +285,10 @@ struct Measured {
     algorithm: Algorithm,
     /// One more call, profiled per pass after the timed ones (`Engine::time_passes`).
     profile: spotlight::Profile,
+    /// Wall clock of this configuration's first call in the process: with validation the
+    /// checked call (upload, build of any kernel not built yet, run, read-back of O), else the
+    /// first run on resident buffers (build, run, wait).
+    first_call_seconds: f64,
 }
 
 /// Uploads rotating input sets, validates the first, warms up, and returns the median time.
@@ -301,13 +310,16 @@ fn measure(
     let mut rng = Rng::new(1234 + p.kv_len as u64);
     let mut resident = Vec::new();
     let mut err = f64::NAN;
+    let mut first_call = None;
     for s in 0..sets {
         let q = Tensor::from_f32(&rng.vec(p.q_elems()), dtype);
         let k = Tensor::from_f32(&rng.vec(p.k_elems()), dtype);
         let v = Tensor::from_f32(&rng.vec(p.v_elems()), dtype);
         let inputs = Inputs::new(q.as_ref(), k.as_ref(), v.as_ref());
         if s == 0 && check {
-            err = validate(engine, p, &inputs, &opts)?;
+            let (e, call) = validate(engine, p, &inputs, &opts)?;
+            err = e;
+            first_call = Some(call);
         }
         resident.push(engine.upload(p, &inputs, &opts)?);
     }
@@ -319,7 +331,9 @@ fn measure(
         })
     };
     for w in 0..warmup {
+        let start = std::time::Instant::now();
         run(&resident[w % sets])?;
+        first_call.get_or_insert(start.elapsed().as_secs_f64());
     }
     let mut times = Vec::new();
     let mut walls = Vec::new();
@@ -328,6 +342,7 @@ fn measure(
         let start = std::time::Instant::now();
         let t = run(&resident[r % sets])?;
         walls.push(start.elapsed().as_secs_f64());
+        first_call.get_or_insert(walls[0]);
         times.push(t.seconds);
         source = t.source;
     }
@@ -345,6 +360,7 @@ fn measure(
     })?;
     Ok(Measured {
         profile,
+        first_call_seconds: first_call.unwrap_or(f64::NAN),
         seconds: times[times.len() / 2],
         wall_seconds: walls[walls.len() / 2],
         err,
@@ -402,16 +418,19 @@ pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(spotlight_cli::files::check_output)
         .transpose()?;
+    let engine_start = std::time::Instant::now();
     let engine = Engine::new()?;
+    let engine_ms = engine_start.elapsed().as_secs_f64() * 1e3;
     let info = engine.adapter_info();
     let software = info.device_type == spotlight::wgpu::DeviceType::Cpu;
     let configs = grid(a, software)?;
     let repeats = a.repeats.unwrap_or(if software { 3 } else { 20 }).max(1);
     println!(
-        "spotlight device {} backend={:?} type={:?}",
+        "spotlight device {} backend={:?} type={:?} engine_ms={}",
         info.name.replace(' ', "_"),
         info.backend,
-        info.device_type
+        info.device_type,
+        sig3(engine_ms)
     );
     if !engine.capabilities().timestamp_query {
         println!(
@@ -537,11 +556,12 @@ pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
         let secs = r.seconds;
         let (ms, tflops, gbps) = (secs * 1e3, p.flops() / secs / 1e12, bytes / secs / 1e9);
         let wall_ms = r.wall_seconds * 1e3;
+        let first_call_ms = r.first_call_seconds * 1e3;
         let gflops = p.flops() / secs / 1e9;
         let gflops_wall = p.flops() / r.wall_seconds / 1e9;
         let of_stream = stream_gbps.map(|s| gbps / s);
         println!(
-            "spotlight {} B={} Hq={} Hkv={} Lq={} Lk={} D={} causal={} dtype={} ms={ms:.4} wall_ms={} gflops={} gflops_wall={} tflops={tflops:.4} gbps={gbps:.3}{} err={:.2e} sets={} timer={} plan={} pieces={} passes={}{}",
+            "spotlight {} B={} Hq={} Hkv={} Lq={} Lk={} D={} causal={} dtype={} ms={ms:.4} wall_ms={} first_call_ms={} gflops={} gflops_wall={} tflops={tflops:.4} gbps={gbps:.3}{} err={:.2e} sets={} timer={} plan={} pieces={} passes={}{}",
             r.algorithm.name(),
             p.batch,
             p.q_heads,
@@ -552,6 +572,7 @@ pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
             p.causal as u8,
             dtype.name(),
             sig3(wall_ms),
+            sig3(first_call_ms),
             sig3(gflops),
             sig3(gflops_wall),
             of_stream.map_or(String::new(), |f| format!(" of_stream={f:.3}")),
@@ -566,7 +587,8 @@ pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
         records.push(serde_json::json!({
             "algorithm": r.algorithm.name(), "B": p.batch, "Hq": p.q_heads, "Hkv": p.kv_heads,
             "Lq": p.q_len, "Lk": p.kv_len, "D": p.head_dim, "causal": p.causal,
-            "dtype": dtype.name(), "ms": ms, "wall_ms": wall_ms, "gflops": gflops,
+            "dtype": dtype.name(), "ms": ms, "wall_ms": wall_ms, "first_call_ms": first_call_ms,
+            "gflops": gflops,
             "gflops_wall": gflops_wall, "tflops": tflops, "gbps": gbps,
             "fraction_of_stream_read": of_stream,
             "rel_error": if r.err.is_finite() { serde_json::json!(r.err) } else { serde_json::Value::Null },
@@ -587,7 +609,8 @@ pub fn main(a: &BenchArgs) -> anyhow::Result<()> {
             "adapter": info.name, "backend": format!("{:?}", info.backend),
             "driver": format!("{} {}", info.driver, info.driver_info),
             "unix_time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-            "peak_rss_bytes": peak, "stream_read_gbps": stream_gbps, "results": records,
+            "peak_rss_bytes": peak, "stream_read_gbps": stream_gbps, "engine_ms": engine_ms,
+            "results": records,
         });
         spotlight_cli::files::write_bytes_atomic(
             json_target.as_ref().expect("checked with --json"),

@@ -764,6 +764,7 @@ fn bench_prints_validated_numbers_and_json() {
     for l in &lines {
         for key in [
             "ms=",
+            "first_call_ms=",
             "tflops=",
             "gbps=",
             "err=",
@@ -799,6 +800,11 @@ fn bench_prints_validated_numbers_and_json() {
     }
     assert_eq!(results[1]["causal"], true);
     assert_eq!(results[1]["D"], 40);
+    // The first call of the process builds its kernels: longer than a timed call's GPU time.
+    assert!(doc["engine_ms"].as_f64().unwrap() > 0.0, "{doc}");
+    let first = results[0]["first_call_ms"].as_f64().unwrap();
+    assert!(first > results[0]["ms"].as_f64().unwrap(), "{doc}");
+    assert!(results[1]["first_call_ms"].as_f64().unwrap() > 0.0, "{doc}");
 
     // A --json path that cannot be written is refused before any GPU work, and nothing is
     // left behind.
