@@ -10,8 +10,10 @@
 // - Q·Kᵀ: thread t owns key j0 + t of each tile of WG keys: it reads that key's K row (four
 //   elements per load with VEC4_KV) and computes its logits for all R rows against q in
 //   workgroup memory (every thread reads the same q address: a broadcast).
-// - Softmax: the tile's row max through a tree in workgroup memory (log2 WG steps); each thread
-//   turns its key's logits into weights against the new max.
+// - Softmax: the tile's row max, then each thread turns its key's logits into weights against
+//   it. With SUBGROUP_ROWS each subgroup's max (subgroupMax) goes to one slot of workgroup
+//   memory and every thread reads the slots: one barrier. Without subgroups, a tree in
+//   workgroup memory: log2 WG steps, a barrier each.
 // - P·V: thread t owns the output vec4 column t % DV4 of all R rows and walks the keys of the
 //   tile in subsets of WG / DV4 (key t / DV4, then every KS-th), so the threads of a subset read
 //   a V row side by side. The subsets' partial outputs and sums are added in a fixed order at the
@@ -42,11 +44,18 @@ override D4: u32 = (HEAD_DIM + 3u) / 4u;
 override DV4: u32 = (V_DIM + 3u) / 4u;
 // Key subsets of the P·V loop: WG / DV4 threads share each output column.
 override KS: u32 = WG / DV4;
+// The tile's row max through subgroup operations (set where the device has subgroups). The
+// subgroup variant rewrites the stub `sg_max` into subgroupMax and replaces the `let` line of
+// subgroup ids in `main` with the builtins (kernels/); a module without it never names a
+// subgroup builtin, which naga would refuse on a device without subgroups.
+override SUBGROUP_ROWS: bool = false;
+
+fn sg_max(x: f32) -> f32 { return x; } // subgroup sg_max
 
 var<workgroup> q_s: array<vec4<f32>, R * D4>;
-// s_s[r * WG + t]: row r's logit of key t of the tile, then its weight.
+// s_s[r * WG + t]: row r's weight of key t of the tile.
 var<workgroup> s_s: array<f32, R * WG>;
-// The tree of the tile's row max.
+// The tile's row max: a tree, or with SUBGROUP_ROWS one slot per subgroup.
 var<workgroup> red_s: array<f32, R * WG>;
 // One key subset's partial output and sums, added into subset 0's at the end.
 var<workgroup> o_s: array<vec4<f32>, R * DV4>;
@@ -81,6 +90,7 @@ fn main(
     let off = i32(lk) - i32(lq);
     let ninf = neg_inf();
     let zero4 = vec4<f32>(0.0);
+    let sg_lane = 0u; let sg_id = 0u; let n_sg = 1u; let sg_size = 1u; // subgroup ids
 
     var rpos: array<u32, R>;
     var rhead: array<u32, R>;
@@ -145,34 +155,63 @@ fn main(
                 }
             }
         }
+        var x: array<f32, R>;
         for (var r = 0u; r < R; r++) { // unroll
-            var x = ninf;
+            var xr = ninf;
             if live && (clean || (rok[r] && visible(b, rhead[r], rpos[r], j, off, lk))) {
                 if clean && plain {
-                    x = params.scale * s[r];
+                    xr = params.scale * s[r];
                 } else {
-                    x = finish_logit(b, rhead[r], rpos[r], j, off, s[r]);
+                    xr = finish_logit(b, rhead[r], rpos[r], j, off, s[r]);
                 }
             }
-            s_s[r * WG + lid] = x;
-            red_s[r * WG + lid] = x;
+            x[r] = xr;
         }
-        workgroupBarrier();
-        for (var w = WG / 2u; w > 0u; w >>= 1u) {
-            if lid < w {
-                for (var r = 0u; r < R; r++) { // unroll
-                    red_s[r * WG + lid] = max(red_s[r * WG + lid], red_s[r * WG + lid + w]);
+        // The tile's max of each row, in every thread.
+        var mt: array<f32, R>;
+        if SUBGROUP_ROWS {
+            // Slot sg_id of row r: subgroup sg_id's max. Then each subgroup's lanes read the
+            // n_sg slots between them (one each where n_sg <= sg_size) and take their max
+            // again: every thread reading every slot cost 8-10% of lavapipe's decode time (16
+            // subgroups of 8 at 128 threads, each load a loop over the lanes there).
+            for (var r = 0u; r < R; r++) { // unroll
+                let sm = sg_max(x[r]);
+                if sg_lane == 0u {
+                    red_s[r * WG + sg_id] = sm;
                 }
             }
             workgroupBarrier();
+            for (var r = 0u; r < R; r++) { // unroll
+                var mx = ninf;
+                for (var i = sg_lane; i < n_sg; i += sg_size) {
+                    mx = max(mx, red_s[r * WG + i]);
+                }
+                mt[r] = sg_max(mx);
+            }
+        } else {
+            for (var r = 0u; r < R; r++) { // unroll
+                red_s[r * WG + lid] = x[r];
+            }
+            workgroupBarrier();
+            for (var w = WG / 2u; w > 0u; w >>= 1u) {
+                if lid < w {
+                    for (var r = 0u; r < R; r++) { // unroll
+                        red_s[r * WG + lid] = max(red_s[r * WG + lid], red_s[r * WG + lid + w]);
+                    }
+                }
+                workgroupBarrier();
+            }
+            for (var r = 0u; r < R; r++) { // unroll
+                mt[r] = red_s[r * WG];
+            }
         }
         var alpha: array<f32, R>;
         for (var r = 0u; r < R; r++) { // unroll
-            let m_new = max(m[r], red_s[r * WG]);
+            let m_new = max(m[r], mt[r]);
             alpha[r] = sm_rescale(m[r], m_new);
             m[r] = m_new;
             // Hidden keys (-inf) weigh 0; a NaN logit gives a NaN weight that poisons the row.
-            s_s[r * WG + lid] = sm_weight(s_s[r * WG + lid], m_new);
+            s_s[r * WG + lid] = sm_weight(x[r], m_new);
         }
         workgroupBarrier();
         if ks < KS {

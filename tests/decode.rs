@@ -8,7 +8,7 @@ use spotlight::{
     RunOptions, Tensor, TensorRef,
 };
 
-use crate::common::{Data, check_opts, engine};
+use crate::common::{Data, check_opts, engine, packed_engine};
 
 /// Host copy of what a test appended, to rebuild contiguous K/V for the reference.
 struct Shadow {
@@ -391,11 +391,14 @@ fn decode_kernel_matches_the_reference_on_random_problems() {
 /// The decode kernel over many key tiles (the running max moves between tiles) and several key
 /// chunks (partial results merged by their LSE): hundreds of keys, chunks of one or two
 /// 128-key tiles, the random options of the differential suite (without mask and bias, whose
-/// shapes follow the key count).
+/// shapes follow the key count). Each problem runs again on the engine without subgroups (its
+/// tile max through the tree in workgroup memory, not subgroupMax; f16 read as packed words):
+/// both maxima and both loads are exact, so the two outputs must agree bit for bit.
 #[test]
 fn decode_kernel_over_many_key_tiles_and_chunks() {
     let Some(engine) = engine() else { return };
     let mut failures = Vec::new();
+    let mut compared = 0;
     for seed in 0..12u64 {
         let (mut p, _, out_dtype) = crate::differential::random_problem(0xDEC1_0000 + seed);
         let mut rng = Rng::new(seed);
@@ -430,6 +433,26 @@ fn decode_kernel_over_many_key_tiles_and_chunks() {
                 est.plan
             ));
         }
+        if let Some(packed) = packed_engine() {
+            let run = RunOptions { lse: true, ..opts };
+            let bits = |o: &spotlight::Output| {
+                let mut b: Vec<u32> = o.out.to_f32_vec().iter().map(|x| x.to_bits()).collect();
+                b.extend(o.lse.as_ref().unwrap().iter().map(|x| x.to_bits()));
+                b
+            };
+            let sg = bits(&engine.attention(&p, &d.inputs(), &run).unwrap());
+            let tree = bits(&packed.attention(&p, &d.inputs(), &run).unwrap());
+            if sg != tree {
+                failures.push(format!(
+                    "seed={seed}: the engine without subgroups differs bitwise"
+                ));
+            }
+            compared += 1;
+        }
+    }
+    // Both tile maxima ran where the adapter has subgroups (lavapipe does).
+    if engine.capabilities().subgroups {
+        assert_eq!(compared, 12, "not every problem ran on both engines");
     }
     assert!(
         failures.is_empty(),

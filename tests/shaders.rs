@@ -91,7 +91,8 @@ fn variants() -> Vec<Variant> {
         }
     }
     // The decode kernel: 1, 4 and 16 rows per unit, 128 threads (64 where memory is short),
-    // every dtype, packed or not, paged or not, wide loads or not.
+    // every dtype, packed or not, paged or not, wide loads or not, tile max through subgroups
+    // or not.
     for (d, dv) in [(16, 16), (64, 64), (128, 128), (80, 96)] {
         for (rows, threads) in [(1, 128), (4, 128), (16, 64)] {
             let t = FlashTiles::decode(rows, threads);
@@ -103,7 +104,9 @@ fn variants() -> Vec<Variant> {
                     let v = Variant::flash([dt, dt, dt], d, dv, t, gqa, paged);
                     if d % 4 == 0 && dv % 4 == 0 {
                         out.push(v.clone().vec4_kv(true));
+                        out.push(v.clone().vec4_kv(true).subgroup_rows(true));
                     }
+                    out.push(v.clone().subgroup_rows(true));
                     out.push(v);
                 }
             }
@@ -251,6 +254,32 @@ fn every_variant_has_its_own_name() {
     assert_ne!(rows.clone().vec4_kv(true), rows);
     assert_ne!(tiled.clone().subgroup_rows(true), tiled);
     assert_eq!(tiled.clone().plain_logits(true), tiled);
+    // The decode kernel's tile max: subgroupMax and the subgroup builtins only in its subgroup
+    // variant (a module that names them fails on a device without subgroups).
+    let decode = Variant::flash(
+        [DType::F16; 3],
+        128,
+        128,
+        FlashTiles::decode(4, 128),
+        true,
+        false,
+    );
+    let sg = decode.clone().subgroup_rows(true);
+    assert_ne!(sg, decode);
+    assert!(sg.name().contains("_sg"), "{}", sg.name());
+    let (with, without) = (sg.source(), decode.source());
+    for builtin in [
+        "subgroupMax(",
+        "@builtin(subgroup_id)",
+        "@builtin(num_subgroups)",
+    ] {
+        assert!(with.contains(builtin), "{} lacks {builtin}", sg.name());
+        assert!(
+            !without.contains(builtin),
+            "{} has {builtin}",
+            decode.name()
+        );
+    }
     let coop = CoopTiles::choose(16, 32, 64, 64, 49152, 1024).expect("coop tiles");
     let coop = Variant::flash_coop([DType::F16; 3], 64, 64, coop);
     assert_eq!(coop.clone().vec4_kv(true), coop);

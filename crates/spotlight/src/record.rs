@@ -9,7 +9,7 @@ use spotlight_reference::{DType, Problem};
 use crate::cache::Paging;
 use crate::context::Engine;
 use crate::error::{Error, Result};
-use crate::kernels::{Kernel, Variant};
+use crate::kernels::{FlashLayout, Kernel, Variant};
 use crate::options::{GpuInputs, GpuOutputs};
 use crate::params::{PackParams, Params};
 use crate::plan::{Plan, Run, plain_logits, wide_kv_rows};
@@ -203,7 +203,11 @@ impl Engine {
                 .vec4_kv(wide_kv_rows(p))
                 .plain_logits(plain_logits(p))
                 .native_f16(self.native_f16())
-                .subgroup_rows(self.subgroup_rows(tiles.tpr)),
+                .subgroup_rows(match tiles.layout {
+                    // The decode kernel's tile max takes any subgroup size (num_subgroups).
+                    FlashLayout::Decode => self.uses_subgroups(),
+                    _ => self.subgroup_rows(tiles.tpr),
+                }),
             ),
             Run::Coop { tiles, .. } => Some(
                 Variant::flash_coop(i.dtypes, p.head_dim as u32, p.v_head_dim as u32, tiles)

@@ -210,6 +210,9 @@ impl Variant {
                         ("PAGED", f.paged as u32),
                         ("VEC4_KV", f.vec4_kv as u32),
                     ]);
+                    if f.tiles.layout == FlashLayout::Decode {
+                        c.push(("SUBGROUP_ROWS", f.subgroup_rows as u32));
+                    }
                     if f.tiles.layout == FlashLayout::Rows {
                         c.push(("PLAIN_LOGITS", f.plain_logits as u32));
                         c.push(("Q_STAGED", f.tiles.rows_q_staged(f.d) as u32));
@@ -282,11 +285,13 @@ impl Variant {
         }
     }
 
-    /// Row reductions of the fused kernel through subgroup shuffles (callers check that every
-    /// subgroup size is a multiple of the tiles' `tpr`). No effect on other kernels.
+    /// Row reductions of the fused kernel through subgroup operations: the tiled layout's row
+    /// max and sum by shuffles (callers check that every subgroup size is a multiple of the
+    /// tiles' `tpr`), the decode layout's tile max by subgroupMax (callers check that the
+    /// device has subgroups). No effect on other kernels.
     pub fn subgroup_rows(mut self, on: bool) -> Self {
         if let Config::Flash(f) = &mut self.config
-            && f.tiles.layout == FlashLayout::Tiled
+            && matches!(f.tiles.layout, FlashLayout::Tiled | FlashLayout::Decode)
         {
             f.subgroup_rows = on;
         }
@@ -396,7 +401,27 @@ impl Variant {
         if let Some(spec) = self.row_kernel() {
             src = row_kernel_source(src, shader.name(), &spec);
         }
-        if self.uses_subgroups() {
+        if self.uses_subgroups() && shader == Shader::FlashDecode {
+            // The tile max of flash_decode.wgsl: the stub and the ids become subgroup builtins.
+            let stub = "fn sg_max(x: f32) -> f32 { return x; } // subgroup sg_max";
+            let ids = "    let sg_lane = 0u; let sg_id = 0u; let n_sg = 1u; let sg_size = 1u; // subgroup ids\n";
+            let entry = "    @builtin(local_invocation_index) lid: u32,\n";
+            for text in [stub, ids, entry] {
+                assert!(
+                    src.matches(text).count() == 1,
+                    "flash_decode: no single `{text}`"
+                );
+            }
+            src = src
+                .replace(stub, "fn sg_max(x: f32) -> f32 { return subgroupMax(x); }")
+                .replace(ids, "")
+                .replace(
+                    entry,
+                    &format!(
+                        "{entry}    @builtin(subgroup_invocation_id) sg_lane: u32,\n    @builtin(subgroup_id) sg_id: u32,\n    @builtin(num_subgroups) n_sg: u32,\n    @builtin(subgroup_size) sg_size: u32,\n"
+                    ),
+                );
+        } else if self.uses_subgroups() {
             for (name, op) in [
                 ("row_max", "y = max(y, subgroupShuffleXor(y, o));"),
                 ("row_add", "y += subgroupShuffleXor(y, o);"),
