@@ -63,6 +63,14 @@ fn load_dout(idx: u32) -> f32 { return elem_value(dout[elem_word(idx, DO_DT)], i
 fn q4(base: u32, d0: u32) -> vec4<f32> { return q4_scalar(base, d0); } // load q4
 fn dout4(base: u32, d0: u32) -> vec4<f32> { return dout4_scalar(base, d0); } // load dout4
 
+// The operands dot_chunk (row_chunks.wgsl) loads: Q for Sᵀ = K·Qᵀ (0), dO for dPᵀ = V·dOᵀ (1).
+fn row_vec4(which: u32, base: u32, d0: u32) -> vec4<f32> {
+    if which == 0u {
+        return q4(base, d0);
+    }
+    return dout4(base, d0);
+}
+
 fn q4_scalar(base: u32, d0: u32) -> vec4<f32> {
     var x = vec4<f32>(0.0);
     for (var c = 0u; c < 4u; c++) {
@@ -202,39 +210,14 @@ fn main(
                 for (var r = 0u; r < R; r++) { // unroll
                     kd[r] = k_s[(r * ND8 + n) * WG + lid];
                 }
-                // Only columns inside the head dim (past it Q may hold inf, and 0·inf is NaN).
-                let n_u = min(WG, D4 - n * WG);
-                for (var u = 0u; u < n_u; u++) {
-                    var qv: array<vec4<f32>, KBL>;
-                    for (var c = 0u; c < KBL; c++) { // unroll
-                        qv[c] = q4(qb[c], 4u * (n * WG + u));
-                    }
-                    for (var r = 0u; r < R; r++) { // unroll
-                        let kk = subgroupShuffle(kd[r], u);
-                        for (var c = 0u; c < KBL; c++) { // unroll
-                            s[r * KBL + c] += dot(kk, qv[c]);
-                        }
-                    }
-                }
+                dot_chunk(n, D4, kd, qb, 0u, &s);
             }
             for (var n = 0u; n < NDV8; n++) {
                 var vd: array<vec4<f32>, R>;
                 for (var r = 0u; r < R; r++) { // unroll
                     vd[r] = v_s[(r * NDV8 + n) * WG + lid];
                 }
-                let n_u = min(WG, DV4 - n * WG);
-                for (var u = 0u; u < n_u; u++) {
-                    var ov: array<vec4<f32>, KBL>;
-                    for (var c = 0u; c < KBL; c++) { // unroll
-                        ov[c] = dout4(ob[c], 4u * (n * WG + u));
-                    }
-                    for (var r = 0u; r < R; r++) { // unroll
-                        let vv = subgroupShuffle(vd[r], u);
-                        for (var c = 0u; c < KBL; c++) { // unroll
-                            dp[r * KBL + c] += dot(vv, ov[c]);
-                        }
-                    }
-                }
+                dot_chunk(n, DV4, vd, ob, 1u, &dp);
             }
             // P (or -1) and g, one vec4 of this lane's rows per key (KBL = 4): the loop below
             // picks a row by a dynamic component index, which compiles to selects.

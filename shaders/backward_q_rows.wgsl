@@ -60,6 +60,14 @@ fn load_do(idx: u32) -> f32 {
 
 fn v4(base: u32, d0: u32) -> vec4<f32> { return v4_scalar(base, d0); } // load v4
 
+// The operands dot_chunk (row_chunks.wgsl) loads: K for S = Q·Kᵀ (0), V for dP = dO·Vᵀ (1).
+fn row_vec4(which: u32, base: u32, d0: u32) -> vec4<f32> {
+    if which == 0u {
+        return k4(base, d0);
+    }
+    return v4(base, d0);
+}
+
 fn v4_scalar(base: u32, d0: u32) -> vec4<f32> {
     var x = vec4<f32>(0.0);
     for (var c = 0u; c < 4u; c++) {
@@ -182,39 +190,14 @@ fn main(
             for (var r = 0u; r < R; r++) { // unroll
                 qd[r] = q_s[(r * ND8 + n) * WG + lid];
             }
-            // Only columns inside the head dim (past it K may hold inf, and 0·inf is NaN).
-            let n_u = min(WG, D4 - n * WG);
-            for (var u = 0u; u < n_u; u++) {
-                var kv: array<vec4<f32>, KBL>;
-                for (var c = 0u; c < KBL; c++) { // unroll
-                    kv[c] = k4(kb[c], 4u * (n * WG + u));
-                }
-                for (var r = 0u; r < R; r++) { // unroll
-                    let qv = subgroupShuffle(qd[r], u);
-                    for (var c = 0u; c < KBL; c++) { // unroll
-                        s[r * KBL + c] += dot(qv, kv[c]);
-                    }
-                }
-            }
+            dot_chunk(n, D4, qd, kb, 0u, &s);
         }
         for (var n = 0u; n < NDV8; n++) {
             var od: array<vec4<f32>, R>;
             for (var r = 0u; r < R; r++) { // unroll
                 od[r] = do_s[(r * NDV8 + n) * WG + lid];
             }
-            let n_u = min(WG, DV4 - n * WG);
-            for (var u = 0u; u < n_u; u++) {
-                var vv: array<vec4<f32>, KBL>;
-                for (var c = 0u; c < KBL; c++) { // unroll
-                    vv[c] = v4(vb[c], 4u * (n * WG + u));
-                }
-                for (var r = 0u; r < R; r++) { // unroll
-                    let ov = subgroupShuffle(od[r], u);
-                    for (var c = 0u; c < KBL; c++) { // unroll
-                        dp[r * KBL + c] += dot(ov, vv[c]);
-                    }
-                }
-            }
+            dot_chunk(n, DV4, od, vb, 1u, &dp);
         }
         // P (or -1 where not visible) and g, one vec4 of keys per row (KBL = 4): the dQ loop
         // below picks a key by a dynamic component index, which compiles to selects.

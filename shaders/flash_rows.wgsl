@@ -12,7 +12,7 @@
 //   vec4 and computes their logits for all R rows; the q vector every lane needs at step d comes
 //   from the lane that holds it (each lane keeps one vec4 of every row per chunk of WG vec4 in
 //   registers, read once; Q_STAGED: in workgroup memory) through subgroupShuffle. One K vector
-//   a lane loads feeds R·4 FMAs.
+//   a lane loads feeds R·4 FMAs (`dot_chunk`, row_chunks.wgsl, shared with the backward).
 // - Softmax: the block's row max through subgroupMax (the same in every lane), then each lane's
 //   weights and its share of the row sum (subgroupAdd once at the end).
 // - P·V: lane `lane` owns the output vec4 columns lane + WG·n (n < NV8) of all R rows in
@@ -104,23 +104,9 @@ fn load_q_row(b: u32, unit: u32, rr: u32, unit_rows: u32, lq: u32, d4: u32) -> v
     return val;
 }
 
-// Q·Kᵀ over chunk n of WG q vec4 columns: s[r·KBL + c] += q[row r]·k[key (c, lid)] over the
-// chunk's columns; column n·WG + u of every row comes from lane u by shuffle. Only columns
-// inside the head dim: past it, q is 0 but K may hold inf (the next row), and 0·inf is NaN.
-fn qk_chunk(n: u32, lid: u32, qd: array<vec4<f32>, R>, kb: array<u32, KBL>, s: ptr<function, array<f32, R * KBL>>) {
-    let n_u = min(WG, D4 - n * WG);
-    for (var u = 0u; u < n_u; u++) {
-        var kv: array<vec4<f32>, KBL>;
-        for (var c = 0u; c < KBL; c++) { // unroll
-            kv[c] = k4(kb[c], 4u * (n * WG + u));
-        }
-        for (var r = 0u; r < R; r++) { // unroll
-            let qv = subgroupShuffle(qd[r], u);
-            for (var c = 0u; c < KBL; c++) { // unroll
-                (*s)[r * KBL + c] += dot(qv, kv[c]);
-            }
-        }
-    }
+// The operand of Q·Kᵀ that dot_chunk (row_chunks.wgsl) loads: K.
+fn row_vec4(which: u32, base: u32, d0: u32) -> vec4<f32> {
+    return k4(base, d0);
 }
 
 @compute @workgroup_size(WG)
@@ -231,7 +217,7 @@ fn main(
                 for (var r = 0u; r < R; r++) { // unroll
                     qd[r] = q_s[(r * ND8 + n) * WG + lid];
                 }
-                qk_chunk(n, lid, qd, kb, &s);
+                dot_chunk(n, D4, qd, kb, 0u, &s);
             }
         } else {
             for (var n = 0u; n < NQ8; n++) { // unroll
@@ -239,7 +225,7 @@ fn main(
                 for (var r = 0u; r < R; r++) { // unroll
                     qd[r] = qreg[r * NQ8 + n];
                 }
-                qk_chunk(n, lid, qd, kb, &s);
+                dot_chunk(n, D4, qd, kb, 0u, &s);
             }
         }
         let clean = no_masks && j0 >= all_lo && j0 + i32(WG * KBL) <= all_hi;

@@ -55,7 +55,9 @@ impl BackwardPass {
     }
 
     pub fn source(self) -> String {
-        use crate::kernels::source::{COMMON as C, LOGITS, ROW_LOADS, SOFTMAX_RULES as RULES};
+        use crate::kernels::source::{
+            COMMON as C, LOGITS, ROW_CHUNKS, ROW_LOADS, SOFTMAX_RULES as RULES,
+        };
         match self {
             BackwardPass::Pre => [C, source::PRE].concat(),
             BackwardPass::KeyValue => {
@@ -69,6 +71,7 @@ impl BackwardPass {
                 RULES,
                 source::COMMON,
                 ROW_LOADS,
+                ROW_CHUNKS,
                 source::KEY_VALUE_ROWS,
             ]
             .concat(),
@@ -78,6 +81,7 @@ impl BackwardPass {
                 RULES,
                 source::COMMON,
                 ROW_LOADS,
+                ROW_CHUNKS,
                 source::QUERY_ROWS_COMMON,
                 source::QUERY_ROWS,
             ]

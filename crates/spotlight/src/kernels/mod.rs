@@ -32,6 +32,7 @@ pub mod source {
     pub const FLASH_DECODE: &str = include_str!("../../../../shaders/flash_decode.wgsl");
     pub const FUSED_UNITS: &str = include_str!("../../../../shaders/fused_units.wgsl");
     pub const ROW_LOADS: &str = include_str!("../../../../shaders/row_loads.wgsl");
+    pub const ROW_CHUNKS: &str = include_str!("../../../../shaders/row_chunks.wgsl");
     pub const KV_LOADS: &str = include_str!("../../../../shaders/kv_loads.wgsl");
     pub const FUSED_IO: &str = include_str!("../../../../shaders/fused_io.wgsl");
     pub const PACK: &str = include_str!("../../../../shaders/pack.wgsl");
@@ -56,6 +57,7 @@ pub mod source {
         ("flash_decode.wgsl", FLASH_DECODE),
         ("fused_units.wgsl", FUSED_UNITS),
         ("row_loads.wgsl", ROW_LOADS),
+        ("row_chunks.wgsl", ROW_CHUNKS),
         ("kv_loads.wgsl", KV_LOADS),
         ("fused_io.wgsl", FUSED_IO),
         ("pack.wgsl", PACK),
@@ -193,7 +195,12 @@ impl Shader {
             Shader::Softmax => [COMMON, SOFTMAX_RULES, SOFTMAX].concat(),
             Shader::Pv => [COMMON, PV].concat(),
             Shader::Flash => [SCALAR_FUSED.concat(), FLASH.to_string()].concat(),
-            Shader::FlashRows => [SCALAR_FUSED.concat(), FLASH_ROWS.to_string()].concat(),
+            Shader::FlashRows => [
+                SCALAR_FUSED.concat(),
+                ROW_CHUNKS.to_string(),
+                FLASH_ROWS.to_string(),
+            ]
+            .concat(),
             Shader::FlashDecode => [SCALAR_FUSED.concat(), FLASH_DECODE.to_string()].concat(),
             Shader::Pack => [PACK, HALF_PACK].concat(),
             Shader::Merge => [COMMON, SOFTMAX_RULES, HALF_PACK, MERGE].concat(),

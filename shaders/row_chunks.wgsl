@@ -1,0 +1,27 @@
+// row_chunks.wgsl — the dot products of the row kernels (flash_rows.wgsl, backward_q_rows.wgsl,
+// backward_kv_rows.wgsl), one chunk of WG vec4 columns at a time.
+//
+// s[r·KBL + c] += x[row r]·y[vector c] over chunk n of the columns (cols4 vec4 columns in
+// all): every lane holds vec4 column n·WG + lane of each of the R register rows x (Q rows in
+// the forward and the dQ pass, K or V rows in the dK/dV pass) and passes column n·WG + u to
+// every lane by subgroupShuffle; each lane loads its KBL vectors of the other operand,
+// `row_vec4(which, yb[c], column)`, once per column and feeds each R·4 FMAs. Only columns
+// inside the head dim: past it x is 0 but the loaded row may hold inf (the next row), and 0·inf
+// is NaN. The including kernel defines R, KBL, WG and `row_vec4`, whose `which` (a constant at
+// every call, so the compiler keeps one branch) names the tensor: 0 the logits' operand, 1 the
+// one of dP = dO·Vᵀ.
+fn dot_chunk(n: u32, cols4: u32, xd: array<vec4<f32>, R>, yb: array<u32, KBL>, which: u32, s: ptr<function, array<f32, R * KBL>>) {
+    let n_u = min(WG, cols4 - n * WG);
+    for (var u = 0u; u < n_u; u++) {
+        var yv: array<vec4<f32>, KBL>;
+        for (var c = 0u; c < KBL; c++) { // unroll
+            yv[c] = row_vec4(which, yb[c], 4u * (n * WG + u));
+        }
+        for (var r = 0u; r < R; r++) { // unroll
+            let xv = subgroupShuffle(xd[r], u);
+            for (var c = 0u; c < KBL; c++) { // unroll
+                (*s)[r * KBL + c] += dot(xv, yv[c]);
+            }
+        }
+    }
+}
