@@ -328,6 +328,19 @@ fn merging_partials_over_any_split_reproduces_the_whole() {
     assert!(err.to_string().contains("expected 16"), "{err}");
 }
 
+/// The bits of a run's O (as f32) and LSE, for bitwise comparisons.
+fn output_bits(o: &spotlight::Output) -> Vec<u32> {
+    let mut b: Vec<u32> = o.out.to_f32_vec().iter().map(|x| x.to_bits()).collect();
+    b.extend(
+        o.lse
+            .as_ref()
+            .expect("lse asked")
+            .iter()
+            .map(|x| x.to_bits()),
+    );
+    b
+}
+
 /// The decode kernel (`FlashLayout::Decode`: all of a unit's query rows in one workgroup, what
 /// split-k runs on GPUs) against the reference on random problems with every semantic option
 /// (masks, bias, ALiBi, softcap, windows, sequence lengths, layouts, dtypes), both fused
@@ -367,13 +380,8 @@ fn decode_kernel_matches_the_reference_on_random_problems() {
         // Every fourth twice more: bit for bit the same (the key subsets add in a fixed order).
         if checked % 4 == 0 {
             let run = RunOptions { lse: true, ..opts };
-            let bits = |o: &spotlight::Output| {
-                let mut b: Vec<u32> = o.out.to_f32_vec().iter().map(|x| x.to_bits()).collect();
-                b.extend(o.lse.as_ref().unwrap().iter().map(|x| x.to_bits()));
-                b
-            };
-            let first = bits(&engine.attention(&p, &data.inputs(), &run).unwrap());
-            let again = bits(&engine.attention(&p, &data.inputs(), &run).unwrap());
+            let first = output_bits(&engine.attention(&p, &data.inputs(), &run).unwrap());
+            let again = output_bits(&engine.attention(&p, &data.inputs(), &run).unwrap());
             if first != again {
                 failures.push(format!("seed={seed:#x}: two runs differ bitwise"));
             }
@@ -435,13 +443,8 @@ fn decode_kernel_over_many_key_tiles_and_chunks() {
         }
         if let Some(packed) = packed_engine() {
             let run = RunOptions { lse: true, ..opts };
-            let bits = |o: &spotlight::Output| {
-                let mut b: Vec<u32> = o.out.to_f32_vec().iter().map(|x| x.to_bits()).collect();
-                b.extend(o.lse.as_ref().unwrap().iter().map(|x| x.to_bits()));
-                b
-            };
-            let sg = bits(&engine.attention(&p, &d.inputs(), &run).unwrap());
-            let tree = bits(&packed.attention(&p, &d.inputs(), &run).unwrap());
+            let sg = output_bits(&engine.attention(&p, &d.inputs(), &run).unwrap());
+            let tree = output_bits(&packed.attention(&p, &d.inputs(), &run).unwrap());
             if sg != tree {
                 failures.push(format!(
                     "seed={seed}: the engine without subgroups differs bitwise"
