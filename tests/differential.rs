@@ -308,3 +308,94 @@ fn row_kernel_wide_heads_either_side() {
         failures.join("\n")
     );
 }
+
+// The row kernel writes a half output dtype itself (half_out.wgsl: two elements per word, no f32
+// copy of O, no pack pass) where Dv is even and the run has no key chunks: f16 and bf16, both
+// layouts of O, Dv 64 and 30 (a partial last vec4 column), causal or masked with bias, flash
+// and split-k (f16 Q and bf16 K, so both loads); Dv 33 still goes through the pack. Checked
+// against the reference, then which passes ran.
+#[test]
+fn row_kernel_writes_half_outputs_itself() {
+    let Some(engine) = engine() else { return };
+    let mut rng = Rng::new(0x4A1F_0007);
+    let mut failures = Vec::new();
+    let mut n = 0;
+    for (case, (dv, out, layout)) in [
+        (64usize, DType::F16, Layout::Bshd),
+        (30, DType::Bf16, Layout::Bhsd),
+        (30, DType::F16, Layout::Bshd),
+        (64, DType::Bf16, Layout::Bhsd),
+        (33, DType::F16, Layout::Bshd),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let masked = case % 2 == 1;
+        let mut p = Problem::new(2, 37, 50, 4, 2, 40)
+            .v_head_dim(dv)
+            .layout(layout)
+            .causal(!masked);
+        if masked {
+            let all = Broadcast { batch: 1, heads: 4 };
+            p.mask = Some(all);
+            p.bias = Some(all);
+        }
+        let dtypes = [DType::F16, DType::Bf16, DType::F32];
+        let mut data = Data::random(&p, dtypes, 1.0, &mut rng);
+        if masked {
+            let cells = 4 * 37 * 50;
+            data.bias = Some((0..cells).map(|_| rng.uniform(-2.0, 2.0)).collect());
+            data.mask = Some((0..cells).map(|_| rng.chance(0.7) as u8).collect());
+        }
+        for algorithm in [Algorithm::Flash, Algorithm::SplitK] {
+            let opts = RunOptions {
+                algorithm,
+                out_dtype: Some(out),
+                flash_layout: Some(FlashLayout::Rows),
+                max_chunk_keys: Some(4096),
+                ..Default::default()
+            };
+            let e = engine;
+            let inputs = data.inputs();
+            if let Err(spotlight::Error::Unsupported { .. }) = e.attention(&p, &inputs, &opts) {
+                let vulkan = std::env::var("WGPU_BACKEND").is_ok_and(|b| b == "vulkan");
+                assert!(
+                    !(vulkan && spotlight::testing::in_ci()),
+                    "the row kernel is not offered on CI's Vulkan adapter"
+                );
+                eprintln!(
+                    "SKIPPED (not a pass) the half-output row kernel test: no subgroups here"
+                );
+                return;
+            }
+            n += 1;
+            if let Err(err) = check_opts(e, &p, &data, &opts, None) {
+                failures.push(format!("{algorithm:?} Dv {dv} {out:?} {layout:?}: {err}"));
+            }
+            // Which passes ran: the row kernel alone, or with the pack where Dv is odd.
+            let est = e.estimate(&p, dtypes, &opts).unwrap();
+            assert!(est.plan.ends_with("chunks1"), "{}", est.plan);
+            let resident = e.upload(&p, &inputs, &opts).unwrap();
+            let (gi, go) = (resident.inputs(), resident.outputs());
+            let profile = e
+                .time_passes(|enc| e.attention_on_buffers(enc, &p, &gi, &go, &opts).map(drop))
+                .unwrap();
+            if e.capabilities().timestamp_query {
+                let names: Vec<&str> = profile.kernels.iter().map(|k| k.kernel).collect();
+                let expected: &[&str] = if dv % 2 == 0 {
+                    &["flash_rows"]
+                } else {
+                    &["flash_rows", "pack"]
+                };
+                assert_eq!(names, expected, "Dv {dv} {out:?}: {profile:?}");
+            }
+        }
+    }
+    assert_eq!(n, 10);
+    assert!(
+        failures.is_empty(),
+        "{} of {n} failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}

@@ -84,6 +84,11 @@ fn variants() -> Vec<Variant> {
                         out.push(v.clone().vec4_kv(true));
                         out.push(v.clone().vec4_kv(true).plain_logits(true));
                     }
+                    // O written as f16 or bf16 words by the kernel (Dv even).
+                    if dv % 2 == 0 && !paged {
+                        out.push(v.clone().plain_logits(true).out_half(Some(DType::F16)));
+                        out.push(v.clone().out_half(Some(DType::Bf16)));
+                    }
                     out.push(v.clone().plain_logits(true));
                     out.push(v);
                 }
@@ -188,8 +193,20 @@ fn variants() -> Vec<Variant> {
 
 #[test]
 fn every_shader_file_is_used_by_a_module() {
+    // half_out.wgsl replaces a function of the row kernel in its half-output variant only.
+    let half_rows = Variant::flash(
+        [DType::F32; 3],
+        64,
+        64,
+        FlashTiles::rows(8, 16),
+        false,
+        false,
+    )
+    .out_half(Some(DType::F16))
+    .source();
     for (name, src) in source::FILES {
-        let used = Shader::ALL.iter().any(|s| s.template().contains(src));
+        let used =
+            Shader::ALL.iter().any(|s| s.template().contains(src)) || half_rows.contains(src);
         assert!(used, "{name} is in shaders/ but no kernel includes it");
     }
     // And every file in shaders/ is one of them (a file the list forgot would go unchecked).
@@ -247,6 +264,12 @@ fn every_variant_has_its_own_name() {
     );
     assert_eq!(rows.clone().subgroup_rows(true), rows);
     assert_ne!(rows.clone().plain_logits(true), rows);
+    let half = rows.clone().out_half(Some(DType::Bf16));
+    assert_ne!(half, rows);
+    assert!(half.name().contains("_out-bf16"), "{}", half.name());
+    assert_eq!(rows.clone().out_half(Some(DType::F32)), rows);
+    assert!(half.source().contains("array<u32>;\n@group(0) @binding(8)"));
+    assert!(rows.source().contains("out: array<f32>;"));
     assert!(rows.clone().plain_logits(true).name().ends_with("_plain"));
     let tiled = FlashTiles::choose(64, 64, 32 * 1024, 256, 64).expect("tiles");
     let tiled = Variant::flash([DType::F16; 3], 64, 64, tiled, false, false);

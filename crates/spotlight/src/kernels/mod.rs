@@ -37,6 +37,7 @@ pub mod source {
     pub const FUSED_IO: &str = include_str!("../../../../shaders/fused_io.wgsl");
     pub const PACK: &str = include_str!("../../../../shaders/pack.wgsl");
     pub const HALF_PACK: &str = include_str!("../../../../shaders/half_pack.wgsl");
+    pub const HALF_OUT: &str = include_str!("../../../../shaders/half_out.wgsl");
     pub const MERGE: &str = include_str!("../../../../shaders/merge.wgsl");
     pub const STREAM: &str = include_str!("../../../../shaders/stream.wgsl");
     pub const LENS: &str = include_str!("../../../../shaders/lens.wgsl");
@@ -62,6 +63,7 @@ pub mod source {
         ("fused_io.wgsl", FUSED_IO),
         ("pack.wgsl", PACK),
         ("half_pack.wgsl", HALF_PACK),
+        ("half_out.wgsl", HALF_OUT),
         ("merge.wgsl", MERGE),
         ("stream.wgsl", STREAM),
         ("lens.wgsl", LENS),
@@ -197,6 +199,7 @@ impl Shader {
             Shader::Flash => [SCALAR_FUSED.concat(), FLASH.to_string()].concat(),
             Shader::FlashRows => [
                 SCALAR_FUSED.concat(),
+                HALF_PACK.to_string(),
                 ROW_CHUNKS.to_string(),
                 FLASH_ROWS.to_string(),
             ]

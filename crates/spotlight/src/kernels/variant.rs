@@ -51,13 +51,16 @@ pub struct FlashConfig {
     pub pack_gqa: bool,
     /// K/V rows read through a page table (the KV cache).
     pub paged: bool,
-    /// Row reductions through subgroup shuffles (tiled layout only).
+    /// Row reductions through subgroup operations (tiled and decode layouts).
     pub subgroup_rows: bool,
     /// K and V read four elements per load (callers check that every row is 4-aligned).
     pub vec4_kv: bool,
     /// The problem has no mask, bias, ALiBi or soft cap: the row kernel compiles without its
     /// general per-logit path (row layout only; see `flash_rows.wgsl`).
     pub plain_logits: bool,
+    /// The row kernel writes O in this half dtype itself, two elements per word (row layout
+    /// only, runs without key chunks, Dv even; `None`: O in f32).
+    pub out_half: Option<DType>,
 }
 
 /// The matrix-unit kernel's configuration.
@@ -127,6 +130,7 @@ impl Variant {
             subgroup_rows: false,
             vec4_kv: false,
             plain_logits: false,
+            out_half: None,
         })
         .into()
     }
@@ -215,6 +219,9 @@ impl Variant {
                     }
                     if f.tiles.layout == FlashLayout::Rows {
                         c.push(("PLAIN_LOGITS", f.plain_logits as u32));
+                        if let Some(out) = f.out_half {
+                            c.push(("OUT_DT", dtype_code(out)));
+                        }
                         c.push(("Q_STAGED", f.tiles.rows_q_staged(f.d) as u32));
                         c.push(("PV_BY_KEY", f.tiles.rows_pv_by_key(f.dv) as u32));
                     }
@@ -322,6 +329,18 @@ impl Variant {
         self
     }
 
+    /// The row kernel writing O in the half dtype `out` itself, two elements per u32 word
+    /// (`half_out.wgsl`): only for runs without key chunks (the partial outputs stay f32) and an
+    /// even Dv (callers check both). `None` or another kernel: unchanged.
+    pub fn out_half(mut self, out: Option<DType>) -> Self {
+        if let Config::Flash(f) = &mut self.config
+            && f.tiles.layout == FlashLayout::Rows
+        {
+            f.out_half = out.filter(|d| *d != DType::F32);
+        }
+        self
+    }
+
     fn uses_subgroups(&self) -> bool {
         matches!(self.config, Config::Flash(f) if f.subgroup_rows)
     }
@@ -397,6 +416,24 @@ impl Variant {
             if f.vec4_kv {
                 src = wide_loads(src, shader.name(), &self.wide());
             }
+        }
+        if let Config::Flash(FlashConfig {
+            out_half: Some(_), ..
+        }) = self.config
+        {
+            // O as half words: the binding and half_out.wgsl's store in place of the f32 one.
+            let binding = "@group(0) @binding(7) var<storage, read_write> out: array<f32>;";
+            assert_eq!(
+                src.matches(binding).count(),
+                1,
+                "{}: no f32 O",
+                shader.name()
+            );
+            src = src.replace(binding, &binding.replace("array<f32>", "array<u32>"));
+            let head = "fn store_o(e: u32, col: u32, o: vec4<f32>) {";
+            let start = src.find(head).expect("flash_rows.wgsl defines store_o");
+            let end = start + src[start..].find("\n}\n").expect("store_o ends") + 3;
+            src.replace_range(start..end, super::source::HALF_OUT);
         }
         if let Some(spec) = self.row_kernel() {
             src = row_kernel_source(src, shader.name(), &spec);
