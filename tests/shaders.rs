@@ -758,16 +758,18 @@ fn row_kernel_variants_have_no_marked_loops_left() {
 /// rows, else 8.
 #[test]
 fn row_count_takes_sixteen_rows_only_for_large_problems() {
-    // Forward: 32 from 128 rows with at most two output vec4 columns per lane, 16 from 64.
-    assert_eq!(FlashTiles::row_count(128, 64, 8), 32);
-    assert_eq!(FlashTiles::row_count(128, 65, 8), 16);
-    assert_eq!(FlashTiles::row_count(128, 64, 4), 16);
-    assert_eq!(FlashTiles::row_count(127, 64, 8), 16);
-    assert_eq!(FlashTiles::row_count(64, 128, 8), 16);
-    assert_eq!(FlashTiles::row_count(63, 64, 8), 8);
-    assert_eq!(FlashTiles::row_count(0, 0, 8), 8);
-    assert_eq!(FlashTiles::BACKWARD_ROWS_R, [8, 16]);
+    // Forward: 32 from 128 rows with at most two output vec4 columns per lane in a problem of
+    // ROWS_LARGE_LOGITS logits, 16 from 64.
     let large = FlashTiles::ROWS_LARGE_LOGITS;
+    assert_eq!(FlashTiles::row_count(128, 64, 8, large), 32);
+    assert_eq!(FlashTiles::row_count(128, 64, 8, large - 1), 16);
+    assert_eq!(FlashTiles::row_count(128, 65, 8, large), 16);
+    assert_eq!(FlashTiles::row_count(128, 64, 4, large), 16);
+    assert_eq!(FlashTiles::row_count(127, 64, 8, large), 16);
+    assert_eq!(FlashTiles::row_count(64, 128, 8, 0), 16);
+    assert_eq!(FlashTiles::row_count(63, 64, 8, large), 8);
+    assert_eq!(FlashTiles::row_count(0, 0, 8, 0), 8);
+    assert_eq!(FlashTiles::BACKWARD_ROWS_R, [8, 16]);
     assert_eq!(FlashTiles::backward_row_count(large, 64), 16);
     assert_eq!(FlashTiles::backward_row_count(large - 1, 64), 8);
     assert_eq!(FlashTiles::backward_row_count(large * 1024, 63), 8);

@@ -185,6 +185,7 @@ impl Target {
                 unit_rows,
                 p.v_head_dim as u32,
                 self.row_lanes().unwrap_or(8),
+                p.probs_elems() as u64,
             ),
         )?;
         let fitting = |r: u32| {

@@ -60,20 +60,20 @@ impl FlashTiles {
     /// Query rows or keys per workgroup of the backward's row kernels: 8 or 16
     /// ([`FlashTiles::backward_row_count`]).
     pub const BACKWARD_ROWS_R: [u32; 2] = [8, 16];
-    /// Logits (B·Hq·Lq·Lk) from which the backward's row kernels own 16 rows per workgroup.
+    /// Logits (B·Hq·Lq·Lk) from which the backward's row kernels own 16 rows per workgroup and
+    /// the forward's 32 ([`FlashTiles::row_count`]).
     ///
     /// Why a threshold: 16 rows make every K/V vector a lane loads feed twice the FMAs
     /// (lavapipe, 1,1024,2,64 f32: backward 590 → 321 ms), but the backward's 16-row kernels
     /// still take twice as long to compile (forward and backward first call at 1,256,2,64,
     /// Mesa's cache off: 3.0 s with 8 rows, 6.0 s with 16), which only a long run pays back.
-    /// The forward has no threshold (see [`FlashTiles::row_count`]).
     pub const ROWS_LARGE_LOGITS: u64 = 1 << 19;
 
     /// The forward row kernel's rows per workgroup where a unit (a head's query rows, or with
-    /// split-K a key/value group's) has `rows` rows and each of `lanes` lanes owns
-    /// `ceil(ceil(dv / 4) / lanes)` output vec4 columns per row: 32 from 128 rows where that is
-    /// at most 2 (Dv ≤ 64 on 8 lanes), 16 from 64 rows, else 8 (decoding, with a few rows per
-    /// unit, keeps 8). Measured on lavapipe (Mesa 22.3.6, 2026-11-29; README, Performance):
+    /// split-K a key/value group's) has `rows` rows, each of `lanes` lanes owns
+    /// `ceil(ceil(dv / 4) / lanes)` output vec4 columns per row and the problem has `logits`
+    /// logits: 32 from 128 rows where that is at most 2 (Dv ≤ 64 on 8 lanes) and the problem is
+    /// large, 16 from 64 rows, else 8 (decoding, with a few rows per unit, keeps 8). Measured on lavapipe (Mesa 22.3.6, 2026-11-29; README, Performance):
     /// - no size threshold: since the stores are written once (`flash_rows.wgsl`'s last loop)
     ///   and plain problems compile without the general logit path, 16 rows compile about as fast
     ///   as 8 at D = 64 (whole first process 0.7 s each) and run faster at every size measured
@@ -83,9 +83,14 @@ impl FlashTiles {
     ///   1.6 s; with 4 output columns (D = 128) the registers spill: slower (1,512,2,128 10.2 →
     ///   12.6 ms) and 2.9 s to compile, so wider rows keep 16. 64 rows ran no faster than 32 and
     ///   took 6 s to compile.
-    pub fn row_count(rows: usize, dv: u32, lanes: u32) -> u32 {
+    /// - and 32 only from [`FlashTiles::ROWS_LARGE_LOGITS`] logits (B·Hq·Lq·Lk, causal or not):
+    ///   the 32-row kernel takes twice as long to build as the 16-row one (the process's first
+    ///   call 1.3-1.6 s against 0.6-1.0 s at D = 64, 2026-12-06), which a small problem never
+    ///   pays back, and at 1,256,2,64 causal (131 072 logits) 16 rows even ran as fast (best GPU
+    ///   time 0.72 against 0.87 ms; four alternations) with twice the workgroups.
+    pub fn row_count(rows: usize, dv: u32, lanes: u32, logits: u64) -> u32 {
         let columns = dv.div_ceil(4).div_ceil(lanes.max(1));
-        if rows >= 128 && columns <= 2 {
+        if rows >= 128 && columns <= 2 && logits >= Self::ROWS_LARGE_LOGITS {
             Self::ROWS_R[2]
         } else if rows >= 64 {
             Self::ROWS_R[1]
