@@ -85,7 +85,7 @@ fn variants() -> Vec<Variant> {
                         out.push(v.clone().vec4_kv(true).plain_logits(true));
                     }
                     // O written as f16 or bf16 words by the kernel (Dv even).
-                    if dv % 2 == 0 && !paged {
+                    if dv % 2 == 0 {
                         out.push(v.clone().plain_logits(true).out_half(Some(DType::F16)));
                         out.push(v.clone().out_half(Some(DType::Bf16)));
                     }
