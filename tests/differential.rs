@@ -229,6 +229,29 @@ fn random_problems_every_option(alg: Algorithm) {
     );
 }
 
+/// Whether the adapter offers the row kernel for `opts` (it needs subgroups, which wgpu's GL
+/// backend lacks). Where it does not, the test says SKIPPED (`what`) and stops; CI's Vulkan
+/// adapter must offer it, so there the test fails instead.
+fn row_kernel_offered(
+    engine: &spotlight::Engine,
+    p: &Problem,
+    data: &Data,
+    opts: &RunOptions,
+    what: &str,
+) -> bool {
+    let Err(spotlight::Error::Unsupported { .. }) = engine.attention(p, &data.inputs(), opts)
+    else {
+        return true;
+    };
+    let vulkan = std::env::var("WGPU_BACKEND").is_ok_and(|b| b == "vulkan");
+    assert!(
+        !(vulkan && spotlight::testing::in_ci()),
+        "the row kernel is not offered on CI's Vulkan adapter"
+    );
+    eprintln!("SKIPPED (not a pass) {what}: no subgroups here");
+    false
+}
+
 // The row kernel's two layouts per side (flash_rows.wgsl): Q in registers up to 4 vec4 chunks per
 // lane and staged in workgroup memory above (D > 128 on 8 lanes), P·V by groups of keys up to 4
 // output vec4 columns per lane and one key per update above (Dv > 128), in every combination,
@@ -278,20 +301,8 @@ fn row_kernel_wide_heads_either_side() {
                     rows_per_workgroup: Some(rows),
                     ..Default::default()
                 };
-                if n == 0 {
-                    let inputs = data.inputs();
-                    if let Err(spotlight::Error::Unsupported { .. }) =
-                        engine.attention(&p, &inputs, &opts)
-                    {
-                        // GL has no subgroups, so no row kernel; CI's Vulkan adapter must have it.
-                        let vulkan = std::env::var("WGPU_BACKEND").is_ok_and(|b| b == "vulkan");
-                        assert!(
-                            !(vulkan && spotlight::testing::in_ci()),
-                            "the row kernel is not offered on CI's Vulkan adapter"
-                        );
-                        eprintln!("SKIPPED (not a pass) the row kernel test: no subgroups here");
-                        return;
-                    }
+                if n == 0 && !row_kernel_offered(engine, &p, &data, &opts, "the row kernel test") {
+                    return;
                 }
                 n += 1;
                 if let Err(e) = check_opts(engine, &p, &data, &opts, Some(Budget::strict())) {
@@ -357,15 +368,8 @@ fn row_kernel_writes_half_outputs_itself() {
             };
             let e = engine;
             let inputs = data.inputs();
-            if let Err(spotlight::Error::Unsupported { .. }) = e.attention(&p, &inputs, &opts) {
-                let vulkan = std::env::var("WGPU_BACKEND").is_ok_and(|b| b == "vulkan");
-                assert!(
-                    !(vulkan && spotlight::testing::in_ci()),
-                    "the row kernel is not offered on CI's Vulkan adapter"
-                );
-                eprintln!(
-                    "SKIPPED (not a pass) the half-output row kernel test: no subgroups here"
-                );
+            if n == 0 && !row_kernel_offered(e, &p, &data, &opts, "the half-output row kernel test")
+            {
                 return;
             }
             n += 1;
