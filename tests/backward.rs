@@ -6,7 +6,7 @@ use spotlight::reference::random::Rng;
 use spotlight::reference::{self, Broadcast, compare};
 use spotlight::{BackwardOptions, DType, Engine, FlashLayout, Problem, RunOptions, Tensor};
 
-use crate::common::{Data, engine, packed_engine};
+use crate::common::{Data, assert_all_passed, engine, packed_engine};
 use crate::differential::random_problem;
 
 /// Relative Frobenius budget of every gradient, by the storage dtype of the forward output the
@@ -148,13 +148,7 @@ fn random_problems_match_reference_gradients(parity: u64) {
             ));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {} failed:\n{}",
-        failures.len(),
-        half.len(),
-        failures.join("\n")
-    );
+    assert_all_passed(&failures, Some(half.len()));
 }
 
 /// Awkward shapes and GQA ratios 1, 4 and all-to-one (MQA), causal with Lq ≠ Lk both ways.

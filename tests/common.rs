@@ -256,3 +256,16 @@ macro_rules! per_algorithm {
         }
     };
 }
+
+/// Fails the test when any case failed, listing every failure (and out of how many cases ran,
+/// where the test counts them).
+#[track_caller]
+pub fn assert_all_passed(failures: &[String], of: Option<usize>) {
+    let total = of.map_or(String::new(), |n| format!(" of {n}"));
+    assert!(
+        failures.is_empty(),
+        "{}{total} failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}

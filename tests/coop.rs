@@ -7,7 +7,7 @@ use spotlight::reference::random::Rng;
 use spotlight::reference::{self, compare};
 use spotlight::{Algorithm, DType, Engine, Error, Problem, RunOptions, Tensor};
 
-use crate::common::{Budget, Data, check_opts, engine};
+use crate::common::{Budget, Data, assert_all_passed, check_opts, engine};
 use crate::differential::random_problem;
 
 /// The engine when it has matrix units; `SPOTLIGHT_EXPECT_COOP=E` makes their absence (or
@@ -97,12 +97,7 @@ fn flash_coop_awkward_shapes_f16() {
         }
     }
     assert!(n >= 25, "ran only {n} cases");
-    assert!(
-        failures.is_empty(),
-        "{} of {n} failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_all_passed(&failures, Some(n));
 }
 
 /// The property suite's random problems (every option: masks, bias, window, ALiBi, softcap,
@@ -143,12 +138,7 @@ fn flash_coop_random_problems_every_option() {
         }
     }
     assert!(ran * 2 >= cases, "ran only {ran} of {cases}");
-    assert!(
-        failures.is_empty(),
-        "{} of {ran} problems failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_all_passed(&failures, Some(ran as usize));
 }
 
 /// A key a row cannot see contributes nothing, even when its V row holds NaN or inf; rows that

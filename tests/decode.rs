@@ -8,7 +8,7 @@ use spotlight::{
     RunOptions, Tensor, TensorRef,
 };
 
-use crate::common::{Data, check_opts, engine, packed_engine};
+use crate::common::{Data, assert_all_passed, check_opts, engine, packed_engine};
 
 /// Host copy of what a test appended, to rebuild contiguous K/V for the reference.
 struct Shadow {
@@ -388,12 +388,7 @@ fn decode_kernel_matches_the_reference_on_random_problems() {
         }
         checked += 1;
     }
-    assert!(
-        failures.is_empty(),
-        "{} failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_all_passed(&failures, None);
 }
 
 /// The decode kernel over many key tiles (the running max moves between tiles) and several key
@@ -457,12 +452,7 @@ fn decode_kernel_over_many_key_tiles_and_chunks() {
     if engine.capabilities().subgroups {
         assert_eq!(compared, 12, "not every problem ran on both engines");
     }
-    assert!(
-        failures.is_empty(),
-        "{} failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_all_passed(&failures, None);
 }
 
 /// The split-key merge writes a half output dtype itself where Dv is even (no pack pass) and

@@ -5,7 +5,7 @@ use spotlight::reference::random::Rng;
 use spotlight::reference::{Broadcast, Layout, Window};
 use spotlight::{Algorithm, DType, FlashLayout, Problem, RunOptions};
 
-use crate::common::{Budget, Data, check, check_opts, engine, packed_engine};
+use crate::common::{Budget, Data, assert_all_passed, check, check_opts, engine, packed_engine};
 
 // Lq, Lk in {1, 7, 33, 100, 257} both ways; D, head ratios, causal and layout rotate so each
 // value meets many others. Every problem runs on every algorithm (one test each).
@@ -57,12 +57,7 @@ fn awkward_shapes_f32(alg: Algorithm) {
         }
     }
     assert!(n >= 50, "ran only {n} cases");
-    assert!(
-        failures.is_empty(),
-        "{} of {n} failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_all_passed(&failures, Some(n));
 }
 
 /// A random problem with random options, described by its seed.
@@ -220,13 +215,7 @@ fn random_problems_every_option(alg: Algorithm) {
         "too few cases: {}",
         seeds.len()
     );
-    assert!(
-        failures.is_empty(),
-        "{} of {} problems failed:\n{}",
-        failures.len(),
-        seeds.len(),
-        failures.join("\n")
-    );
+    assert_all_passed(&failures, Some(seeds.len()));
 }
 
 /// Whether the adapter offers the row kernel for `opts` (it needs subgroups, which wgpu's GL
@@ -312,12 +301,7 @@ fn row_kernel_wide_heads_either_side() {
         }
     }
     assert_eq!(n, 24);
-    assert!(
-        failures.is_empty(),
-        "{} of {n} failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_all_passed(&failures, Some(n));
 }
 
 // The row kernel writes a half output dtype itself (half_out.wgsl: two elements per word, no f32
@@ -396,10 +380,5 @@ fn row_kernel_writes_half_outputs_itself() {
         }
     }
     assert_eq!(n, 10);
-    assert!(
-        failures.is_empty(),
-        "{} of {n} failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_all_passed(&failures, Some(n));
 }
