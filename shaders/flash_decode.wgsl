@@ -12,8 +12,9 @@
 //   workgroup memory (every thread reads the same q address: a broadcast).
 // - Softmax: the tile's row max, then each thread turns its key's logits into weights against
 //   it. With SUBGROUP_ROWS each subgroup's max (subgroupMax) goes to one slot of workgroup
-//   memory and every thread reads the slots: one barrier. Without subgroups, a tree in
-//   workgroup memory: log2 WG steps, a barrier each.
+//   memory, and after one barrier the lanes of each subgroup read the slots between them and
+//   take subgroupMax again. Without subgroups, a tree in workgroup memory: log2 WG steps, a
+//   barrier each.
 // - P·V: thread t owns the output vec4 column t % DV4 of all R rows and walks the keys of the
 //   tile in subsets of WG / DV4 (key t / DV4, then every KS-th), so the threads of a subset read
 //   a V row side by side. The subsets' partial outputs and sums are added in a fixed order at the
