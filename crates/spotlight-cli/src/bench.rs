@@ -224,54 +224,81 @@ pub fn peak_rss_bytes() -> Option<u64> {
 }
 
 /// Checks one run against the reference: every row when the problem is small, else 48 rows
-/// spread over batches, heads and positions (first and last rows included). Also returns the
-/// seconds of the GPU call alone (upload, any kernel not built yet, run, read-back).
+/// spread over batches, heads and positions (first and last rows included). The reference is
+/// computed on a second thread while the GPU call runs (on a CPU adapter the first call is
+/// mostly one thread compiling the kernel). Also returns the seconds of the GPU call alone
+/// (upload, any kernel not built yet, run, read-back).
 fn validate(
     engine: &Engine,
     p: &Problem,
     inputs: &Inputs<'_>,
     opts: &RunOptions,
 ) -> anyhow::Result<(f64, f64)> {
-    let start = std::time::Instant::now();
-    let got = engine.attention(p, inputs, &RunOptions { lse: true, ..*opts })?;
-    let call = start.elapsed().as_secs_f64();
+    let whole = p.flops() < 2e8;
+    let mut rows = Vec::new();
+    if !whole {
+        let mut rng = Rng::new(99);
+        rows = vec![(0, 0, 0), (p.batch - 1, p.q_heads - 1, p.q_len - 1)];
+        while rows.len() < 48 {
+            rows.push((
+                rng.range(0, p.batch - 1),
+                rng.range(0, p.q_heads - 1),
+                rng.range(0, p.q_len - 1),
+            ));
+        }
+    }
+    let (got, call, want) = std::thread::scope(|scope| {
+        let rows = &rows;
+        let want = scope.spawn(move || {
+            if whole {
+                reference::attention(p, inputs).map(Expected::Whole)
+            } else {
+                reference::attention_rows(p, inputs, rows).map(Expected::Rows)
+            }
+        });
+        let start = std::time::Instant::now();
+        let got = engine.attention(p, inputs, &RunOptions { lse: true, ..*opts });
+        let call = start.elapsed().as_secs_f64();
+        let want = want
+            .join()
+            .map_err(|_| anyhow::anyhow!("the CPU reference panicked"));
+        (got, call, want)
+    });
+    let got = got?;
+    let want = want??;
     let out = got.out.to_f32_vec();
     let lse = got.lse.unwrap_or_default();
-    let work = p.flops();
-    if work < 2e8 {
-        let want = reference::attention(p, inputs)?;
-        let e = compare::compare(&out, &want.out);
-        let el = compare::compare(&lse, &want.lse);
-        if el.non_finite_mismatches > 0 {
-            bail!("LSE mismatch: {el}");
+    let err = match want {
+        Expected::Whole(want) => {
+            let e = compare::compare(&out, &want.out);
+            let el = compare::compare(&lse, &want.lse);
+            if el.non_finite_mismatches > 0 {
+                bail!("LSE mismatch: {el}");
+            }
+            e.rel_frobenius.max(if e.non_finite_mismatches > 0 {
+                f64::INFINITY
+            } else {
+                0.0
+            })
         }
-        let err = e.rel_frobenius.max(if e.non_finite_mismatches > 0 {
-            f64::INFINITY
-        } else {
-            0.0
-        });
-        return Ok((err, call));
-    }
-    let mut rng = Rng::new(99);
-    let mut rows = vec![(0, 0, 0), (p.batch - 1, p.q_heads - 1, p.q_len - 1)];
-    while rows.len() < 48 {
-        rows.push((
-            rng.range(0, p.batch - 1),
-            rng.range(0, p.q_heads - 1),
-            rng.range(0, p.q_len - 1),
-        ));
-    }
-    let e = compare::compare_rows(p, inputs, &out, &lse, &rows)?;
-    if e.non_finite_mismatches > 0 {
-        let row = rows[e.worst_index / (p.v_head_dim + 1)];
-        eprintln!("spotlight: validation mismatch at row (b, h, i) = {row:?} ({e})");
-    }
-    let err = if e.non_finite_mismatches > 0 {
-        f64::INFINITY
-    } else {
-        e.rel_frobenius
+        Expected::Rows(want) => {
+            let e = compare::compare_computed_rows(p, &out, &lse, &rows, &want)?;
+            if e.non_finite_mismatches > 0 {
+                let row = rows[e.worst_index / (p.v_head_dim + 1)];
+                eprintln!("spotlight: validation mismatch at row (b, h, i) = {row:?} ({e})");
+                f64::INFINITY
+            } else {
+                e.rel_frobenius
+            }
+        }
     };
     Ok((err, call))
+}
+
+/// The reference `validate` compares with: the whole problem, or the sampled rows.
+enum Expected {
+    Whole(reference::Reference),
+    Rows(Vec<reference::Row>),
 }
 
 /// One measured configuration.
