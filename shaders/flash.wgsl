@@ -346,11 +346,7 @@ fn main(
             if valid {
                 o = acc[4u * n + r] / l[r];
             }
-            for (var c = 0u; c < 4u; c++) {
-                if col * 4u + c < V_DIM {
-                    out[o_base + col * 4u + c] = o[c];
-                }
-            }
+            store_o(o_base + col * 4u, col, o);
         }
         if t == 0u {
             lse[row] = select(ninf, sm_lse(m[r], l[r]), valid);

@@ -85,23 +85,8 @@ override PV_BY_KEY: bool = false;
 override D4: u32 = (HEAD_DIM + 3u) / 4u;
 override DV4: u32 = (V_DIM + 3u) / 4u;
 override ND8: u32 = (D4 + WG - 1u) / WG;
-// O's dtype where the kernel writes it itself: 0 = f32 (also every split-K partial output); 1 =
-// f16, 2 = bf16 in the half variant (runs without key chunks, Dv even), whose rewrite
-// (kernels/) binds `out` as u32 words and puts half_out.wgsl's store_o in place of the one
-// below: no f32 copy of O and no pack pass after the kernel.
-override OUT_DT: u32 = 0u;
 
 var<workgroup> q_s: array<vec4<f32>, QS>;
-
-// Row elements e..e+3 of O (e = its start + 4·col, vec4 column col): those inside V_DIM.
-fn store_o(e: u32, col: u32, o: vec4<f32>) {
-    for (var c = 0u; c < 4u; c++) { // unroll
-        if 4u * col + c < V_DIM {
-            out[e + c] = o[c];
-        }
-    }
-}
-
 
 // Row `rr` of a unit, vec4 column d4 of q (zero past the head dim or the valid rows).
 fn load_q_row(b: u32, unit: u32, rr: u32, unit_rows: u32, lq: u32, d4: u32) -> vec4<f32> {

@@ -12,6 +12,23 @@
 @group(0) @binding(7) var<storage, read_write> out: array<f32>;
 @group(0) @binding(8) var<storage, read_write> lse: array<f32>;
 
+// O's dtype where the scalar kernels (flash.wgsl, flash_rows.wgsl, flash_decode.wgsl) write it
+// themselves: 0 = f32 (also every split-K partial output); 1 = f16, 2 = bf16 in the half variant
+// (runs without key chunks, Dv even), whose rewrite (kernels/) binds `out` as u32 words and puts
+// half_out.wgsl's store_o in place of the one below: no f32 copy of O and no pack pass after
+// the kernel.
+override OUT_DT: u32 = 0u;
+
+// Row elements e..e+3 of O (e = its start + 4·col, vec4 column col; one thread writes a column):
+// those inside V_DIM.
+fn store_o(e: u32, col: u32, o: vec4<f32>) {
+    for (var c = 0u; c < 4u; c++) { // unroll
+        if 4u * col + c < V_DIM {
+            out[e + c] = o[c];
+        }
+    }
+}
+
 fn load_q(idx: u32) -> f32 { return elem_value(q[elem_word(idx, Q_DT)], idx, Q_DT); } // load q
 fn load_k(idx: u32) -> f32 { return elem_value(k[elem_word(idx, K_DT)], idx, K_DT); } // load k
 fn load_v(idx: u32) -> f32 { return elem_value(v[elem_word(idx, V_DT)], idx, V_DT); } // load v

@@ -304,17 +304,27 @@ fn row_kernel_wide_heads_either_side() {
     assert_all_passed(&failures, Some(n));
 }
 
-// The row kernel writes a half output dtype itself (half_out.wgsl: two elements per word, no f32
-// copy of O, no pack pass) where Dv is even and the run has no key chunks: f16 and bf16, both
-// layouts of O, Dv 64 and 30 (a partial last vec4 column), causal or masked with bias, flash
-// and split-k (f16 Q and bf16 K, so both loads); Dv 33 still goes through the pack. Checked
-// against the reference, then which passes ran.
+// The scalar fused kernels write a half output dtype themselves (half_out.wgsl: two elements per
+// word, no f32 copy of O, no pack pass) where Dv is even and the run has no key chunks: the row
+// kernel (flash and split-k), the tiled kernel (flash and split-k) and the decode kernel (split-k,
+// 5 query rows per head); f16 and bf16, both layouts of O, Dv 64 and 30 (a partial last vec4
+// column), causal or masked with bias (f16 Q and bf16 K, so both loads); Dv 33 still goes
+// through the pack. Checked against the reference, then which passes ran. Where the row kernel
+// is not offered (no subgroups: GL), its runs say SKIPPED and the others still run.
 #[test]
-fn row_kernel_writes_half_outputs_itself() {
+fn fused_kernels_write_half_outputs_themselves() {
     let Some(engine) = engine() else { return };
     let mut rng = Rng::new(0x4A1F_0007);
     let mut failures = Vec::new();
     let mut n = 0;
+    let mut rows_offered = None;
+    let runs = [
+        (FlashLayout::Rows, Algorithm::Flash, "flash_rows"),
+        (FlashLayout::Rows, Algorithm::SplitK, "flash_rows"),
+        (FlashLayout::Tiled, Algorithm::Flash, "flash"),
+        (FlashLayout::Tiled, Algorithm::SplitK, "flash"),
+        (FlashLayout::Decode, Algorithm::SplitK, "flash_decode"),
+    ];
     for (case, (dv, out, layout)) in [
         (64usize, DType::F16, Layout::Bshd),
         (30, DType::Bf16, Layout::Bhsd),
@@ -326,43 +336,52 @@ fn row_kernel_writes_half_outputs_itself() {
     .enumerate()
     {
         let masked = case % 2 == 1;
-        let mut p = Problem::new(2, 37, 50, 4, 2, 40)
-            .v_head_dim(dv)
-            .layout(layout)
-            .causal(!masked);
-        if masked {
-            let all = Broadcast { batch: 1, heads: 4 };
-            p.mask = Some(all);
-            p.bias = Some(all);
-        }
-        let dtypes = [DType::F16, DType::Bf16, DType::F32];
-        let mut data = Data::random(&p, dtypes, 1.0, &mut rng);
-        if masked {
-            let cells = 4 * 37 * 50;
-            data.bias = Some((0..cells).map(|_| rng.uniform(-2.0, 2.0)).collect());
-            data.mask = Some((0..cells).map(|_| rng.chance(0.7) as u8).collect());
-        }
-        for algorithm in [Algorithm::Flash, Algorithm::SplitK] {
+        for (flash_layout, algorithm, kernel) in runs {
+            let lq = if flash_layout == FlashLayout::Decode {
+                5
+            } else {
+                37
+            };
+            let mut p = Problem::new(2, lq, 50, 4, 2, 40)
+                .v_head_dim(dv)
+                .layout(layout)
+                .causal(!masked);
+            if masked {
+                let all = Broadcast { batch: 1, heads: 4 };
+                p.mask = Some(all);
+                p.bias = Some(all);
+            }
+            let dtypes = [DType::F16, DType::Bf16, DType::F32];
+            let mut data = Data::random(&p, dtypes, 1.0, &mut rng);
+            if masked {
+                let cells = 4 * lq * 50;
+                data.bias = Some((0..cells).map(|_| rng.uniform(-2.0, 2.0)).collect());
+                data.mask = Some((0..cells).map(|_| rng.chance(0.7) as u8).collect());
+            }
             let opts = RunOptions {
                 algorithm,
                 out_dtype: Some(out),
-                flash_layout: Some(FlashLayout::Rows),
+                flash_layout: Some(flash_layout),
                 max_chunk_keys: Some(4096),
                 ..Default::default()
             };
             let e = engine;
-            let inputs = data.inputs();
-            if n == 0 && !row_kernel_offered(e, &p, &data, &opts, "the half-output row kernel test")
+            if flash_layout == FlashLayout::Rows
+                && !*rows_offered.get_or_insert_with(|| {
+                    row_kernel_offered(e, &p, &data, &opts, "the half-output row kernel runs")
+                })
             {
-                return;
+                continue;
             }
             n += 1;
+            let what = format!("{flash_layout:?} {algorithm:?} Dv {dv} {out:?} {layout:?}");
             if let Err(err) = check_opts(e, &p, &data, &opts, None) {
-                failures.push(format!("{algorithm:?} Dv {dv} {out:?} {layout:?}: {err}"));
+                failures.push(format!("{what}: {err}"));
             }
-            // Which passes ran: the row kernel alone, or with the pack where Dv is odd.
+            // Which passes ran: the fused kernel alone, or with the pack where Dv is odd.
             let est = e.estimate(&p, dtypes, &opts).unwrap();
-            assert!(est.plan.ends_with("chunks1"), "{}", est.plan);
+            assert!(est.plan.ends_with("chunks1"), "{what}: {}", est.plan);
+            let inputs = data.inputs();
             let resident = e.upload(&p, &inputs, &opts).unwrap();
             let (gi, go) = (resident.inputs(), resident.outputs());
             let profile = e
@@ -370,15 +389,16 @@ fn row_kernel_writes_half_outputs_itself() {
                 .unwrap();
             if e.capabilities().timestamp_query {
                 let names: Vec<&str> = profile.kernels.iter().map(|k| k.kernel).collect();
-                let expected: &[&str] = if dv % 2 == 0 {
-                    &["flash_rows"]
+                let expected: Vec<&str> = if dv % 2 == 0 {
+                    vec![kernel]
                 } else {
-                    &["flash_rows", "pack"]
+                    vec![kernel, "pack"]
                 };
-                assert_eq!(names, expected, "Dv {dv} {out:?}: {profile:?}");
+                assert_eq!(names, expected, "{what}: {profile:?}");
             }
         }
     }
-    assert_eq!(n, 10);
+    let expected = if rows_offered == Some(true) { 25 } else { 15 };
+    assert_eq!(n, expected);
     assert_all_passed(&failures, Some(n));
 }

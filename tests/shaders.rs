@@ -65,6 +65,12 @@ fn variants() -> Vec<Variant> {
                         if d % 4 == 0 && dv % 4 == 0 && gqa == paged {
                             out.push(v.clone().vec4_kv(true));
                         }
+                        // O written as f16 or bf16 words by the kernel (Dv even; its own
+                        // storage dtype, K/V wide when they can be).
+                        if dv % 2 == 0 && !gqa && !paged && dt != DType::F32 {
+                            let wide = d % 4 == 0 && dv % 4 == 0;
+                            out.push(v.clone().vec4_kv(wide).out_half(Some(dt)));
+                        }
                         out.push(v);
                     }
                 }
@@ -112,6 +118,14 @@ fn variants() -> Vec<Variant> {
                         out.push(v.clone().vec4_kv(true).subgroup_rows(true));
                     }
                     out.push(v.clone().subgroup_rows(true));
+                    if dv % 2 == 0 && gqa && !paged {
+                        out.push(
+                            v.clone()
+                                .subgroup_rows(dt == DType::F16)
+                                .out_half(Some(DType::F16)),
+                        );
+                        out.push(v.clone().out_half(Some(DType::Bf16)));
+                    }
                     out.push(v);
                 }
             }
@@ -193,7 +207,8 @@ fn variants() -> Vec<Variant> {
 
 #[test]
 fn every_shader_file_is_used_by_a_module() {
-    // half_out.wgsl replaces a function of the row kernel in its half-output variant only.
+    // half_out.wgsl replaces a function of the scalar fused kernels in their half-output
+    // variants only.
     let half_rows = Variant::flash(
         [DType::F32; 3],
         64,
@@ -277,6 +292,27 @@ fn every_variant_has_its_own_name() {
     assert_ne!(rows.clone().vec4_kv(true), rows);
     assert_ne!(tiled.clone().subgroup_rows(true), tiled);
     assert_eq!(tiled.clone().plain_logits(true), tiled);
+    // The tiled and decode kernels' half outputs, as the row kernel's.
+    let decode_half = Variant::flash(
+        [DType::F32; 3],
+        64,
+        64,
+        FlashTiles::decode(4, 128),
+        true,
+        false,
+    )
+    .out_half(Some(DType::F16));
+    for half in [tiled.clone().out_half(Some(DType::Bf16)), decode_half] {
+        assert!(half.name().contains("_out-"), "{}", half.name());
+        let src = half.source();
+        assert!(src.contains("out: array<u32>;"), "{}", half.name());
+        assert!(
+            src.contains("to_half(o.z) | (to_half(o.w) << 16u)"),
+            "{}",
+            half.name()
+        );
+    }
+    assert!(tiled.source().contains("out: array<f32>;"));
     // The decode kernel's tile max: subgroupMax and the subgroup builtins only in its subgroup
     // variant (a module that names them fails on a device without subgroups).
     let decode = Variant::flash(

@@ -189,17 +189,14 @@ impl Engine {
         let bias = i.bias.unwrap_or(&dummy);
         let mask = i.mask.unwrap_or(&dummy);
         let chunks = plan.chunks().count as u64;
-        // A half output dtype: the row kernel of a run without key chunks writes it itself where
-        // Dv is even (rows then start at even elements: O's strides are multiples of Dv), the
-        // merge of a split run likewise; otherwise O goes through f32 and the pack.
+        // A half output dtype: the scalar fused kernel (tiled, rows or decode) of a run without
+        // key chunks writes it itself where Dv is even (rows then start at even elements: O's
+        // strides are multiples of Dv), the merge of a split run likewise; otherwise (the
+        // cooperative-matrix kernel, an odd Dv) O goes through f32 and the pack.
         let half_out =
             (o.out_dtype != DType::F32 && p.v_head_dim.is_multiple_of(2)).then_some(o.out_dtype);
-        let rows_half = match plan.run {
-            Run::Flash { tiles, .. } | Run::SplitK { tiles, .. }
-                if tiles.layout == FlashLayout::Rows && chunks == 1 =>
-            {
-                half_out
-            }
+        let fused_half = match plan.run {
+            Run::Flash { .. } | Run::SplitK { .. } if chunks == 1 => half_out,
             _ => None,
         };
         // The fused kernels: one variant, then (when the key range is cut into chunks) partial O
@@ -216,7 +213,7 @@ impl Engine {
                 )
                 .vec4_kv(wide_kv_rows(p))
                 .plain_logits(plain_logits(p))
-                .out_half(rows_half)
+                .out_half(fused_half)
                 .native_f16(self.native_f16())
                 .subgroup_rows(match tiles.layout {
                     // The decode kernel's tile max takes any subgroup size (num_subgroups).
@@ -231,7 +228,7 @@ impl Engine {
             Run::ThreePass => None,
         };
         let merged = fused.is_some() && chunks > 1;
-        let direct = rows_half.is_some() || (merged && half_out.is_some());
+        let direct = fused_half.is_some() || (merged && half_out.is_some());
         let out_scratch = (o.out_dtype != DType::F32 && !direct)
             .then(|| self.pooled(Slot::Out32, p.o_elems() as u64 * 4))
             .transpose()?;

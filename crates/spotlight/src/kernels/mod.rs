@@ -183,13 +183,14 @@ impl Shader {
     pub fn template(self) -> String {
         use source::*;
         // The shared files of the three scalar fused kernels, in order, before each one's own.
-        const SCALAR_FUSED: [&str; 7] = [
+        const SCALAR_FUSED: [&str; 8] = [
             COMMON,
             LOGITS,
             SOFTMAX_RULES,
             FUSED_UNITS,
             ROW_LOADS,
             FUSED_IO,
+            HALF_PACK,
             KV_LOADS,
         ];
         match self {
@@ -199,7 +200,6 @@ impl Shader {
             Shader::Flash => [SCALAR_FUSED.concat(), FLASH.to_string()].concat(),
             Shader::FlashRows => [
                 SCALAR_FUSED.concat(),
-                HALF_PACK.to_string(),
                 ROW_CHUNKS.to_string(),
                 FLASH_ROWS.to_string(),
             ]

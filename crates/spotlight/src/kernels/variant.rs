@@ -219,9 +219,6 @@ impl Variant {
                     }
                     if f.tiles.layout == FlashLayout::Rows {
                         c.push(("PLAIN_LOGITS", f.plain_logits as u32));
-                        if let Some(out) = f.out_half {
-                            c.push(("OUT_DT", dtype_code(out)));
-                        }
                         c.push(("Q_STAGED", f.tiles.rows_q_staged(f.d) as u32));
                         c.push(("PV_BY_KEY", f.tiles.rows_pv_by_key(f.dv) as u32));
                     }
@@ -235,6 +232,9 @@ impl Variant {
                         ("SUBGROUP_ROWS", f.subgroup_rows as u32),
                         ("VEC4_KV", f.vec4_kv as u32),
                     ]);
+                }
+                if let Some(out) = f.out_half {
+                    c.push(("OUT_DT", dtype_code(out)));
                 }
                 c
             }
@@ -329,13 +329,12 @@ impl Variant {
         self
     }
 
-    /// The row kernel writing O in the half dtype `out` itself, two elements per u32 word
-    /// (`half_out.wgsl`): only for runs without key chunks (the partial outputs stay f32) and an
-    /// even Dv (callers check both). `None` or another kernel: unchanged.
+    /// The scalar fused kernel (any layout: tiled, rows, decode) writing O in the half dtype
+    /// `out` itself, two elements per u32 word (`half_out.wgsl`): only for runs without key
+    /// chunks (the partial outputs stay f32) and an even Dv (callers check both). `None` or
+    /// another kernel: unchanged.
     pub fn out_half(mut self, out: Option<DType>) -> Self {
-        if let Config::Flash(f) = &mut self.config
-            && f.tiles.layout == FlashLayout::Rows
-        {
+        if let Config::Flash(f) = &mut self.config {
             f.out_half = out.filter(|d| *d != DType::F32);
         }
         self
@@ -431,7 +430,7 @@ impl Variant {
             );
             src = src.replace(binding, &binding.replace("array<f32>", "array<u32>"));
             let head = "fn store_o(e: u32, col: u32, o: vec4<f32>) {";
-            let start = src.find(head).expect("flash_rows.wgsl defines store_o");
+            let start = src.find(head).expect("fused_io.wgsl defines store_o");
             let end = start + src[start..].find("\n}\n").expect("store_o ends") + 3;
             src.replace_range(start..end, super::source::HALF_OUT);
         }
