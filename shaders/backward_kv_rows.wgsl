@@ -28,6 +28,12 @@ override WG: u32 = 8u;
 override WRITE_DS: bool = false;
 // Q and dO read four elements per load (kernels/ rewrites q4/dout4, as for flash_rows.wgsl).
 override VEC4_KV: bool = false;
+// The problem has no mask, bias, ALiBi or soft cap (set by the host: plan.rs `plain_logits`):
+// only bands and lengths hide keys, and every block takes the band path below instead of the
+// general per-logit one, which then compiles away. Why a variant: gallivm (lavapipe,
+// llvmpipe) compiles both sides of every branch, and the general path was two thirds of the
+// backward's first call (flash_rows.wgsl has the same switch).
+override PLAIN_LOGITS: bool = false;
 
 // Keys per workgroup and query rows per lane per block (kernels/: BackwardTiles::rows).
 // R is the host's ROWS (8 or 16; FlashTiles::row_count), written into this line per pipeline
@@ -224,7 +230,20 @@ fn main(
             var p: array<vec4<f32>, R>;
             var g: array<vec4<f32>, R>;
             let clean = no_masks && i32(i0) >= all_lo && i32(i0 + blk) <= all_hi;
-            if clean && plain {
+            if PLAIN_LOGITS {
+                // Only the bands and lengths hide keys: the general path's decision (visible
+                // is the band without a mask, logit_grad's logit is scale·dot), unrolled so the
+                // values stay in registers; blocks every row sees whole take it too.
+                for (var c = 0u; c < KBL; c++) { // unroll
+                    let band = band_limits(i0 + c * WG + lid, off, lk);
+                    for (var r = 0u; r < R; r++) { // unroll
+                        let j = i32(j0 + r);
+                        let w = sm_weight(params.scale * s[r * KBL + c], lse_c[c]);
+                        p[r][c] = select(-1.0, w, live[c] && j >= band.x && j <= band.y);
+                        g[r][c] = w * (dp[r * KBL + c] - delta_c[c]) * params.scale;
+                    }
+                }
+            } else if clean && plain {
                 for (var r = 0u; r < R; r++) { // unroll
                     for (var c = 0u; c < KBL; c++) { // unroll
                         let w = sm_weight(params.scale * s[r * KBL + c], lse_c[c]);

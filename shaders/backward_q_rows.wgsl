@@ -24,6 +24,13 @@ override WG: u32 = 8u;
 override WRITE_DS: bool = false;
 // K and V read four elements per load (kernels/ rewrites k4/v4, as for flash_rows.wgsl).
 override VEC4_KV: bool = false;
+// The problem has no mask, bias, ALiBi or soft cap (set by the host: plan.rs `plain_logits`):
+// only bands and lengths hide keys, and every block takes the band path below instead of the
+// general per-logit one, which then compiles away. Why a variant: gallivm (lavapipe,
+// llvmpipe) compiles both sides of every branch, and the general path was two thirds of the
+// backward's first call (flash_rows.wgsl has the same switch). WRITE_DS (dS, for dBias) never
+// comes with it: the plain path does not write dS.
+override PLAIN_LOGITS: bool = false;
 
 // Query rows per workgroup and keys per lane per block (kernels/: BackwardTiles::rows).
 // R is the host's ROWS (8 or 16; FlashTiles::row_count), written into this line per pipeline
@@ -204,7 +211,19 @@ fn main(
         var p: array<vec4<f32>, R>;
         var g: array<vec4<f32>, R>;
         let clean = no_masks && i32(j0) >= all_lo && i32(j0 + blk) <= all_hi;
-        if clean && plain {
+        if PLAIN_LOGITS {
+            // Only the bands and lengths hide keys: the general path's decision, unrolled so
+            // the values stay in registers (as in backward_kv_rows.wgsl).
+            for (var r = 0u; r < R; r++) { // unroll
+                let band = band_limits(i0 + r, off, lk);
+                for (var c = 0u; c < KBL; c++) { // unroll
+                    let j = i32(j0 + c * WG + lid);
+                    let w = sm_weight(params.scale * s[r * KBL + c], lse_r[r]);
+                    p[r][c] = select(-1.0, w, live[r] && j >= band.x && j <= band.y);
+                    g[r][c] = w * (dp[r * KBL + c] - delta_r[r]) * params.scale;
+                }
+            }
+        } else if clean && plain {
             for (var r = 0u; r < R; r++) { // unroll
                 for (var c = 0u; c < KBL; c++) { // unroll
                     let w = sm_weight(params.scale * s[r * KBL + c], lse_r[r]);

@@ -197,6 +197,57 @@ fn backward_nan_and_padding_rules() {
     }
 }
 
+/// Problems without mask, bias, ALiBi or soft cap run the row kernels' band path
+/// (`PLAIN_LOGITS` in backward_kv_rows.wgsl and backward_q_rows.wgsl), every block through it:
+/// causal with more keys than queries and with fewer (rows that see nothing), a window with
+/// padded query and key lengths, GQA; dQ from the stored gradients and recomputed (the query
+/// row pass), 8 and 16 rows per workgroup; each against the reference gradients.
+#[test]
+fn backward_plain_problems_take_the_band_path() {
+    let Some(engine) = engine() else { return };
+    let mut rng = Rng::new(0xBA4D);
+    let mut failures = Vec::new();
+    let mut n = 0;
+    let window = spotlight::reference::Window {
+        left: Some(6),
+        right: Some(2),
+    };
+    let problems = [
+        (Problem::new(2, 37, 50, 4, 2, 40).causal(true), None),
+        (Problem::new(1, 50, 33, 2, 2, 16).causal(true), None),
+        (
+            Problem::new(2, 45, 45, 2, 1, 24).window(Some(window)),
+            Some((vec![45, 20], vec![45, 30])),
+        ),
+    ];
+    for (p, lens) in problems {
+        let mut p = p;
+        p.q_seqlens = lens.is_some();
+        p.kv_seqlens = lens.is_some();
+        let mut data = Data::random(&p, [DType::F32; 3], 1.0, &mut rng);
+        if let Some((q, kv)) = &lens {
+            data.q_seqlens = Some(q.clone());
+            data.kv_seqlens = Some(kv.clone());
+        }
+        let d_out = Tensor::from_f32(&rng.vec(p.o_elems()), DType::F32);
+        for stored in [true, false] {
+            for rows in [8, 16] {
+                let opts = BackwardOptions {
+                    dq_from_gradients: Some(stored),
+                    rows_per_workgroup: Some(rows),
+                    ..Default::default()
+                };
+                n += 1;
+                if let Err(e) = check_grads(engine, &p, &data, &d_out, DType::F32, &opts) {
+                    failures.push(format!("stored={stored} rows={rows} {p:?}: {e}"));
+                }
+            }
+        }
+    }
+    assert_eq!(n, 12);
+    assert_all_passed(&failures, Some(n));
+}
+
 fn nan_and_padding_rules(engine: &Engine, with_bias: bool, opts: &BackwardOptions) {
     let mut p = Problem::new(2, 6, 9, 2, 1, 8).causal(true);
     p.q_seqlens = true;

@@ -150,6 +150,10 @@ fn variants() -> Vec<Variant> {
                     let v = Variant::backward_main(query, [dt, dt, dt], d_out, d, dv, t, write_ds);
                     if t.layout == FlashLayout::Rows && d % 4 == 0 && dv % 4 == 0 {
                         out.push(v.clone().vec4_kv(true));
+                        // Without the general per-logit path (problems with only bands).
+                        if !write_ds || !query {
+                            out.push(v.clone().vec4_kv(true).plain_logits(true));
+                        }
                     }
                     out.push(v);
                 }
@@ -286,6 +290,29 @@ fn every_variant_has_its_own_name() {
     assert!(half.source().contains("array<u32>;\n@group(0) @binding(8)"));
     assert!(rows.source().contains("out: array<f32>;"));
     assert!(rows.clone().plain_logits(true).name().ends_with("_plain"));
+    // The backward's row kernels have the same switch; the tiled ones do not.
+    let bw_rows = Variant::backward_main(
+        false,
+        [DType::F32; 3],
+        DType::F32,
+        64,
+        64,
+        BackwardTiles::rows(8, 16),
+        true,
+    );
+    let plain = bw_rows.clone().plain_logits(true);
+    assert_ne!(plain, bw_rows);
+    assert!(plain.name().contains("_plain"), "{}", plain.name());
+    let bw_tiled = Variant::backward_main(
+        true,
+        [DType::F32; 3],
+        DType::F32,
+        64,
+        64,
+        BackwardTiles::choose(64, 64, 32 * 1024, 256).expect("tiles"),
+        false,
+    );
+    assert_eq!(bw_tiled.clone().plain_logits(true), bw_tiled);
     let tiled = FlashTiles::choose(64, 64, 32 * 1024, 256, 64).expect("tiles");
     let tiled = Variant::flash([DType::F16; 3], 64, 64, tiled, false, false);
     assert_ne!(tiled.clone().vec4_kv(true), tiled);

@@ -30,7 +30,7 @@ pub fn main(
     let repeats = repeats.unwrap_or(3).max(1);
     println!("adapter: {}", engine.describe());
     println!(
-        "config | forward ms | backward ms | backward/forward | backward GFLOP/s (2.5x fwd FLOPs)"
+        "config | forward ms | backward ms | backward/forward | backward GFLOP/s (2.5x fwd FLOPs) | first forward ms | first backward ms"
     );
     for c in &configs {
         let v: Vec<usize> = c
@@ -114,8 +114,14 @@ pub fn main(
                 )
             })
         };
+        // The first calls in the process: any kernel not built yet is built here (on a CPU
+        // adapter the LLVM compile of each is most of it).
+        let start = std::time::Instant::now();
         forward()?;
+        let first_forward = start.elapsed().as_secs_f64();
+        let start = std::time::Instant::now();
         backward()?;
+        let first_backward = start.elapsed().as_secs_f64();
         let median = |mut t: Vec<f64>| {
             t.sort_by(|a, b| a.total_cmp(b));
             t[t.len() / 2]
@@ -128,11 +134,13 @@ pub fn main(
         }
         let (f, b) = (median(tf), median(tb));
         println!(
-            "{c} | {:.1} | {:.1} | {:.2} | {:.3}",
+            "{c} | {:.1} | {:.1} | {:.2} | {:.3} | {:.0} | {:.0}",
             f * 1e3,
             b * 1e3,
             b / f,
-            2.5 * p.flops() / b / 1e9
+            2.5 * p.flops() / b / 1e9,
+            first_forward * 1e3,
+            first_backward * 1e3,
         );
     }
     Ok(())

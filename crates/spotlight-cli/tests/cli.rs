@@ -739,6 +739,54 @@ fn demo_runs_and_checks_itself() {
     }
 }
 
+/// `bench --backward`: one row per configuration with the forward's and backward's times, their
+/// ratio, the backward's FLOP rate and both first calls (kernel builds included), all numbers.
+#[test]
+fn bench_backward_reports_times_and_first_calls() {
+    if !have_gpu() {
+        return;
+    }
+    let out = spotlight(&[
+        "bench",
+        "--backward",
+        "--config",
+        "1,40,2,16",
+        "--config",
+        "2,24,2,8,1",
+        "--repeats",
+        "1",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let header = text
+        .lines()
+        .find(|l| l.starts_with("config |"))
+        .unwrap_or_else(|| panic!("no header: {text}"));
+    assert!(
+        header.ends_with("| first forward ms | first backward ms"),
+        "{header}"
+    );
+    for config in ["1,40,2,16", "2,24,2,8,1"] {
+        let row = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{config} |")))
+            .unwrap_or_else(|| panic!("no row for {config}: {text}"));
+        let cells: Vec<f64> = row
+            .split('|')
+            .skip(1)
+            .map(|c| c.trim().parse().unwrap_or_else(|_| panic!("{row}")))
+            .collect();
+        assert_eq!(cells.len(), 6, "{row}");
+        assert!(cells.iter().all(|x| x.is_finite() && *x >= 0.0), "{row}");
+        // Both first calls were measured.
+        assert!(cells[4] > 0.0 && cells[5] > 0.0, "{row}");
+    }
+}
+
 #[test]
 fn bench_prints_validated_numbers_and_json() {
     if !have_gpu() {

@@ -275,6 +275,9 @@ pub enum BackwardConfig {
         tiles: BackwardTiles,
         write_ds: bool,
         vec4_kv: bool,
+        /// Row kernels: compiled without the general per-logit path (`PLAIN_LOGITS`), for
+        /// problems without mask, bias, ALiBi or soft cap.
+        plain_logits: bool,
     },
     /// dQ = g·K from the gradients the key/value row pass stored.
     QueryFromGradients {
@@ -337,6 +340,7 @@ impl BackwardConfig {
                 tiles,
                 write_ds,
                 vec4_kv,
+                plain_logits,
             } => {
                 let mut c = vec![
                     ("Q_DT", dtype_code(dtypes[0])),
@@ -361,6 +365,7 @@ impl BackwardConfig {
                 }
                 if tiles.layout == FlashLayout::Rows {
                     c.push(("VEC4_KV", vec4_kv as u32));
+                    c.push(("PLAIN_LOGITS", plain_logits as u32));
                 }
                 c
             }
@@ -386,6 +391,19 @@ impl BackwardConfig {
                 *vec4_kv = on
             }
             _ => {}
+        }
+    }
+
+    /// The row kernels without their general per-logit path (no effect on the others).
+    pub(crate) fn set_plain_logits(&mut self, on: bool) {
+        if let BackwardConfig::Main {
+            tiles,
+            plain_logits,
+            ..
+        } = self
+            && tiles.layout == FlashLayout::Rows
+        {
+            *plain_logits = on
         }
     }
 
@@ -472,6 +490,7 @@ impl Variant {
             tiles,
             write_ds: write_ds && writes,
             vec4_kv: false,
+            plain_logits: false,
         })
         .into()
     }

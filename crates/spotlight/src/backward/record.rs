@@ -9,6 +9,7 @@ use crate::error::Result;
 use crate::kernels::Variant;
 use crate::options::GpuInputs;
 use crate::params::Params;
+use crate::plan::plain_logits;
 
 use super::plan::BackwardPlan;
 use super::{GpuForward, GpuGradients};
@@ -107,6 +108,7 @@ impl Engine {
             dev,
             &Variant::backward_main(false, i.dtypes, d_out.1, d, dv, t, plan.gradients.is_some())
                 .vec4_kv(plan.wide_qo)
+                .plain_logits(plain_logits(p))
                 .native_f16(self.native_f16()),
         )?;
         let kv_groups = (p.batch * p.kv_heads) as u64 * p.kv_len.div_ceil(t.kv_bk as usize) as u64;
@@ -183,6 +185,7 @@ impl Engine {
             dev,
             &Variant::backward_main(true, i.dtypes, d_out.1, d, dv, t, ds_elems > 0)
                 .vec4_kv(plan.wide_kv)
+                .plain_logits(plain_logits(p))
                 .native_f16(self.native_f16()),
         )?;
         for begin in (0..k_tiles.max(1)).step_by(plan.q_step as usize) {

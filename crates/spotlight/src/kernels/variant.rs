@@ -318,13 +318,15 @@ impl Variant {
         self
     }
 
-    /// The row kernel compiled for problems without mask, bias, ALiBi or soft cap, which the
-    /// caller guarantees (`flash_rows.wgsl`'s `PLAIN_LOGITS`). No effect on other kernels.
+    /// The row kernels (forward, and the backward's key/value and query passes) compiled for
+    /// problems without mask, bias, ALiBi or soft cap, which the caller guarantees
+    /// (`PLAIN_LOGITS` in `flash_rows.wgsl`, `backward_kv_rows.wgsl`, `backward_q_rows.wgsl`).
+    /// No effect on other kernels.
     pub fn plain_logits(mut self, on: bool) -> Self {
-        if let Config::Flash(f) = &mut self.config
-            && f.tiles.layout == FlashLayout::Rows
-        {
-            f.plain_logits = on;
+        match &mut self.config {
+            Config::Flash(f) if f.tiles.layout == FlashLayout::Rows => f.plain_logits = on,
+            Config::Backward(b) => b.set_plain_logits(on),
+            _ => {}
         }
         self
     }
