@@ -284,14 +284,20 @@ fn main(
                 let dv_elems = params.batch * params.kv_len * params.kv_heads * V_DIM;
                 let ds_off = (range.dv_offset + dv_elems + 3u) / 4u * 4u;
                 let lk4 = (params.kv_len + 3u) / 4u * 4u;
-                for (var r = 0u; r < R; r++) { // unroll
-                    let j = j0 + r;
-                    for (var c = 0u; c < KBL; c++) { // unroll
-                        let i = i0 + c * WG + lid;
+                // A loop over this lane's rows (p and g picked by a dynamic component index,
+                // i.e. selects) with the keys unrolled: R store sites instead of R·KBL (each a
+                // lane loop in gallivm; 0.2 s of the first backward call at 4,256,2,64, run time
+                // within noise).
+                for (var c = 0u; c < KBL; c++) {
+                    let i = i0 + c * WG + lid;
+                    for (var r = 0u; r < R; r++) { // unroll
+                        let j = j0 + r;
                         if i < params.q_len && j < params.kv_len {
-                            let seen = !(p[r][c] < 0.0);
-                            var w = select(0u, bitcast<u32>(g[r][c]), seen);
-                            if seen && g[r][c] == 0.0 {
+                            let pv = p[r][c];
+                            let gv = g[r][c];
+                            let seen = !(pv < 0.0);
+                            var w = select(0u, bitcast<u32>(gv), seen);
+                            if seen && gv == 0.0 {
                                 w = 0x80000000u;
                             }
                             dkv[ds_off + (rows0 + i) * lk4 + j] = bitcast<f32>(w);
