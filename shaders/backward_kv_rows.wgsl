@@ -158,15 +158,6 @@ fn main(
     let band = visible_query_range(j0, j_last, lq, lk, off);
     let t_lo = max(u32(band.x) / blk, range.begin);
     let t_hi = min(u32(max(band.y, band.x) + i32(blk) - 1) / blk, range.end);
-    // Rows that see every key of the workgroup (causal/window bounds), when all R keys are
-    // valid: blocks inside skip the per-element checks.
-    let all_lo = visible_query_range(j_last, j_last, lq, lk, off).x;
-    var all_hi = visible_query_range(j0, j0, lq, lk, off).y;
-    if j0 + R > lk {
-        all_hi = -1;
-    }
-    let no_masks = !has(F_MASK) && !has(F_BIAS);
-    let plain = !has(F_BIAS) && !has(F_ALIBI) && !(params.softcap > 0.0);
     let last_row = params.q_len - 1u;
 
     var dk: array<vec4<f32>, R * NK8>;
@@ -229,7 +220,6 @@ fn main(
             // picks a row by a dynamic component index, which compiles to selects.
             var p: array<vec4<f32>, R>;
             var g: array<vec4<f32>, R>;
-            let clean = no_masks && i32(i0) >= all_lo && i32(i0 + blk) <= all_hi;
             if PLAIN_LOGITS {
                 // Only the bands and lengths hide keys: the general path's decision (visible
                 // is the band without a mask, logit_grad's logit is scale·dot), unrolled so the
@@ -243,15 +233,10 @@ fn main(
                         g[r][c] = w * (dp[r * KBL + c] - delta_c[c]) * params.scale;
                     }
                 }
-            } else if clean && plain {
-                for (var r = 0u; r < R; r++) { // unroll
-                    for (var c = 0u; c < KBL; c++) { // unroll
-                        let w = sm_weight(params.scale * s[r * KBL + c], lse_c[c]);
-                        p[r][c] = select(-1.0, w, live[c]);
-                        g[r][c] = w * (dp[r * KBL + c] - delta_c[c]) * params.scale;
-                    }
-                }
             } else {
+                // The general path, in every block: only problems with a mask, bias,
+                // ALiBi or cap take this variant (a block every row saw whole had a branch
+                // of its own, which such a problem never took and gallivm compiled anyway).
                 var ts: array<f32, R * KBL>;
                 var tdp: array<f32, R * KBL>;
                 for (var e = 0u; e < R * KBL; e++) { // unroll

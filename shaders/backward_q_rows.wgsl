@@ -162,13 +162,6 @@ fn main(
     let band = visible_key_range(i0, i_last, lq, lk, off);
     let t_lo = max(u32(band.x) / blk, range.begin);
     let t_hi = min(u32(max(band.y, band.x) + i32(blk) - 1) / blk, range.end);
-    // Keys every valid row of the workgroup sees (causal/window bounds): blocks inside skip the
-    // per-element checks.
-    let i_last_valid = min(i_last, max(lq, 1u) - 1u);
-    let all_lo = visible_key_range(i_last_valid, i_last_valid, lq, lk, off).x;
-    let all_hi = visible_key_range(i0, i0, lq, lk, off).y;
-    let no_masks = !has(F_MASK) && !has(F_BIAS);
-    let plain = !has(F_BIAS) && !has(F_ALIBI) && !(params.softcap > 0.0);
     let last_key = params.kv_len - 1u;
 
     var acc: array<vec4<f32>, R * NK8>;
@@ -210,7 +203,6 @@ fn main(
         // below picks a key by a dynamic component index, which compiles to selects.
         var p: array<vec4<f32>, R>;
         var g: array<vec4<f32>, R>;
-        let clean = no_masks && i32(j0) >= all_lo && i32(j0 + blk) <= all_hi;
         if PLAIN_LOGITS {
             // Only the bands and lengths hide keys: the general path's decision, unrolled so
             // the values stay in registers (as in backward_kv_rows.wgsl).
@@ -223,15 +215,10 @@ fn main(
                     g[r][c] = w * (dp[r * KBL + c] - delta_r[r]) * params.scale;
                 }
             }
-        } else if clean && plain {
-            for (var r = 0u; r < R; r++) { // unroll
-                for (var c = 0u; c < KBL; c++) { // unroll
-                    let w = sm_weight(params.scale * s[r * KBL + c], lse_r[r]);
-                    p[r][c] = select(-1.0, w, live[r]);
-                    g[r][c] = w * (dp[r * KBL + c] - delta_r[r]) * params.scale;
-                }
-            }
         } else {
+            // The general path, in every block: only problems with a mask, bias,
+            // ALiBi or cap take this variant (a block every row saw whole had a branch
+            // of its own, which such a problem never took and gallivm compiled anyway).
             var ts: array<f32, R * KBL>;
             var tdp: array<f32, R * KBL>;
             for (var e = 0u; e < R * KBL; e++) { // unroll
