@@ -359,22 +359,27 @@ fn main(
         lse[row] = select(ninf, sm_lse(m, l), valid);
         l_w[r] = select(0.0, l, valid);
     }
+    // Four columns per step (V_DIM is a multiple of EDGE), stored through fused_io.wgsl's
+    // store_o: in f32, or in the half variant two halves per word (half_out.wgsl), so an
+    // unsplit run with a half output needs no pack pass after this kernel.
     workgroupBarrier();
-    for (var x = lid; x < BQ * V_DIM; x += nt) {
-        let rr = x / V_DIM;
-        let c = x % V_DIM;
+    let n4 = V_DIM / 4u;
+    for (var x = lid; x < BQ * n4; x += nt) {
+        let rr = x / n4;
+        let col = x % n4;
         let ii = i0 + rr;
         if live && ii < params.q_len {
             let lr = l_w[rr];
-            var o = 0.0;
+            var o = vec4<f32>(0.0);
             if sm_row_valid(lr) {
-                o = o_f[rr * OS + c] / lr;
+                let e = rr * OS + 4u * col;
+                o = vec4<f32>(o_f[e], o_f[e + 1u], o_f[e + 2u], o_f[e + 3u]) / lr;
             }
             var o_base = b * params.o_sb + ii * params.o_ss + h * params.o_sh;
             if params.num_chunks > 1u {
                 o_base = (chunk * rows + (b * params.q_heads + h) * params.q_len + ii) * V_DIM;
             }
-            out[o_base + c] = o;
+            store_o(o_base + 4u * col, col, o);
         }
     }
 }

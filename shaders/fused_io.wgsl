@@ -12,8 +12,9 @@
 @group(0) @binding(7) var<storage, read_write> out: array<f32>;
 @group(0) @binding(8) var<storage, read_write> lse: array<f32>;
 
-// O's dtype where the scalar kernels (flash.wgsl, flash_rows.wgsl, flash_decode.wgsl) write it
-// themselves: 0 = f32 (also every split-K partial output); 1 = f16, 2 = bf16 in the half variant
+// O's dtype where the fused kernels (flash.wgsl, flash_rows.wgsl, flash_decode.wgsl,
+// flash_coop.wgsl) write it themselves: 0 = f32 (also every split-K partial output); 1 = f16,
+// 2 = bf16 in the half variant
 // (runs without key chunks, Dv even), whose rewrite (kernels/) binds `out` as u32 words and puts
 // half_out.wgsl's store_o in place of the one below: no f32 copy of O and no pack pass after
 // the kernel.

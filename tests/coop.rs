@@ -276,3 +276,87 @@ fn flash_coop_auto_takes_it_for_f16_after_the_self_test() {
         .unwrap();
     assert_ne!(got.algorithm, Algorithm::FlashCoop);
 }
+
+/// A half output dtype: the matrix-unit kernel writes it itself (no f32 copy of O and no pack
+/// pass) in a run without key chunks, and the merge writes it after a split run; both layouts
+/// of O, Dv ≠ D, masks and bias or causal; against the reference and the passes that ran.
+#[test]
+fn flash_coop_writes_half_outputs_itself() {
+    let Some(engine) = coop_engine("flash_coop_writes_half_outputs_itself") else {
+        return;
+    };
+    let edge = engine.capabilities().coop_edge as usize;
+    let mut rng = Rng::new(0xC00B_0005);
+    let mut failures = Vec::new();
+    let mut n = 0;
+    for (case, (out, layout, split)) in [
+        (DType::F16, spotlight::Layout::Bshd, false),
+        (DType::Bf16, spotlight::Layout::Bhsd, false),
+        (DType::Bf16, spotlight::Layout::Bshd, false),
+        (DType::F16, spotlight::Layout::Bhsd, true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let masked = case % 2 == 1;
+        // The split run: keys in chunks of one 64-key tile.
+        let lk = if split { 150 } else { 50 };
+        let mut p = Problem::new(2, 37, lk, 4, 2, 4 * edge)
+            .v_head_dim(2 * edge)
+            .layout(layout)
+            .causal(!masked);
+        let mut data = Data::random(&p, [DType::F16; 3], 1.0, &mut rng);
+        if masked {
+            let all = spotlight::Broadcast { batch: 1, heads: 4 };
+            p.mask = Some(all);
+            p.bias = Some(all);
+            let cells = 4 * 37 * lk;
+            data.bias = Some((0..cells).map(|_| rng.uniform(-2.0, 2.0)).collect());
+            data.mask = Some((0..cells).map(|_| rng.chance(0.7) as u8).collect());
+        }
+        let opts = RunOptions {
+            out_dtype: Some(out),
+            max_chunk_keys: Some(if split { 64 } else { 4096 }),
+            ..forced(false)
+        };
+        let what = format!("{out:?} {layout:?} split {split}");
+        n += 1;
+        if let Err(e) = check_opts(engine, &p, &data, &opts, Some(coop_budget(out, false))) {
+            failures.push(format!("{what}: {e}"));
+        }
+        let est = engine.estimate(&p, [DType::F16; 3], &opts).unwrap();
+        assert_eq!(
+            est.plan.ends_with("chunks1"),
+            !split,
+            "{what}: {}",
+            est.plan
+        );
+        let inputs = data.inputs();
+        let resident = engine.upload(&p, &inputs, &opts).unwrap();
+        let (gi, go) = (resident.inputs(), resident.outputs());
+        let profile = engine
+            .time_passes(|enc| {
+                engine
+                    .attention_on_buffers(enc, &p, &gi, &go, &opts)
+                    .map(drop)
+            })
+            .unwrap();
+        // lavapipe (where CI runs this) has timestamp queries: the pass list is checked there.
+        let cpu = engine.adapter_info().device_type == spotlight::wgpu::DeviceType::Cpu;
+        assert!(
+            engine.capabilities().timestamp_query || !cpu,
+            "{}",
+            engine.describe()
+        );
+        if engine.capabilities().timestamp_query {
+            let names: Vec<&str> = profile.kernels.iter().map(|k| k.kernel).collect();
+            let expected = if split {
+                vec!["flash_coop", "merge"]
+            } else {
+                vec!["flash_coop"]
+            };
+            assert_eq!(names, expected, "{what}: {profile:?}");
+        }
+    }
+    assert_all_passed(&failures, Some(n));
+}

@@ -202,6 +202,9 @@ fn variants() -> Vec<Variant> {
             for dt in [DType::F16, DType::Bf16, DType::F32] {
                 let v = Variant::flash_coop([dt, dt, dt], d, dv, tiles);
                 out.push(v.clone().native_f16(true));
+                // Its half outputs (written by the kernel itself, without the pack pass).
+                let half = if dt == DType::F32 { DType::Bf16 } else { dt };
+                out.push(v.clone().out_half(Some(half)).native_f16(true));
                 out.push(v);
             }
         }
@@ -371,6 +374,20 @@ fn every_variant_has_its_own_name() {
     assert_eq!(coop.clone().vec4_kv(true), coop);
     assert_eq!(coop.clone().subgroup_rows(true), coop);
     assert_eq!(coop.clone().plain_logits(true), coop);
+    // The matrix-unit kernel's half output, as the scalar kernels': O bound as words and stored
+    // through half_out.wgsl, named by its dtype; f32 changes nothing.
+    assert_eq!(coop.clone().out_half(Some(DType::F32)), coop);
+    let coop_half = coop.clone().out_half(Some(DType::F16));
+    assert_ne!(coop_half, coop);
+    assert!(
+        coop_half.name().contains("_out-f16"),
+        "{}",
+        coop_half.name()
+    );
+    let src = coop_half.source();
+    assert!(src.contains("out: array<u32>;"), "{}", coop_half.name());
+    assert!(src.contains("to_half(o.z) | (to_half(o.w) << 16u)"));
+    assert!(coop.source().contains("out: array<f32>;"));
 }
 
 #[test]

@@ -189,14 +189,14 @@ impl Engine {
         let bias = i.bias.unwrap_or(&dummy);
         let mask = i.mask.unwrap_or(&dummy);
         let chunks = plan.chunks().count as u64;
-        // A half output dtype: the scalar fused kernel (tiled, rows or decode) of a run without
-        // key chunks writes it itself where Dv is even (rows then start at even elements: O's
-        // strides are multiples of Dv), the merge of a split run likewise; otherwise (the
-        // cooperative-matrix kernel, an odd Dv) O goes through f32 and the pack.
+        // A half output dtype: the fused kernel (tiled, rows, decode or on matrix units) of a
+        // run without key chunks writes it itself where Dv is even (rows then start at even
+        // elements: O's strides are multiples of Dv), the merge of a split run likewise;
+        // otherwise (an odd Dv) O goes through f32 and the pack.
         let half_out =
             (o.out_dtype != DType::F32 && p.v_head_dim.is_multiple_of(2)).then_some(o.out_dtype);
         let fused_half = match plan.run {
-            Run::Flash { .. } | Run::SplitK { .. } if chunks == 1 => half_out,
+            Run::Flash { .. } | Run::SplitK { .. } | Run::Coop { .. } if chunks == 1 => half_out,
             _ => None,
         };
         // The fused kernels: one variant, then (when the key range is cut into chunks) partial O
@@ -223,6 +223,7 @@ impl Engine {
             ),
             Run::Coop { tiles, .. } => Some(
                 Variant::flash_coop(i.dtypes, p.head_dim as u32, p.v_head_dim as u32, tiles)
+                    .out_half(fused_half)
                     .native_f16(self.native_f16()),
             ),
             Run::ThreePass => None,

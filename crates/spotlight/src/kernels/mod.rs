@@ -216,6 +216,7 @@ impl Shader {
                 LOGITS,
                 SOFTMAX_RULES,
                 FUSED_IO,
+                HALF_PACK,
                 FLASH_COOP,
             ]
             .concat(),

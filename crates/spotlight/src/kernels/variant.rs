@@ -58,8 +58,8 @@ pub struct FlashConfig {
     /// The problem has no mask, bias, ALiBi or soft cap: the row kernel compiles without its
     /// general per-logit path (row layout only; see `flash_rows.wgsl`).
     pub plain_logits: bool,
-    /// The row kernel writes O in this half dtype itself, two elements per word (row layout
-    /// only, runs without key chunks, Dv even; `None`: O in f32).
+    /// The kernel writes O in this half dtype itself, two elements per word (any layout; runs
+    /// without key chunks, Dv even; `None`: O in f32).
     pub out_half: Option<DType>,
 }
 
@@ -70,6 +70,8 @@ pub struct CoopConfig {
     pub d: u32,
     pub dv: u32,
     pub tiles: CoopTiles,
+    /// O written in this half dtype by the kernel itself, as [`FlashConfig::out_half`].
+    pub out_half: Option<DType>,
 }
 
 /// A kernel variant: its configuration, and whether f16 tensors are read natively.
@@ -149,6 +151,7 @@ impl Variant {
             d,
             dv,
             tiles,
+            out_half: None,
         })
         .into()
     }
@@ -249,6 +252,9 @@ impl Variant {
                     ("EDGE", c.tiles.edge),
                     ("STAGE", c.tiles.stage_len(c.d, c.dv)),
                 ]);
+                if let Some(o) = c.out_half {
+                    out.push(("OUT_DT", dtype_code(o)));
+                }
                 out
             }
             Config::Backward(b) => b.constants(),
@@ -331,15 +337,26 @@ impl Variant {
         self
     }
 
-    /// The scalar fused kernel (any layout: tiled, rows, decode) writing O in the half dtype
-    /// `out` itself, two elements per u32 word (`half_out.wgsl`): only for runs without key
-    /// chunks (the partial outputs stay f32) and an even Dv (callers check both). `None` or
-    /// another kernel: unchanged.
+    /// The fused kernel (scalar, any layout: tiled, rows, decode; or on matrix units) writing O
+    /// in the half dtype `out` itself, two elements per u32 word (`half_out.wgsl`): only for
+    /// runs without key chunks (the partial outputs stay f32) and an even Dv (callers check
+    /// both). `None` or another kernel: unchanged.
     pub fn out_half(mut self, out: Option<DType>) -> Self {
-        if let Config::Flash(f) = &mut self.config {
-            f.out_half = out.filter(|d| *d != DType::F32);
+        let out = out.filter(|d| *d != DType::F32);
+        match &mut self.config {
+            Config::Flash(f) => f.out_half = out,
+            Config::FlashCoop(c) => c.out_half = out,
+            _ => {}
         }
         self
+    }
+
+    fn writes_half(&self) -> bool {
+        match self.config {
+            Config::Flash(f) => f.out_half.is_some(),
+            Config::FlashCoop(c) => c.out_half.is_some(),
+            _ => false,
+        }
     }
 
     fn uses_subgroups(&self) -> bool {
@@ -418,10 +435,7 @@ impl Variant {
                 src = wide_loads(src, shader.name(), &self.wide());
             }
         }
-        if let Config::Flash(FlashConfig {
-            out_half: Some(_), ..
-        }) = self.config
-        {
+        if self.writes_half() {
             // O as half words: the binding and half_out.wgsl's store in place of the f32 one.
             let binding = "@group(0) @binding(7) var<storage, read_write> out: array<f32>;";
             assert_eq!(
