@@ -403,7 +403,7 @@ fn measure(
 
 /// One profiled call's GPU time per kernel, e.g. `flash_rows:3.10ms,merge:0.212ms`
 /// (`x4` after a kernel that ran four passes), or `untimed` without timestamp queries.
-fn passes_text(profile: &spotlight::Profile) -> String {
+pub(crate) fn passes_text(profile: &spotlight::Profile) -> String {
     if profile.kernels.is_empty() {
         return "untimed".into();
     }

@@ -13,7 +13,8 @@ use spotlight::{
 /// (default 1,1024,2,64), f32, median of `repeats` after one warm-up each. `layout` forces the
 /// tiled or the row kernels for both directions (`--flash-layout`; default: the adapter decides),
 /// `rows_per_workgroup` their rows per workgroup, `dq_from_gradients` how the row kernels get dQ
-/// ([`BackwardOptions::dq_from_gradients`]).
+/// ([`BackwardOptions::dq_from_gradients`]). After each configuration's row, a line with one more
+/// backward's GPU time per pass (`passes=`, as `spotlight bench` prints the forward's).
 pub fn main(
     configs: &[String],
     repeats: Option<usize>,
@@ -89,31 +90,30 @@ pub fn main(
                     .map(|_| ())
             })
         };
-        let backward = || {
-            engine.time(|enc| {
-                let f = GpuForward {
-                    out: &r.out,
-                    out_dtype: r.out_dtype,
-                    lse: r.lse.as_ref().expect("lse"),
-                };
-                let g = GpuGradients {
-                    dq: &dq,
-                    dk: &dk,
-                    dv: &dv,
-                    dbias: None,
-                };
-                engine.attention_backward_on_buffers(
-                    enc,
-                    &p,
-                    &r.inputs(),
-                    &f,
-                    &dout,
-                    DType::F32,
-                    &g,
-                    &bopts,
-                )
-            })
+        let record_backward = |enc: &mut wgpu::CommandEncoder| {
+            let f = GpuForward {
+                out: &r.out,
+                out_dtype: r.out_dtype,
+                lse: r.lse.as_ref().expect("lse"),
+            };
+            let g = GpuGradients {
+                dq: &dq,
+                dk: &dk,
+                dv: &dv,
+                dbias: None,
+            };
+            engine.attention_backward_on_buffers(
+                enc,
+                &p,
+                &r.inputs(),
+                &f,
+                &dout,
+                DType::F32,
+                &g,
+                &bopts,
+            )
         };
+        let backward = || engine.time(record_backward);
         // The first calls in the process: any kernel not built yet is built here (on a CPU
         // adapter the LLVM compile of each is most of it).
         let start = std::time::Instant::now();
@@ -133,6 +133,8 @@ pub fn main(
             tb.push(backward()?.seconds);
         }
         let (f, b) = (median(tf), median(tb));
+        // One more backward, profiled per pass: where its time goes.
+        let profile = engine.time_passes(record_backward)?;
         println!(
             "{c} | {:.1} | {:.1} | {:.2} | {:.3} | {:.0} | {:.0}",
             f * 1e3,
@@ -141,6 +143,10 @@ pub fn main(
             2.5 * p.flops() / b / 1e9,
             first_forward * 1e3,
             first_backward * 1e3,
+        );
+        println!(
+            "{c} backward passes={}",
+            crate::bench::passes_text(&profile)
         );
     }
     Ok(())

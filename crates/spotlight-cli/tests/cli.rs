@@ -784,6 +784,31 @@ fn bench_backward_reports_times_and_first_calls() {
         assert!(cells.iter().all(|x| x.is_finite() && *x >= 0.0), "{row}");
         // Both first calls were measured.
         assert!(cells[4] > 0.0 && cells[5] > 0.0, "{row}");
+        // And one more backward per pass: the backward's kernels with their GPU times (or
+        // `untimed` on an adapter without timestamp queries).
+        let prefix = format!("{config} backward passes=");
+        let passes = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no passes for {config}: {text}"));
+        if passes != "untimed" {
+            let names: Vec<&str> = passes
+                .split(',')
+                .map(|part| {
+                    let (name, ms) = part.split_once(':').unwrap_or_else(|| panic!("{passes}"));
+                    let ms: f64 = ms
+                        .split("ms")
+                        .next()
+                        .and_then(|x| x.parse().ok())
+                        .unwrap_or_else(|| panic!("{passes}"));
+                    assert!(ms > 0.0 && ms.is_finite(), "{passes}");
+                    name
+                })
+                .collect();
+            assert!(names.iter().all(|n| n.starts_with("backward_")), "{passes}");
+            assert!(names.contains(&"backward_pre"), "{passes}");
+            assert!(names.len() >= 3, "{passes}");
+        }
     }
 }
 
