@@ -30,6 +30,9 @@ const R: u32 = 8u; // rows per workgroup
 const KBL: u32 = 4u;
 // dQ vec4 columns per lane, ceil(ceil(HEAD_DIM / 4) / WG): rewritten by kernels/ per pipeline.
 const NK8: u32 = 2u; // register columns k
+// Up to this many columns per lane the key loop takes four keys per accumulator update
+// (FlashTiles::ROWS_PV_GROUPED_COLUMNS, the forward's bound).
+const KEYS_PER_UPDATE_MAX_COLS: u32 = 4u;
 override D4: u32 = (HEAD_DIM + 3u) / 4u;
 
 @group(0) @binding(5) var<storage, read> k: array<u32>; // tensor k
@@ -84,23 +87,52 @@ fn main(
                 g[r] = bitcast<vec4<u32>>(ds[range.dv_offset + (row0 + r) * lk4 + col4]);
             }
         }
-        for (var c = 0u; c < KBL; c++) {
-            var gc: array<u32, R>;
-            for (var r = 0u; r < R; r++) { // unroll
-                gc[r] = g[r][c];
-            }
+        if NK8 <= KEYS_PER_UPDATE_MAX_COLS {
+            // The four keys of lane u per step, so each accumulator takes all four products in
+            // one update (they live in stack memory on a CPU adapter: one load, blend and store
+            // per update; flash_rows.wgsl's P·V does the same).
             for (var u = 0u; u < WG; u++) {
-                let jl = min(j0 + 4u * u + c, last_key);
-                let kbu = b * params.k_sb + jl * params.k_ss + kvh * params.k_sh;
-                var gw: array<u32, R>;
-                for (var r = 0u; r < R; r++) { // unroll
-                    gw[r] = subgroupShuffle(gc[r], u);
+                var kk: array<vec4<f32>, KBL * NK8>;
+                for (var c = 0u; c < KBL; c++) { // unroll
+                    let jl = min(j0 + 4u * u + c, last_key);
+                    let kbu = b * params.k_sb + jl * params.k_ss + kvh * params.k_sh;
+                    for (var n = 0u; n < NK8; n++) { // unroll
+                        kk[c * NK8 + n] = k4(kbu, 4u * min(n * WG + lid, D4 - 1u));
+                    }
                 }
-                for (var n = 0u; n < NK8; n++) { // unroll
-                    let col = n * WG + lid;
-                    let kk = k4(kbu, 4u * min(col, D4 - 1u));
+                for (var r = 0u; r < R; r++) { // unroll
+                    let gw = subgroupShuffle(g[r], u);
+                    let gf = bitcast<vec4<f32>>(gw);
+                    for (var n = 0u; n < NK8; n++) { // unroll
+                        var t = select(zero4, gf.x * kk[n], gw.x != 0u);
+                        t += select(zero4, gf.y * kk[NK8 + n], gw.y != 0u);
+                        t += select(zero4, gf.z * kk[2u * NK8 + n], gw.z != 0u);
+                        t += select(zero4, gf.w * kk[3u * NK8 + n], gw.w != 0u);
+                        acc[r * NK8 + n] += t;
+                    }
+                }
+            }
+        } else {
+            // Wide heads: one key per update (the grouped loop's unrolled K loads would cost
+            // compile time, as flash_rows.wgsl's PV_BY_KEY).
+            for (var c = 0u; c < KBL; c++) {
+                var gc: array<u32, R>;
+                for (var r = 0u; r < R; r++) { // unroll
+                    gc[r] = g[r][c];
+                }
+                for (var u = 0u; u < WG; u++) {
+                    let jl = min(j0 + 4u * u + c, last_key);
+                    let kbu = b * params.k_sb + jl * params.k_ss + kvh * params.k_sh;
+                    var gw: array<u32, R>;
                     for (var r = 0u; r < R; r++) { // unroll
-                        acc[r * NK8 + n] += select(zero4, bitcast<f32>(gw[r]) * kk, gw[r] != 0u);
+                        gw[r] = subgroupShuffle(gc[r], u);
+                    }
+                    for (var n = 0u; n < NK8; n++) { // unroll
+                        let col = n * WG + lid;
+                        let kk = k4(kbu, 4u * min(col, D4 - 1u));
+                        for (var r = 0u; r < R; r++) { // unroll
+                            acc[r * NK8 + n] += select(zero4, bitcast<f32>(gw[r]) * kk, gw[r] != 0u);
+                        }
                     }
                 }
             }
