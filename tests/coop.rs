@@ -257,10 +257,32 @@ fn flash_coop_auto_takes_it_for_f16_after_the_self_test() {
     assert_eq!(by_default.algorithm, want, "{}", shared.describe());
     // An engine that lets auto use them (on this same adapter).
     let engine = Engine::new().unwrap().with_auto_matrix_units(true);
+    // The self-test builds (and checks) both of the kernel's epilogues, O in f32 and O in f16,
+    // before the first call that may use it: a run with O in f32, then one with the default
+    // (f16) output, build nothing more.
+    let before = engine.pipelines_built();
+    let f32_out = RunOptions {
+        out_dtype: Some(DType::F32),
+        ..Default::default()
+    };
+    let got = engine.attention(&p, &data.inputs(), &f32_out).unwrap();
+    assert_eq!(got.algorithm, Algorithm::FlashCoop);
+    assert_eq!(
+        engine.pipelines_built() - before,
+        2,
+        "{}",
+        engine.describe()
+    );
     let got = engine
         .attention(&p, &data.inputs(), &RunOptions::default())
         .unwrap();
     assert_eq!(got.algorithm, Algorithm::FlashCoop);
+    assert_eq!(
+        engine.pipelines_built() - before,
+        2,
+        "{}",
+        engine.describe()
+    );
     check_opts(
         &engine,
         &p,

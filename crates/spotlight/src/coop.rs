@@ -237,8 +237,9 @@ impl Engine {
         Ok(())
     }
 
-    /// Runs the cooperative-matrix kernel once on a small random problem with these head dims
-    /// and dtypes and checks it against the reference; the answer is cached.
+    /// Runs the cooperative-matrix kernel on a small random problem with these head dims and
+    /// dtypes, once with O in f32 and once in f16, and checks both against the reference; the
+    /// answer is cached.
     pub(crate) fn coop_self_test(&self, d: usize, dv: usize, dtypes: [DType; 3]) -> bool {
         let key = (d, dv, dtypes);
         if let Some(&ok) = self
@@ -270,32 +271,37 @@ impl Engine {
             Tensor::from_f32(&v, dtypes[2]),
         );
         let inputs = Inputs::new(q.as_ref(), k.as_ref(), v.as_ref());
-        let opts = RunOptions {
-            algorithm: Algorithm::FlashCoop,
-            lse: true,
-            out_dtype: Some(DType::F32),
-            allow_reduced_precision: true,
-            ..Default::default()
-        };
-        let ok = match self.attention(&p, &inputs, &opts) {
-            Ok(got) => {
-                let want =
-                    reference::attention(&p, &inputs).expect("the self-test problem is valid");
-                let e = compare::compare(&got.out.to_f32_vec(), &want.out);
-                let el = compare::compare(got.lse.as_deref().unwrap_or(&[]), &want.lse);
-                let ok = e.within(SELF_TEST_BUDGET) && el.within(SELF_TEST_BUDGET);
-                if !ok {
-                    log::warn!(
-                        "flash-coop self-test failed for D={d} Dv={dv} {dtypes:?}: O {e}, LSE {el}; auto uses flash"
-                    );
+        let want = reference::attention(&p, &inputs).expect("the self-test problem is valid");
+        // Both of the kernel's epilogues: O in f32, and O in a half dtype written by the kernel
+        // itself (what an f16 problem's default output runs; flash_coop.wgsl, half_out.wgsl).
+        let ok = [DType::F32, DType::F16].into_iter().all(|out| {
+            let opts = RunOptions {
+                algorithm: Algorithm::FlashCoop,
+                lse: true,
+                out_dtype: Some(out),
+                allow_reduced_precision: true,
+                ..Default::default()
+            };
+            match self.attention(&p, &inputs, &opts) {
+                Ok(got) => {
+                    let e = compare::compare(&got.out.to_f32_vec(), &want.out);
+                    let el = compare::compare(got.lse.as_deref().unwrap_or(&[]), &want.lse);
+                    let ok = e.within(SELF_TEST_BUDGET) && el.within(SELF_TEST_BUDGET);
+                    if !ok {
+                        log::warn!(
+                            "flash-coop self-test failed for D={d} Dv={dv} {dtypes:?} (O in {out:?}): O {e}, LSE {el}; auto uses flash"
+                        );
+                    }
+                    ok
                 }
-                ok
+                Err(e) => {
+                    log::warn!(
+                        "flash-coop self-test could not run (O in {out:?}: {e}); auto uses flash"
+                    );
+                    false
+                }
             }
-            Err(e) => {
-                log::warn!("flash-coop self-test could not run ({e}); auto uses flash");
-                false
-            }
-        };
+        });
         self.coop_checked
             .lock()
             .unwrap_or_else(|e| e.into_inner())
