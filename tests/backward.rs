@@ -163,8 +163,8 @@ fn backward_awkward_shapes_and_gqa() {
         (1, 7, 100, 8, 2, 64, 64),
         (1, 65, 65, 6, 6, 16, 72),
         (2, 17, 50, 4, 4, 128, 32),
-        // Wide heads: more than four vec4 columns per lane (the row kernels' one-key and one-row
-        // updates).
+        // Wide heads: more than four vec4 columns per lane on 8-lane subgroups (lavapipe with
+        // 256-bit vectors, CI's): the dQ row pass's one-key updates.
         (1, 9, 40, 2, 1, 256, 40),
     ];
     for (n, &(b, lq, lk, hq, hkv, d, dv)) in shapes.iter().enumerate() {

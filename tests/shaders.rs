@@ -1082,3 +1082,18 @@ fn every_loop_moves_its_counter_towards_its_bound() {
     }
     assert!(loops > 200, "only {loops} loops checked");
 }
+
+/// The dQ row pass groups four keys per accumulator update up to the forward row kernel's bound
+/// on output columns per lane (`FlashTiles::ROWS_PV_GROUPED_COLUMNS`): one number in two places.
+#[test]
+fn dq_row_pass_groups_keys_up_to_the_forward_bound() {
+    let (_, src) = source::FILES
+        .iter()
+        .find(|(name, _)| *name == "backward_dq_rows.wgsl")
+        .expect("backward_dq_rows.wgsl");
+    let line = format!(
+        "const KEYS_PER_UPDATE_MAX_COLS: u32 = {}u;",
+        FlashTiles::ROWS_PV_GROUPED_COLUMNS
+    );
+    assert!(src.contains(&line), "backward_dq_rows.wgsl lacks `{line}`");
+}

@@ -272,8 +272,10 @@ impl Engine {
         );
         let inputs = Inputs::new(q.as_ref(), k.as_ref(), v.as_ref());
         let want = reference::attention(&p, &inputs).expect("the self-test problem is valid");
-        // Both of the kernel's epilogues: O in f32, and O in a half dtype written by the kernel
+        // Both of the kernel's epilogues: O in f32, and O in half words written by the kernel
         // itself (what an f16 problem's default output runs; flash_coop.wgsl, half_out.wgsl).
+        // A bf16 output runs the latter with bf16 rounding (half_pack.wgsl, which every
+        // scalar kernel's tests check).
         let ok = [DType::F32, DType::F16].into_iter().all(|out| {
             let opts = RunOptions {
                 algorithm: Algorithm::FlashCoop,

@@ -192,7 +192,7 @@ impl Engine {
         // A half output dtype: the fused kernel (tiled, rows, decode or on matrix units) of a
         // run without key chunks writes it itself where Dv is even (rows then start at even
         // elements: O's strides are multiples of Dv), the merge of a split run likewise;
-        // otherwise (an odd Dv) O goes through f32 and the pack.
+        // otherwise (an odd Dv, the three-pass algorithm) O goes through f32 and the pack.
         let half_out =
             (o.out_dtype != DType::F32 && p.v_head_dim.is_multiple_of(2)).then_some(o.out_dtype);
         let fused_half = match plan.run {
