@@ -4,7 +4,7 @@
 use std::sync::OnceLock;
 
 use spotlight::reference::{self, Reference, compare};
-use spotlight::{Algorithm, DType, Engine, Output, Problem, RunOptions};
+use spotlight::{Algorithm, DType, Engine, Inputs, Output, Problem, RunOptions};
 
 /// How many engines the tests share (`SPOTLIGHT_TEST_ENGINES`, default 2). Each engine is its
 /// own device, and a software adapter compiles a kernel the first time it runs it, on that
@@ -268,4 +268,28 @@ pub fn assert_all_passed(failures: &[String], of: Option<usize>) {
         failures.len(),
         failures.join("\n")
     );
+}
+
+/// The kernels one call of `p` with `opts` ran, in order, one name per kernel (from
+/// `Engine::time_passes` on resident buffers), or `None` where the adapter has no timestamp
+/// queries (the caller says what it then did not check).
+pub fn kernels_run(
+    engine: &Engine,
+    p: &Problem,
+    inputs: &Inputs<'_>,
+    opts: &RunOptions,
+) -> Option<Vec<&'static str>> {
+    let resident = engine.upload(p, inputs, opts).unwrap();
+    let (gi, go) = (resident.inputs(), resident.outputs());
+    let profile = engine
+        .time_passes(|enc| {
+            engine
+                .attention_on_buffers(enc, p, &gi, &go, opts)
+                .map(drop)
+        })
+        .unwrap();
+    engine
+        .capabilities()
+        .timestamp_query
+        .then(|| profile.kernels.iter().map(|k| k.kernel).collect())
 }
