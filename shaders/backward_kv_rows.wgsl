@@ -4,7 +4,7 @@
 // queries and keys exchanged.
 //
 // One subgroup per workgroup owns R keys of one (batch, key/value head); their K and V rows are
-// staged once in workgroup memory. For every query head of the group and every block of KBL·WG
+// read once, into registers (wide heads: workgroup memory, see ROWS_STAGED). For every query head of the group and every block of KBL·WG
 // query rows that can see the keys (row i0 + c·WG + lane belongs to lane `lane`):
 // - Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ: each lane reads its rows' Q and dO as vec4 and computes both for
 //   all R keys; the k and v vectors come from the lane that read them by subgroupShuffle;
@@ -48,9 +48,23 @@ override D4: u32 = (HEAD_DIM + 3u) / 4u;
 override DV4: u32 = (V_DIM + 3u) / 4u;
 override ND8: u32 = (D4 + WG - 1u) / WG;
 override NDV8: u32 = (DV4 + WG - 1u) / WG;
+// The R keys' K and V rows live in registers: lane `lid` holds vec4 column n·WG + lid of every
+// key, NKR = NK8 and NVR = NV8 chunks per key (read once, no barrier). Wide heads (more than
+// FlashTiles::ROWS_Q_REGISTER_COLUMNS chunks for either: D or Dv > 128 on 8 lanes) stage them in
+// workgroup memory instead (ROWS_STAGED; KS = R·ND8·WG and VS = R·NDV8·WG vec4, NKR = NVR = 1)
+// and re-read them every block, as this pass did for every head until 2026-12-07: the
+// registers made the pass 13-14% faster on lavapipe (1,1024,2,64 f32 35.9 -> 31.1 ms,
+// 4,256,2,64 9.57 -> 8.22, best of six alternated; first backward call unchanged), for the
+// forward's reasons (flash_rows.wgsl: each workgroup-memory read is a lane loop, and the
+// barrier a coroutine suspend point). kernels/ rewrites the four lines and sets ROWS_STAGED.
+const NKR: u32 = 2u; // register columns kr
+const NVR: u32 = 2u; // register columns vr
+const KS: u32 = 1u; // staged k
+const VS: u32 = 1u; // staged v
+override ROWS_STAGED: bool = false;
 
-var<workgroup> k_s: array<vec4<f32>, R * ND8 * WG>;
-var<workgroup> v_s: array<vec4<f32>, R * NDV8 * WG>;
+var<workgroup> k_s: array<vec4<f32>, KS>;
+var<workgroup> v_s: array<vec4<f32>, VS>;
 
 @group(0) @binding(4) var<storage, read> q: array<u32>; // tensor q
 @group(0) @binding(5) var<storage, read> k: array<u32>; // tensor k
@@ -75,6 +89,34 @@ fn row_vec4(which: u32, base: u32, d0: u32) -> vec4<f32> {
         return q4(base, d0);
     }
     return dout4(base, d0);
+}
+
+// Vec4 column d4 of key jj's K row (zero past the head dim or the valid keys).
+fn load_k_row(b: u32, kvh: u32, jj: u32, lk: u32, d4: u32) -> vec4<f32> {
+    var val = vec4<f32>(0.0);
+    if jj < lk && d4 < D4 {
+        let base = b * params.k_sb + jj * params.k_ss + kvh * params.k_sh + 4u * d4;
+        for (var c = 0u; c < 4u; c++) {
+            if 4u * d4 + c < HEAD_DIM {
+                val[c] = load_k(base + c);
+            }
+        }
+    }
+    return val;
+}
+
+// The same for V.
+fn load_v_row(b: u32, kvh: u32, jj: u32, lk: u32, d4: u32) -> vec4<f32> {
+    var val = vec4<f32>(0.0);
+    if jj < lk && d4 < DV4 {
+        let base = b * params.v_sb + jj * params.v_ss + kvh * params.v_sh + 4u * d4;
+        for (var c = 0u; c < 4u; c++) {
+            if 4u * d4 + c < V_DIM {
+                val[c] = load_v(base + c);
+            }
+        }
+    }
+    return val;
 }
 
 fn q4_scalar(base: u32, d0: u32) -> vec4<f32> {
@@ -120,38 +162,38 @@ fn main(
     let ninf = neg_inf();
     let zero4 = vec4<f32>(0.0);
 
-    // k_s[(r·ND8 + n)·WG + lane] = k[key r][vec4 column n·WG + lane]; v_s likewise.
-    for (var x = lid; x < R * ND8 * WG; x += WG) {
-        let r = x / (ND8 * WG);
-        let d4 = x % (ND8 * WG);
-        let jj = j0 + r;
-        var val = zero4;
-        if jj < lk && d4 < D4 {
-            let base = b * params.k_sb + jj * params.k_ss + kvh * params.k_sh + 4u * d4;
-            for (var c = 0u; c < 4u; c++) {
-                if 4u * d4 + c < HEAD_DIM {
-                    val[c] = load_k(base + c);
+    // K and V of the R keys. Registers: slot r·NKR + n holds k[key r][vec4 column n·WG + lid],
+    // loaded one key per iteration into the last slots, every slot moving down one (constant
+    // indices only); v likewise. Staged: k_s[(r·ND8 + n)·WG + lane] = k[key r][vec4 column
+    // n·WG + lane]; v_s likewise.
+    var kreg: array<vec4<f32>, R * NKR>;
+    var vreg: array<vec4<f32>, R * NVR>;
+    if ROWS_STAGED {
+        for (var x = lid; x < R * ND8 * WG; x += WG) {
+            k_s[x] = load_k_row(b, kvh, j0 + x / (ND8 * WG), lk, x % (ND8 * WG));
+        }
+        for (var x = lid; x < R * NDV8 * WG; x += WG) {
+            v_s[x] = load_v_row(b, kvh, j0 + x / (NDV8 * WG), lk, x % (NDV8 * WG));
+        }
+        workgroupBarrier();
+    } else {
+        for (var r = 0u; r < R; r++) {
+            for (var k = 0u; k < R - 1u; k++) { // unroll
+                for (var n = 0u; n < NKR; n++) { // unroll
+                    kreg[k * NKR + n] = kreg[(k + 1u) * NKR + n];
+                }
+                for (var n = 0u; n < NVR; n++) { // unroll
+                    vreg[k * NVR + n] = vreg[(k + 1u) * NVR + n];
                 }
             }
-        }
-        k_s[x] = val;
-    }
-    for (var x = lid; x < R * NDV8 * WG; x += WG) {
-        let r = x / (NDV8 * WG);
-        let d4 = x % (NDV8 * WG);
-        let jj = j0 + r;
-        var val = zero4;
-        if jj < lk && d4 < DV4 {
-            let base = b * params.v_sb + jj * params.v_ss + kvh * params.v_sh + 4u * d4;
-            for (var c = 0u; c < 4u; c++) {
-                if 4u * d4 + c < V_DIM {
-                    val[c] = load_v(base + c);
-                }
+            for (var n = 0u; n < NKR; n++) { // unroll
+                kreg[(R - 1u) * NKR + n] = load_k_row(b, kvh, j0 + r, lk, n * WG + lid);
+            }
+            for (var n = 0u; n < NVR; n++) { // unroll
+                vreg[(R - 1u) * NVR + n] = load_v_row(b, kvh, j0 + r, lk, n * WG + lid);
             }
         }
-        v_s[x] = val;
     }
-    workgroupBarrier();
 
     let blk = KBL * WG;
     let j_last = min(j0 + R, params.kv_len) - 1u;
@@ -202,19 +244,36 @@ fn main(
                 s[e] = 0.0;
                 dp[e] = 0.0;
             }
-            for (var n = 0u; n < ND8; n++) {
-                var kd: array<vec4<f32>, R>;
-                for (var r = 0u; r < R; r++) { // unroll
-                    kd[r] = k_s[(r * ND8 + n) * WG + lid];
+            if ROWS_STAGED {
+                for (var n = 0u; n < ND8; n++) {
+                    var kd: array<vec4<f32>, R>;
+                    for (var r = 0u; r < R; r++) { // unroll
+                        kd[r] = k_s[(r * ND8 + n) * WG + lid];
+                    }
+                    dot_chunk(n, D4, kd, qb, 0u, &s);
                 }
-                dot_chunk(n, D4, kd, qb, 0u, &s);
-            }
-            for (var n = 0u; n < NDV8; n++) {
-                var vd: array<vec4<f32>, R>;
-                for (var r = 0u; r < R; r++) { // unroll
-                    vd[r] = v_s[(r * NDV8 + n) * WG + lid];
+                for (var n = 0u; n < NDV8; n++) {
+                    var vd: array<vec4<f32>, R>;
+                    for (var r = 0u; r < R; r++) { // unroll
+                        vd[r] = v_s[(r * NDV8 + n) * WG + lid];
+                    }
+                    dot_chunk(n, DV4, vd, ob, 1u, &dp);
                 }
-                dot_chunk(n, DV4, vd, ob, 1u, &dp);
+            } else {
+                for (var n = 0u; n < NKR; n++) { // unroll
+                    var kd: array<vec4<f32>, R>;
+                    for (var r = 0u; r < R; r++) { // unroll
+                        kd[r] = kreg[r * NKR + n];
+                    }
+                    dot_chunk(n, D4, kd, qb, 0u, &s);
+                }
+                for (var n = 0u; n < NVR; n++) { // unroll
+                    var vd: array<vec4<f32>, R>;
+                    for (var r = 0u; r < R; r++) { // unroll
+                        vd[r] = vreg[r * NVR + n];
+                    }
+                    dot_chunk(n, DV4, vd, ob, 1u, &dp);
+                }
             }
             // P (or -1) and g, one vec4 of this lane's rows per key (KBL = 4): the loop below
             // picks a row by a dynamic component index, which compiles to selects.

@@ -3,7 +3,7 @@
 // by constants and why marked loops are unrolled in the text).
 //
 // One subgroup per workgroup owns R query rows of one (batch, query head); Q and dO of those rows
-// are staged once in workgroup memory. For each block of KBL·WG keys the rows can see (key
+// are read once, into registers (wide heads: workgroup memory, see ROWS_STAGED). For each block of KBL·WG keys the rows can see (key
 // j0 + c·WG + lane belongs to lane `lane`):
 // - S = Q·Kᵀ and dP = dO·Vᵀ: each lane reads its keys' K and V rows as vec4 and computes both
 //   for all R rows; the q and dO vectors come from the lane that read them by subgroupShuffle;
@@ -46,9 +46,19 @@ override D4: u32 = (HEAD_DIM + 3u) / 4u;
 override DV4: u32 = (V_DIM + 3u) / 4u;
 override ND8: u32 = (D4 + WG - 1u) / WG;
 override NDV8: u32 = (DV4 + WG - 1u) / WG;
+// The R rows' Q and dO live in registers (NQR = ND8 and NOR = NDV8 chunks per row), or for wide
+// heads in workgroup memory (ROWS_STAGED; QS = R·ND8·WG and OS = R·NDV8·WG vec4, NQR = NOR =
+// 1): backward_kv_rows.wgsl's K and V, for the same reasons (this pass on lavapipe, best of four
+// alternated, 2026-12-07: 1,1024,2,64 26.1 -> 21.4 ms, 4,256,2,64 6.91 -> 6.07). kernels/
+// rewrites the four lines.
+const NQR: u32 = 2u; // register columns qr
+const NOR: u32 = 2u; // register columns or
+const QS: u32 = 1u; // staged q
+const OS: u32 = 1u; // staged do
+override ROWS_STAGED: bool = false;
 
-var<workgroup> q_s: array<vec4<f32>, R * ND8 * WG>;
-var<workgroup> do_s: array<vec4<f32>, R * NDV8 * WG>;
+var<workgroup> q_s: array<vec4<f32>, QS>;
+var<workgroup> do_s: array<vec4<f32>, OS>;
 
 @group(0) @binding(4) var<storage, read> q: array<u32>; // tensor q
 @group(0) @binding(5) var<storage, read> k: array<u32>; // tensor k
@@ -83,6 +93,36 @@ fn v4_scalar(base: u32, d0: u32) -> vec4<f32> {
         }
     }
     return x;
+}
+
+// Vec4 column d4 of row i0 + r's Q (zero past the head dim or the valid rows).
+fn load_q_row(b: u32, h: u32, i0: u32, r: u32, lq: u32, d4: u32) -> vec4<f32> {
+    var val = vec4<f32>(0.0);
+    let ii = i0 + r;
+    if ii < lq && d4 < D4 {
+        let base = b * params.q_sb + ii * params.q_ss + h * params.q_sh + 4u * d4;
+        for (var c = 0u; c < 4u; c++) {
+            if 4u * d4 + c < HEAD_DIM {
+                val[c] = load_q(base + c);
+            }
+        }
+    }
+    return val;
+}
+
+// The same for dO, also zero for a row that passes nothing on (LSE = -inf).
+fn load_do_row(b: u32, h: u32, i0: u32, row0: u32, r: u32, lq: u32, d4: u32) -> vec4<f32> {
+    var val = vec4<f32>(0.0);
+    let ii = i0 + r;
+    if ii < lq && d4 < DV4 && !(row_lse(row0 + r) == neg_inf()) {
+        let base = b * params.o_sb + ii * params.o_ss + h * params.o_sh + 4u * d4;
+        for (var c = 0u; c < 4u; c++) {
+            if 4u * d4 + c < V_DIM {
+                val[c] = load_do(base + c);
+            }
+        }
+    }
+    return val;
 }
 
 @compute @workgroup_size(WG)
@@ -123,39 +163,38 @@ fn main(
         live[r] = i0 + r < lq && !(l == ninf);
     }
 
-    // q_s[(r·ND8 + n)·WG + lane] = q[row r][vec4 column n·WG + lane]; do_s likewise (dO of a
-    // row that passes nothing on is never read: 0).
-    for (var x = lid; x < R * ND8 * WG; x += WG) {
-        let r = x / (ND8 * WG);
-        let d4 = x % (ND8 * WG);
-        let ii = i0 + r;
-        var val = zero4;
-        if ii < lq && d4 < D4 {
-            let base = b * params.q_sb + ii * params.q_ss + h * params.q_sh + 4u * d4;
-            for (var c = 0u; c < 4u; c++) {
-                if 4u * d4 + c < HEAD_DIM {
-                    val[c] = load_q(base + c);
+    // Q and dO of the R rows (dO of a row that passes nothing on is never read: 0). Registers:
+    // slot r·NQR + n holds q[row r][vec4 column n·WG + lid], loaded one row per iteration into
+    // the last slots, every slot moving down one (constant indices only); dO likewise. Staged:
+    // q_s[(r·ND8 + n)·WG + lane] = q[row r][vec4 column n·WG + lane]; do_s likewise.
+    var qreg: array<vec4<f32>, R * NQR>;
+    var oreg: array<vec4<f32>, R * NOR>;
+    if ROWS_STAGED {
+        for (var x = lid; x < R * ND8 * WG; x += WG) {
+            q_s[x] = load_q_row(b, h, i0, x / (ND8 * WG), lq, x % (ND8 * WG));
+        }
+        for (var x = lid; x < R * NDV8 * WG; x += WG) {
+            do_s[x] = load_do_row(b, h, i0, row0, x / (NDV8 * WG), lq, x % (NDV8 * WG));
+        }
+        workgroupBarrier();
+    } else {
+        for (var r = 0u; r < R; r++) {
+            for (var k = 0u; k < R - 1u; k++) { // unroll
+                for (var n = 0u; n < NQR; n++) { // unroll
+                    qreg[k * NQR + n] = qreg[(k + 1u) * NQR + n];
+                }
+                for (var n = 0u; n < NOR; n++) { // unroll
+                    oreg[k * NOR + n] = oreg[(k + 1u) * NOR + n];
                 }
             }
-        }
-        q_s[x] = val;
-    }
-    for (var x = lid; x < R * NDV8 * WG; x += WG) {
-        let r = x / (NDV8 * WG);
-        let d4 = x % (NDV8 * WG);
-        let ii = i0 + r;
-        var val = zero4;
-        if ii < lq && d4 < DV4 && !(row_lse(row0 + r) == ninf) {
-            let base = b * params.o_sb + ii * params.o_ss + h * params.o_sh + 4u * d4;
-            for (var c = 0u; c < 4u; c++) {
-                if 4u * d4 + c < V_DIM {
-                    val[c] = load_do(base + c);
-                }
+            for (var n = 0u; n < NQR; n++) { // unroll
+                qreg[(R - 1u) * NQR + n] = load_q_row(b, h, i0, r, lq, n * WG + lid);
+            }
+            for (var n = 0u; n < NOR; n++) { // unroll
+                oreg[(R - 1u) * NOR + n] = load_do_row(b, h, i0, row0, r, lq, n * WG + lid);
             }
         }
-        do_s[x] = val;
     }
-    workgroupBarrier();
 
     let blk = KBL * WG;
     let i_last = min(i0 + R, params.q_len) - 1u;
@@ -185,19 +224,36 @@ fn main(
             s[e] = 0.0;
             dp[e] = 0.0;
         }
-        for (var n = 0u; n < ND8; n++) {
-            var qd: array<vec4<f32>, R>;
-            for (var r = 0u; r < R; r++) { // unroll
-                qd[r] = q_s[(r * ND8 + n) * WG + lid];
+        if ROWS_STAGED {
+            for (var n = 0u; n < ND8; n++) {
+                var qd: array<vec4<f32>, R>;
+                for (var r = 0u; r < R; r++) { // unroll
+                    qd[r] = q_s[(r * ND8 + n) * WG + lid];
+                }
+                dot_chunk(n, D4, qd, kb, 0u, &s);
             }
-            dot_chunk(n, D4, qd, kb, 0u, &s);
-        }
-        for (var n = 0u; n < NDV8; n++) {
-            var od: array<vec4<f32>, R>;
-            for (var r = 0u; r < R; r++) { // unroll
-                od[r] = do_s[(r * NDV8 + n) * WG + lid];
+            for (var n = 0u; n < NDV8; n++) {
+                var od: array<vec4<f32>, R>;
+                for (var r = 0u; r < R; r++) { // unroll
+                    od[r] = do_s[(r * NDV8 + n) * WG + lid];
+                }
+                dot_chunk(n, DV4, od, vb, 1u, &dp);
             }
-            dot_chunk(n, DV4, od, vb, 1u, &dp);
+        } else {
+            for (var n = 0u; n < NQR; n++) { // unroll
+                var qd: array<vec4<f32>, R>;
+                for (var r = 0u; r < R; r++) { // unroll
+                    qd[r] = qreg[r * NQR + n];
+                }
+                dot_chunk(n, D4, qd, kb, 0u, &s);
+            }
+            for (var n = 0u; n < NOR; n++) { // unroll
+                var od: array<vec4<f32>, R>;
+                for (var r = 0u; r < R; r++) { // unroll
+                    od[r] = oreg[r * NOR + n];
+                }
+                dot_chunk(n, DV4, od, vb, 1u, &dp);
+            }
         }
         // P (or -1 where not visible) and g, one vec4 of keys per row (KBL = 4): the dQ loop
         // below picks a key by a dynamic component index, which compiles to selects.

@@ -1097,3 +1097,58 @@ fn dq_row_pass_groups_keys_up_to_the_forward_bound() {
     );
     assert!(src.contains(&line), "backward_dq_rows.wgsl lacks `{line}`");
 }
+
+/// The backward's row kernels keep their R owned rows (K and V in the key/value pass, Q and dO
+/// in the query pass) in registers up to the forward's bound on Q chunks per lane
+/// (`FlashTiles::ROWS_Q_REGISTER_COLUMNS`: D and Dv <= 128 on 8 lanes) and stage them in
+/// workgroup memory past it: the override and the rewritten register and staging sizes agree in
+/// every variant, and both forms occur (`tile_choosers_match_the_declared_workgroups` checks the
+/// workgroup arrays against `BackwardTiles::rows_bytes`).
+#[test]
+fn backward_row_kernels_keep_rows_in_registers_up_to_the_forward_bound() {
+    let (mut registers, mut staged) = (0, 0);
+    for variant in variants() {
+        let (reg, slots) = match variant.shader() {
+            Shader::Backward(BackwardPass::KeyValueRows) => (["NKR", "NVR"], ["KS", "VS"]),
+            Shader::Backward(BackwardPass::QueryRows) => (["NQR", "NOR"], ["QS", "OS"]),
+            _ => continue,
+        };
+        let name = variant.name();
+        let constants = variant.constants();
+        let c = |k: &str| {
+            constants
+                .iter()
+                .find(|x| x.0 == k)
+                .map(|x| x.1)
+                .unwrap_or_else(|| panic!("{name}: no constant {k}"))
+        };
+        let (lanes, rows) = (c("WG"), c("ROWS"));
+        let chunks = |dim: u32| dim.div_ceil(4).div_ceil(lanes);
+        let dims = [c("HEAD_DIM"), c("V_DIM")];
+        let wide = dims
+            .iter()
+            .any(|&d| chunks(d) > FlashTiles::ROWS_Q_REGISTER_COLUMNS);
+        assert_eq!(c("ROWS_STAGED") == 1, wide, "{name}: ROWS_STAGED");
+        let src = variant.source();
+        for i in 0..2 {
+            let (kept, slot) = if wide {
+                (1, rows * chunks(dims[i]) * lanes)
+            } else {
+                (chunks(dims[i]), 1)
+            };
+            for (k, v) in [(reg[i], kept), (slots[i], slot)] {
+                let line = format!("const {k}: u32 = {v}u;");
+                assert!(src.contains(&line), "{name}: no `{line}`");
+            }
+        }
+        if wide {
+            staged += 1;
+        } else {
+            registers += 1;
+        }
+    }
+    assert!(
+        registers >= 10 && staged >= 2,
+        "{registers} in registers, {staged} staged"
+    );
+}

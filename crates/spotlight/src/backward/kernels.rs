@@ -226,9 +226,22 @@ impl BackwardTiles {
         }
     }
 
-    /// Workgroup bytes of the row kernels (the larger of the two): the R staged rows of
-    /// ceil(ceil(dim / 4) / lanes) · lanes vec4 for both dims.
+    /// Whether the row kernels stage their R owned rows (K and V, or Q and dO) in workgroup
+    /// memory instead of registers: where either dim has more than
+    /// [`FlashTiles::ROWS_Q_REGISTER_COLUMNS`] chunks of vec4 columns per lane (D or Dv > 128
+    /// on 8 lanes), the forward's bound for Q (`backward_kv_rows.wgsl` says what registers
+    /// gained).
+    pub fn rows_staged(&self, d: u32, dv: u32) -> bool {
+        let chunks = |dim: u32| dim.div_ceil(4).div_ceil(self.tpr.max(1));
+        chunks(d).max(chunks(dv)) > FlashTiles::ROWS_Q_REGISTER_COLUMNS
+    }
+
+    /// Workgroup bytes of the row kernels (the larger of the two): staged, the R rows of
+    /// ceil(ceil(dim / 4) / lanes) · lanes vec4 for both dims; in registers, one vec4 per array.
     pub fn rows_bytes(&self, d: u32, dv: u32) -> u64 {
+        if !self.rows_staged(d, dv) {
+            return 32;
+        }
         let staged = |dim: u32| dim.div_ceil(4).div_ceil(self.tpr) * self.tpr;
         16 * (self.kv_bk * (staged(d) + staged(dv))) as u64
     }
@@ -366,6 +379,7 @@ impl BackwardConfig {
                 if tiles.layout == FlashLayout::Rows {
                     c.push(("VEC4_KV", vec4_kv as u32));
                     c.push(("PLAIN_LOGITS", plain_logits as u32));
+                    c.push(("ROWS_STAGED", tiles.rows_staged(d, dv) as u32));
                 }
                 c
             }
@@ -437,15 +451,39 @@ impl BackwardConfig {
         let lanes = tiles.tpr;
         let k_cols = ("NK8", "// register columns k", cols(d, lanes));
         let v_cols = ("NV8", "// register columns v", cols(dv, lanes));
+        // The R owned rows' two tensors: in registers (chunks per row) or staged in workgroup
+        // memory (vec4 slots), see the kernels' NKR/KS lines.
+        let staged = tiles.rows_staged(d, dv);
+        let kept = |dim: u32| if staged { 1 } else { cols(dim, lanes) };
+        let slots = |dim: u32| {
+            if staged {
+                tiles.kv_bk * cols(dim, lanes) * lanes
+            } else {
+                1
+            }
+        };
         let (rows, registers, wide) = match self.pass() {
             BackwardPass::QueryRows => (
                 tiles.kv_bk,
-                vec![k_cols],
+                vec![
+                    k_cols,
+                    ("NQR", "// register columns qr", kept(d)),
+                    ("NOR", "// register columns or", kept(dv)),
+                    ("QS", "// staged q", slots(d)),
+                    ("OS", "// staged do", slots(dv)),
+                ],
                 vec![("k", dtypes[1], "HEAD_DIM"), ("v", dtypes[2], "V_DIM")],
             ),
             BackwardPass::KeyValueRows => (
                 tiles.kv_bk,
-                vec![k_cols, v_cols],
+                vec![
+                    k_cols,
+                    v_cols,
+                    ("NKR", "// register columns kr", kept(d)),
+                    ("NVR", "// register columns vr", kept(dv)),
+                    ("KS", "// staged k", slots(d)),
+                    ("VS", "// staged v", slots(dv)),
+                ],
                 vec![("q", dtypes[0], "HEAD_DIM"), ("dout", dtypes[3], "V_DIM")],
             ),
             BackwardPass::QueryFromGradients => {
