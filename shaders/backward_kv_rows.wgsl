@@ -91,28 +91,23 @@ fn row_vec4(which: u32, base: u32, d0: u32) -> vec4<f32> {
     return dout4(base, d0);
 }
 
-// Vec4 column d4 of key jj's K row (zero past the head dim or the valid keys).
-fn load_k_row(b: u32, kvh: u32, jj: u32, lk: u32, d4: u32) -> vec4<f32> {
+// Vec4 column d4 of key jj's K row (which = 0) or V row (1), zero past the head dim or the
+// valid keys (`which` is a constant at every call, so one branch is compiled).
+fn load_kv_row(which: u32, b: u32, kvh: u32, jj: u32, lk: u32, d4: u32) -> vec4<f32> {
     var val = vec4<f32>(0.0);
-    if jj < lk && d4 < D4 {
-        let base = b * params.k_sb + jj * params.k_ss + kvh * params.k_sh + 4u * d4;
-        for (var c = 0u; c < 4u; c++) {
-            if 4u * d4 + c < HEAD_DIM {
-                val[c] = load_k(base + c);
-            }
+    let dim = select(HEAD_DIM, V_DIM, which == 1u);
+    if jj < lk && d4 < (dim + 3u) / 4u {
+        var base = b * params.k_sb + jj * params.k_ss + kvh * params.k_sh + 4u * d4;
+        if which == 1u {
+            base = b * params.v_sb + jj * params.v_ss + kvh * params.v_sh + 4u * d4;
         }
-    }
-    return val;
-}
-
-// The same for V.
-fn load_v_row(b: u32, kvh: u32, jj: u32, lk: u32, d4: u32) -> vec4<f32> {
-    var val = vec4<f32>(0.0);
-    if jj < lk && d4 < DV4 {
-        let base = b * params.v_sb + jj * params.v_ss + kvh * params.v_sh + 4u * d4;
         for (var c = 0u; c < 4u; c++) {
-            if 4u * d4 + c < V_DIM {
-                val[c] = load_v(base + c);
+            if 4u * d4 + c < dim {
+                if which == 0u {
+                    val[c] = load_k(base + c);
+                } else {
+                    val[c] = load_v(base + c);
+                }
             }
         }
     }
@@ -170,10 +165,10 @@ fn main(
     var vreg: array<vec4<f32>, R * NVR>;
     if ROWS_STAGED {
         for (var x = lid; x < R * ND8 * WG; x += WG) {
-            k_s[x] = load_k_row(b, kvh, j0 + x / (ND8 * WG), lk, x % (ND8 * WG));
+            k_s[x] = load_kv_row(0u, b, kvh, j0 + x / (ND8 * WG), lk, x % (ND8 * WG));
         }
         for (var x = lid; x < R * NDV8 * WG; x += WG) {
-            v_s[x] = load_v_row(b, kvh, j0 + x / (NDV8 * WG), lk, x % (NDV8 * WG));
+            v_s[x] = load_kv_row(1u, b, kvh, j0 + x / (NDV8 * WG), lk, x % (NDV8 * WG));
         }
         workgroupBarrier();
     } else {
@@ -187,10 +182,10 @@ fn main(
                 }
             }
             for (var n = 0u; n < NKR; n++) { // unroll
-                kreg[(R - 1u) * NKR + n] = load_k_row(b, kvh, j0 + r, lk, n * WG + lid);
+                kreg[(R - 1u) * NKR + n] = load_kv_row(0u, b, kvh, j0 + r, lk, n * WG + lid);
             }
             for (var n = 0u; n < NVR; n++) { // unroll
-                vreg[(R - 1u) * NVR + n] = load_v_row(b, kvh, j0 + r, lk, n * WG + lid);
+                vreg[(R - 1u) * NVR + n] = load_kv_row(1u, b, kvh, j0 + r, lk, n * WG + lid);
             }
         }
     }
