@@ -3,16 +3,24 @@
 // only indexed by constants and why marked loops are unrolled in the text), with the roles of
 // queries and keys exchanged.
 //
-// One subgroup per workgroup owns R keys of one (batch, key/value head); their K and V rows are
-// read once, into registers (wide heads: workgroup memory, see ROWS_STAGED). For every query head of the group and every block of KBL·WG
-// query rows that can see the keys (row i0 + c·WG + lane belongs to lane `lane`):
-// - Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ: each lane reads its rows' Q and dO as vec4 and computes both for
-//   all R keys; the k and v vectors come from the lane that read them by subgroupShuffle;
-// - P = exp(S - LSE_i), g = P·(dP - D_i)·∂s/∂dot, or P = -1 where the key is not visible to the
-//   row (or the row passes nothing on: padding, LSE = -inf);
-// - dV += Pᵀ·dO and dK += gᵀ·Q: lane `lane` owns the vec4 columns lane + WG·n of the R keys;
-//   row (c, u)'s P and g come from lane u by shuffle, its dO and Q rows are read once per owned
-//   column.
+// One subgroup per workgroup owns R keys of one (batch, key/value head); lane `lane` owns the
+// vec4 columns lane + WG·n of their K and V rows (read once, in registers) and of their dK and
+// dV (accumulated in registers). Every query row of every query head of the group that can see
+// the keys is then taken in turn by the whole subgroup (rows in blocks of KBL·WG, the unit of
+// the host's dispatch split):
+// - each lane reads the row's Q and dO at its own columns (vec4) and computes its share of
+//   S = q·Kᵀ and dP = dO·Vᵀ for all R keys; a reduce-scatter over the subgroup (log2 WG steps of
+//   subgroupShuffleXor) leaves the full sums of keys lane + LW·q (q < KPL) in lane `lane`;
+// - that lane computes their P = exp(S - LSE_i) and g = P·(dP - D_i)·∂s/∂dot, or P = -1 where
+//   the key is not visible to the row (or the row passes nothing on: padding, LSE = -inf), and
+//   with WRITE_DS stores g;
+// - dV += P·dO and dK += g·Q for every key at the lane's columns, each key's P and g coming from
+//   the lane that owns it by subgroupShuffle: the Q and dO vectors are the ones just read.
+// Why this shape (lavapipe, Mesa 22.3, 2026-12-07): every load whose address differs between
+// lanes is a loop over the lanes in gallivm, and the earlier form (each lane owning whole query
+// rows for S and dP, then columns for dV and dK) read every Q and dO vector twice, once per
+// role; here each is read once, and the K and V columns a lane multiplies are its own, so no
+// shuffles of K or V either (README, Training, has the measurements).
 // No atomics: each dK/dV element is summed by one invocation in a fixed order (deterministic).
 // Semantics are backward_kv.wgsl's (the same logit_grad; a row adds exactly when it sees the key).
 
@@ -48,23 +56,12 @@ override D4: u32 = (HEAD_DIM + 3u) / 4u;
 override DV4: u32 = (V_DIM + 3u) / 4u;
 override ND8: u32 = (D4 + WG - 1u) / WG;
 override NDV8: u32 = (DV4 + WG - 1u) / WG;
-// The R keys' K and V rows live in registers: lane `lid` holds vec4 column n·WG + lid of every
-// key, NKR = NK8 and NVR = NV8 chunks per key (read once, no barrier). Wide heads (more than
-// FlashTiles::ROWS_Q_REGISTER_COLUMNS chunks for either: D or Dv > 128 on 8 lanes) stage them in
-// workgroup memory instead (ROWS_STAGED; KS = R·ND8·WG and VS = R·NDV8·WG vec4, NKR = NVR = 1)
-// and re-read them every block, as this pass did for every head until 2026-12-07: the
-// registers made the pass 13-14% faster on lavapipe (1,1024,2,64 f32 35.9 -> 31.1 ms,
-// 4,256,2,64 9.57 -> 8.22, best of six alternated; first backward call unchanged), for the
-// forward's reasons (flash_rows.wgsl: each workgroup-memory read is a lane loop, and the
-// barrier a coroutine suspend point). kernels/ rewrites the four lines and sets ROWS_STAGED.
-const NKR: u32 = 2u; // register columns kr
-const NVR: u32 = 2u; // register columns vr
-const KS: u32 = 1u; // staged k
-const VS: u32 = 1u; // staged v
-override ROWS_STAGED: bool = false;
-
-var<workgroup> k_s: array<vec4<f32>, KS>;
-var<workgroup> v_s: array<vec4<f32>, VS>;
+// Lanes of the subgroup (WG, as a constant for register indices), partial sums per lane before
+// the reduce-scatter (RS = max(R, LW)) and keys each lane owns after it (KPL = RS / LW; with more
+// lanes than keys, lanes past R own none): rewritten per pipeline by kernels/.
+const LW: u32 = 8u; // lanes
+const RS: u32 = 8u; // partial sums
+const KPL: u32 = 1u; // keys per lane
 
 @group(0) @binding(4) var<storage, read> q: array<u32>; // tensor q
 @group(0) @binding(5) var<storage, read> k: array<u32>; // tensor k
@@ -82,14 +79,6 @@ fn load_dout(idx: u32) -> f32 { return elem_value(dout[elem_word(idx, DO_DT)], i
 
 fn q4(base: u32, d0: u32) -> vec4<f32> { return q4_scalar(base, d0); } // load q4
 fn dout4(base: u32, d0: u32) -> vec4<f32> { return dout4_scalar(base, d0); } // load dout4
-
-// The operands dot_chunk (row_chunks.wgsl) loads: Q for Sᵀ = K·Qᵀ (0), dO for dPᵀ = V·dOᵀ (1).
-fn row_vec4(which: u32, base: u32, d0: u32) -> vec4<f32> {
-    if which == 0u {
-        return q4(base, d0);
-    }
-    return dout4(base, d0);
-}
 
 // Vec4 column d4 of key jj's K row (which = 0) or V row (1), zero past the head dim or the
 // valid keys (`which` is a constant at every call, so one branch is compiled).
@@ -134,6 +123,42 @@ fn dout4_scalar(base: u32, d0: u32) -> vec4<f32> {
     return x;
 }
 
+// One step of the reduce-scatter: the live positions p (p's bits of LW - 1 above d all 0) with
+// bit d clear pair with p | d; lane `lid` keeps the one whose bit d matches its own, adds the
+// value its partner lid ^ d kept there, and stores the sum at p. After the steps d = LW/2 .. 1,
+// position LW·q of lane `lid` holds the sum over all lanes of key LW·q + lid, added in the same
+// order in every run. `d` is a constant at every call, so the conditions and indices fold.
+fn scatter_step(x: ptr<function, array<f32, RS>>, d: u32, lid: u32) {
+    let lo = (lid & d) == 0u;
+    for (var p = 0u; p < RS; p++) { // unroll
+        if (p & (LW - 1u) & ~(2u * d - 1u)) == 0u && (p & d) == 0u {
+            let keep = select((*x)[p | d], (*x)[p], lo);
+            let give = select((*x)[p], (*x)[p | d], lo);
+            (*x)[p] = keep + subgroupShuffleXor(give, d);
+        }
+    }
+}
+
+// Sums every lane's partial values of each key and leaves key LW·q + lid's at position LW·q.
+fn reduce_scatter(x: ptr<function, array<f32, RS>>, lid: u32) {
+    if LW > 32u {
+        scatter_step(x, 32u, lid);
+    }
+    if LW > 16u {
+        scatter_step(x, 16u, lid);
+    }
+    if LW > 8u {
+        scatter_step(x, 8u, lid);
+    }
+    if LW > 4u {
+        scatter_step(x, 4u, lid);
+    }
+    if LW > 2u {
+        scatter_step(x, 2u, lid);
+    }
+    scatter_step(x, 1u, lid);
+}
+
 @compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -157,36 +182,25 @@ fn main(
     let ninf = neg_inf();
     let zero4 = vec4<f32>(0.0);
 
-    // K and V of the R keys. Registers: slot r·NKR + n holds k[key r][vec4 column n·WG + lid],
-    // loaded one key per iteration into the last slots, every slot moving down one (constant
-    // indices only); v likewise. Staged: k_s[(r·ND8 + n)·WG + lane] = k[key r][vec4 column
-    // n·WG + lane]; v_s likewise.
-    var kreg: array<vec4<f32>, R * NKR>;
-    var vreg: array<vec4<f32>, R * NVR>;
-    if ROWS_STAGED {
-        for (var x = lid; x < R * ND8 * WG; x += WG) {
-            k_s[x] = load_kv_row(0u, b, kvh, j0 + x / (ND8 * WG), lk, x % (ND8 * WG));
+    // K and V of the R keys: slot r·NK8 + n holds k[key r][vec4 column n·WG + lid], loaded one
+    // key per iteration into the last slots, every slot moving down one (constant indices only);
+    // v likewise.
+    var kreg: array<vec4<f32>, R * NK8>;
+    var vreg: array<vec4<f32>, R * NV8>;
+    for (var r = 0u; r < R; r++) {
+        for (var k = 0u; k < R - 1u; k++) { // unroll
+            for (var n = 0u; n < NK8; n++) { // unroll
+                kreg[k * NK8 + n] = kreg[(k + 1u) * NK8 + n];
+            }
+            for (var n = 0u; n < NV8; n++) { // unroll
+                vreg[k * NV8 + n] = vreg[(k + 1u) * NV8 + n];
+            }
         }
-        for (var x = lid; x < R * NDV8 * WG; x += WG) {
-            v_s[x] = load_kv_row(1u, b, kvh, j0 + x / (NDV8 * WG), lk, x % (NDV8 * WG));
+        for (var n = 0u; n < NK8; n++) { // unroll
+            kreg[(R - 1u) * NK8 + n] = load_kv_row(0u, b, kvh, j0 + r, lk, n * WG + lid);
         }
-        workgroupBarrier();
-    } else {
-        for (var r = 0u; r < R; r++) {
-            for (var k = 0u; k < R - 1u; k++) { // unroll
-                for (var n = 0u; n < NKR; n++) { // unroll
-                    kreg[k * NKR + n] = kreg[(k + 1u) * NKR + n];
-                }
-                for (var n = 0u; n < NVR; n++) { // unroll
-                    vreg[k * NVR + n] = vreg[(k + 1u) * NVR + n];
-                }
-            }
-            for (var n = 0u; n < NKR; n++) { // unroll
-                kreg[(R - 1u) * NKR + n] = load_kv_row(0u, b, kvh, j0 + r, lk, n * WG + lid);
-            }
-            for (var n = 0u; n < NVR; n++) { // unroll
-                vreg[(R - 1u) * NVR + n] = load_kv_row(1u, b, kvh, j0 + r, lk, n * WG + lid);
-            }
+        for (var n = 0u; n < NV8; n++) { // unroll
+            vreg[(R - 1u) * NV8 + n] = load_kv_row(1u, b, kvh, j0 + r, lk, n * WG + lid);
         }
     }
 
@@ -206,175 +220,110 @@ fn main(
         dv[e] = zero4;
     }
 
+    let dv_elems = params.batch * params.kv_len * params.kv_heads * V_DIM;
+    let ds_off = (range.dv_offset + dv_elems + 3u) / 4u * 4u;
+    let lk4 = (params.kv_len + 3u) / 4u * 4u;
+
     for (var gq = 0u; gq < params.group; gq++) {
         let h = kvh * params.group + gq;
         let rows0 = (b * params.q_heads + h) * params.q_len;
         for (var tq = t_lo; tq < t_hi; tq++) {
-            let i0 = tq * blk;
-            // This lane's rows: where Q and dO start, their statistics, whether they pass a
-            // gradient on.
-            var qb: array<u32, KBL>;
-            var ob: array<u32, KBL>;
-            var lse_c: array<f32, KBL>;
-            var delta_c: array<f32, KBL>;
-            var live: array<bool, KBL>;
-            for (var c = 0u; c < KBL; c++) { // unroll
-                let i = i0 + c * WG + lid;
-                let il = min(i, last_row);
-                qb[c] = b * params.q_sb + il * params.q_ss + h * params.q_sh;
-                ob[c] = b * params.o_sb + il * params.o_ss + h * params.o_sh;
-                var l = ninf;
-                var dl = 0.0;
-                if i < lq {
-                    l = row_lse(rows0 + i);
-                    dl = row_delta(rows0 + i);
-                }
-                lse_c[c] = l;
-                delta_c[c] = dl;
-                live[c] = i < lq && !(l == ninf);
-            }
-            var s: array<f32, R * KBL>;
-            var dp: array<f32, R * KBL>;
-            for (var e = 0u; e < R * KBL; e++) { // unroll
-                s[e] = 0.0;
-                dp[e] = 0.0;
-            }
-            if ROWS_STAGED {
-                for (var n = 0u; n < ND8; n++) {
-                    var kd: array<vec4<f32>, R>;
-                    for (var r = 0u; r < R; r++) { // unroll
-                        kd[r] = k_s[(r * ND8 + n) * WG + lid];
-                    }
-                    dot_chunk(n, D4, kd, qb, 0u, &s);
-                }
-                for (var n = 0u; n < NDV8; n++) {
-                    var vd: array<vec4<f32>, R>;
-                    for (var r = 0u; r < R; r++) { // unroll
-                        vd[r] = v_s[(r * NDV8 + n) * WG + lid];
-                    }
-                    dot_chunk(n, DV4, vd, ob, 1u, &dp);
-                }
-            } else {
-                for (var n = 0u; n < NKR; n++) { // unroll
-                    var kd: array<vec4<f32>, R>;
-                    for (var r = 0u; r < R; r++) { // unroll
-                        kd[r] = kreg[r * NKR + n];
-                    }
-                    dot_chunk(n, D4, kd, qb, 0u, &s);
-                }
-                for (var n = 0u; n < NVR; n++) { // unroll
-                    var vd: array<vec4<f32>, R>;
-                    for (var r = 0u; r < R; r++) { // unroll
-                        vd[r] = vreg[r * NVR + n];
-                    }
-                    dot_chunk(n, DV4, vd, ob, 1u, &dp);
-                }
-            }
-            // P (or -1) and g, one vec4 of this lane's rows per key (KBL = 4): the loop below
-            // picks a row by a dynamic component index, which compiles to selects.
-            var p: array<vec4<f32>, R>;
-            var g: array<vec4<f32>, R>;
-            if PLAIN_LOGITS {
-                // Only the bands and lengths hide keys: the general path's decision (visible
-                // is the band without a mask, logit_grad's logit is scale·dot), unrolled so the
-                // values stay in registers; blocks every row sees whole take it too.
-                for (var c = 0u; c < KBL; c++) { // unroll
-                    let band = band_limits(i0 + c * WG + lid, off, lk);
-                    for (var r = 0u; r < R; r++) { // unroll
-                        let j = i32(j0 + r);
-                        let w = sm_weight(params.scale * s[r * KBL + c], lse_c[c]);
-                        p[r][c] = select(-1.0, w, live[c] && j >= band.x && j <= band.y);
-                        g[r][c] = w * (dp[r * KBL + c] - delta_c[c]) * params.scale;
-                    }
-                }
-            } else {
-                // The general path, in every block: only problems with a mask, bias,
-                // ALiBi or cap take this variant (a block every row saw whole had a branch
-                // of its own, which such a problem never took and gallivm compiled anyway).
-                var ts: array<f32, R * KBL>;
-                var tdp: array<f32, R * KBL>;
-                for (var e = 0u; e < R * KBL; e++) { // unroll
-                    ts[e] = s[e];
-                    tdp[e] = dp[e];
-                }
-                var tp: array<vec4<f32>, R>;
-                var tg: array<vec4<f32>, R>;
-                for (var e = 0u; e < R * KBL; e++) {
-                    let r = e / KBL;
-                    let c = e % KBL;
-                    let i = i0 + c * WG + lid;
-                    let j = j0 + r;
-                    var pg = vec3<f32>(-1.0, 0.0, 0.0);
-                    if i < lq && j < lk {
-                        let lse = row_lse(rows0 + i);
-                        if !(lse == ninf) && visible(b, h, i, j, off, lk) {
-                            pg = logit_grad(b, h, i, j, off, ts[e], tdp[e], lse, row_delta(rows0 + i));
-                        }
-                    }
-                    tp[r][c] = pg.x;
-                    tg[r][c] = pg.z;
-                }
-                for (var r = 0u; r < R; r++) { // unroll
-                    p[r] = tp[r];
-                    g[r] = tg[r];
-                }
-            }
-            if WRITE_DS {
-                let dv_elems = params.batch * params.kv_len * params.kv_heads * V_DIM;
-                let ds_off = (range.dv_offset + dv_elems + 3u) / 4u * 4u;
-                let lk4 = (params.kv_len + 3u) / 4u * 4u;
-                // A loop over this lane's rows (p and g picked by a dynamic component index,
-                // i.e. selects) with the keys unrolled: R store sites instead of R·KBL (each a
-                // lane loop in gallivm; 0.2 s of the first backward call at 4,256,2,64, run time
-                // within noise).
-                for (var c = 0u; c < KBL; c++) {
-                    let i = i0 + c * WG + lid;
-                    for (var r = 0u; r < R; r++) { // unroll
-                        let j = j0 + r;
-                        if i < params.q_len && j < params.kv_len {
-                            let pv = p[r][c];
-                            let gv = g[r][c];
-                            let seen = !(pv < 0.0);
-                            var w = select(0u, bitcast<u32>(gv), seen);
-                            if seen && gv == 0.0 {
-                                w = 0x80000000u;
-                            }
-                            dkv[ds_off + (rows0 + i) * lk4 + j] = bitcast<f32>(w);
-                        }
-                    }
-                }
-            }
-            // dV and dK: lane `lid` adds P·dO and g·Q over every row of the block for its own
-            // columns; the values of row i0 + c·WG + u come from lane u.
             for (var c = 0u; c < KBL; c++) {
-                var pc: array<f32, R>;
-                var gc: array<f32, R>;
-                for (var r = 0u; r < R; r++) { // unroll
-                    pc[r] = p[r][c];
-                    gc[r] = g[r][c];
+                // Lane `lid` reads the statistics of row i_c + lid; row i_c + u takes them from
+                // lane u.
+                let i_c = tq * blk + c * WG;
+                var lse_m = ninf;
+                var delta_m = 0.0;
+                if i_c + lid < lq {
+                    lse_m = row_lse(rows0 + i_c + lid);
+                    delta_m = row_delta(rows0 + i_c + lid);
                 }
                 for (var u = 0u; u < WG; u++) {
-                    let il = min(i0 + c * WG + u, last_row);
-                    let qbu = b * params.q_sb + il * params.q_ss + h * params.q_sh;
-                    let obu = b * params.o_sb + il * params.o_ss + h * params.o_sh;
-                    var wp: array<f32, R>;
-                    var gw: array<f32, R>;
-                    for (var r = 0u; r < R; r++) { // unroll
-                        wp[r] = subgroupShuffle(pc[r], u);
-                        gw[r] = subgroupShuffle(gc[r], u);
+                    let i = i_c + u;
+                    let il = min(i, last_row);
+                    let lse = subgroupShuffle(lse_m, u);
+                    let delta = subgroupShuffle(delta_m, u);
+                    let live = i < lq && !(lse == ninf);
+                    let qb = b * params.q_sb + il * params.q_ss + h * params.q_sh;
+                    let ob = b * params.o_sb + il * params.o_ss + h * params.o_sh;
+                    // The row's Q and dO at this lane's columns, 0 past the head dims (there the
+                    // load is clamped to the row's last vec4, whose inf or NaN would otherwise
+                    // enter the sums a second time through K's or V's zero columns).
+                    var qv: array<vec4<f32>, NK8>;
+                    var ov: array<vec4<f32>, NV8>;
+                    for (var n = 0u; n < NK8; n++) { // unroll
+                        let col = n * WG + lid;
+                        qv[n] = select(zero4, q4(qb, 4u * min(col, D4 - 1u)), col < D4);
                     }
                     for (var n = 0u; n < NV8; n++) { // unroll
                         let col = n * WG + lid;
-                        let oo = dout4(obu, 4u * min(col, DV4 - 1u));
-                        for (var r = 0u; r < R; r++) { // unroll
-                            dv[r * NV8 + n] += select(zero4, wp[r] * oo, !(wp[r] < 0.0));
+                        ov[n] = select(zero4, dout4(ob, 4u * min(col, DV4 - 1u)), col < DV4);
+                    }
+                    // This lane's share of S and dP for every key, then the full sums of its own.
+                    var ss: array<f32, RS>;
+                    var ds: array<f32, RS>;
+                    for (var r = 0u; r < RS; r++) { // unroll
+                        ss[r] = 0.0;
+                        ds[r] = 0.0;
+                    }
+                    for (var r = 0u; r < R; r++) { // unroll
+                        for (var n = 0u; n < NK8; n++) { // unroll
+                            ss[r] += dot(kreg[r * NK8 + n], qv[n]);
+                        }
+                        for (var n = 0u; n < NV8; n++) { // unroll
+                            ds[r] += dot(vreg[r * NV8 + n], ov[n]);
                         }
                     }
-                    for (var n = 0u; n < NK8; n++) { // unroll
-                        let col = n * WG + lid;
-                        let qq = q4(qbu, 4u * min(col, D4 - 1u));
-                        for (var r = 0u; r < R; r++) { // unroll
-                            dk[r * NK8 + n] += select(zero4, gw[r] * qq, !(wp[r] < 0.0));
+                    reduce_scatter(&ss, lid);
+                    reduce_scatter(&ds, lid);
+                    // P (or -1) and g of this lane's keys j0 + LW·q + lid.
+                    let bl = band_limits(i, off, lk);
+                    var po: array<f32, KPL>;
+                    var go: array<f32, KPL>;
+                    for (var q = 0u; q < KPL; q++) { // unroll
+                        let rk = q * LW + lid;
+                        let j = j0 + rk;
+                        if PLAIN_LOGITS {
+                            // Only the bands and lengths hide keys: the general path's decision
+                            // (visible is the band without a mask, logit_grad's logit is
+                            // scale·dot).
+                            let w = sm_weight(params.scale * ss[q * LW], lse);
+                            let seen = live && rk < R && i32(j) >= bl.x && i32(j) <= bl.y;
+                            po[q] = select(-1.0, w, seen);
+                            go[q] = w * (ds[q * LW] - delta) * params.scale;
+                        } else {
+                            var pg = vec3<f32>(-1.0, 0.0, 0.0);
+                            if live && rk < R && j < lk && visible(b, h, i, j, off, lk) {
+                                pg = logit_grad(b, h, i, j, off, ss[q * LW], ds[q * LW], lse, delta);
+                            }
+                            po[q] = pg.x;
+                            go[q] = pg.z;
+                        }
+                    }
+                    if WRITE_DS {
+                        for (var q = 0u; q < KPL; q++) { // unroll
+                            let rk = q * LW + lid;
+                            let j = j0 + rk;
+                            if i < params.q_len && rk < R && j < params.kv_len {
+                                let seen = !(po[q] < 0.0);
+                                var w = select(0u, bitcast<u32>(go[q]), seen);
+                                if seen && go[q] == 0.0 {
+                                    w = 0x80000000u;
+                                }
+                                dkv[ds_off + (rows0 + i) * lk4 + j] = bitcast<f32>(w);
+                            }
+                        }
+                    }
+                    // dV and dK at this lane's columns: key r's P and g from the lane that owns it.
+                    for (var r = 0u; r < R; r++) { // unroll
+                        let w = subgroupShuffle(po[r / LW], r % LW);
+                        let gw = subgroupShuffle(go[r / LW], r % LW);
+                        let add = !(w < 0.0);
+                        for (var n = 0u; n < NV8; n++) { // unroll
+                            dv[r * NV8 + n] += select(zero4, w * ov[n], add);
+                        }
+                        for (var n = 0u; n < NK8; n++) { // unroll
+                            dk[r * NK8 + n] += select(zero4, gw * qv[n], add);
                         }
                     }
                 }

@@ -48,9 +48,10 @@ override ND8: u32 = (D4 + WG - 1u) / WG;
 override NDV8: u32 = (DV4 + WG - 1u) / WG;
 // The R rows' Q and dO live in registers (NQR = ND8 and NOR = NDV8 chunks per row), or for wide
 // heads in workgroup memory (ROWS_STAGED; QS = R·ND8·WG and OS = R·NDV8·WG vec4, NQR = NOR =
-// 1): backward_kv_rows.wgsl's K and V, for the same reasons (this pass on lavapipe, best of four
-// alternated, 2026-12-07: 1,1024,2,64 26.1 -> 21.4 ms, 4,256,2,64 6.91 -> 6.07). kernels/
-// rewrites the four lines.
+// 1), as the forward row kernel keeps Q and for its reasons (flash_rows.wgsl: each read of
+// workgroup memory is a lane loop, the barrier a coroutine suspend point). This pass on lavapipe,
+// staged -> registers, best of four alternated, 2026-12-07: 1,1024,2,64 26.1 -> 21.4 ms,
+// 4,256,2,64 6.91 -> 6.07. kernels/ rewrites the four lines.
 const NQR: u32 = 2u; // register columns qr
 const NOR: u32 = 2u; // register columns or
 const QS: u32 = 1u; // staged q

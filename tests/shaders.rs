@@ -669,6 +669,9 @@ fn tile_choosers_match_the_declared_workgroups() {
             if variant.shader() == Shader::Backward(BackwardPass::QueryFromGradients) {
                 // No workgroup memory: K comes from the tensor, the gradients by shuffle.
                 (c("WG"), 0)
+            } else if variant.shader() == Shader::Backward(BackwardPass::KeyValueRows) {
+                // None either: K and V in registers, sums by shuffles.
+                (c("WG"), 0)
             } else if let Shader::Backward(_) = variant.shader() {
                 let t = BackwardTiles::rows(c("WG"), c("ROWS"));
                 (t.tpr, t.rows_bytes(d, dv))
@@ -1098,21 +1101,17 @@ fn dq_row_pass_groups_keys_up_to_the_forward_bound() {
     assert!(src.contains(&line), "backward_dq_rows.wgsl lacks `{line}`");
 }
 
-/// The backward's row kernels keep their R owned rows (K and V in the key/value pass, Q and dO
-/// in the query pass) in registers up to the forward's bound on Q chunks per lane
-/// (`FlashTiles::ROWS_Q_REGISTER_COLUMNS`: D and Dv <= 128 on 8 lanes) and stage them in
-/// workgroup memory past it: the override and the rewritten register and staging sizes agree in
-/// every variant, and both forms occur (`tile_choosers_match_the_declared_workgroups` checks the
-/// workgroup arrays against `BackwardTiles::rows_bytes`).
+/// The recomputing dQ row kernel keeps its R rows' Q and dO in registers up to the forward's
+/// bound on Q chunks per lane (`FlashTiles::ROWS_Q_REGISTER_COLUMNS`: D and Dv <= 128 on 8
+/// lanes) and stages them in workgroup memory past it: the override and the rewritten register
+/// and staging sizes agree in every variant, and both forms occur
+/// (`tile_choosers_match_the_declared_workgroups` checks the workgroup arrays against
+/// `BackwardTiles::rows_bytes`). The dK/dV row kernel's reduce-scatter constants: lanes, partial
+/// sums max(R, lanes) and keys per lane, with every key owned by exactly one lane.
 #[test]
 fn backward_row_kernels_keep_rows_in_registers_up_to_the_forward_bound() {
-    let (mut registers, mut staged) = (0, 0);
+    let (mut registers, mut staged, mut kv) = (0, 0, 0);
     for variant in variants() {
-        let (reg, slots) = match variant.shader() {
-            Shader::Backward(BackwardPass::KeyValueRows) => (["NKR", "NVR"], ["KS", "VS"]),
-            Shader::Backward(BackwardPass::QueryRows) => (["NQR", "NOR"], ["QS", "OS"]),
-            _ => continue,
-        };
         let name = variant.name();
         let constants = variant.constants();
         let c = |k: &str| {
@@ -1122,33 +1121,55 @@ fn backward_row_kernels_keep_rows_in_registers_up_to_the_forward_bound() {
                 .map(|x| x.1)
                 .unwrap_or_else(|| panic!("{name}: no constant {k}"))
         };
-        let (lanes, rows) = (c("WG"), c("ROWS"));
-        let chunks = |dim: u32| dim.div_ceil(4).div_ceil(lanes);
-        let dims = [c("HEAD_DIM"), c("V_DIM")];
-        let wide = dims
-            .iter()
-            .any(|&d| chunks(d) > FlashTiles::ROWS_Q_REGISTER_COLUMNS);
-        assert_eq!(c("ROWS_STAGED") == 1, wide, "{name}: ROWS_STAGED");
         let src = variant.source();
-        for i in 0..2 {
-            let (kept, slot) = if wide {
-                (1, rows * chunks(dims[i]) * lanes)
-            } else {
-                (chunks(dims[i]), 1)
-            };
-            for (k, v) in [(reg[i], kept), (slots[i], slot)] {
-                let line = format!("const {k}: u32 = {v}u;");
-                assert!(src.contains(&line), "{name}: no `{line}`");
+        let has = |k: &str, v: u32| {
+            let line = format!("const {k}: u32 = {v}u;");
+            assert!(src.contains(&line), "{name}: no `{line}`");
+        };
+        match variant.shader() {
+            Shader::Backward(BackwardPass::KeyValueRows) => {
+                let (lanes, rows) = (c("WG"), c("ROWS"));
+                let sums = rows.max(lanes);
+                has("LW", lanes);
+                has("RS", sums);
+                has("KPL", sums / lanes);
+                assert!(
+                    lanes.is_power_of_two(),
+                    "{name}: the reduce-scatter needs 2^k lanes"
+                );
+                assert_eq!(sums % lanes, 0, "{name}: keys split unevenly");
+                assert!(sums / lanes * lanes >= rows, "{name}: a key without a lane");
+                assert!(!src.contains("var<workgroup>"), "{name}: workgroup memory");
+                kv += 1;
             }
-        }
-        if wide {
-            staged += 1;
-        } else {
-            registers += 1;
+            Shader::Backward(BackwardPass::QueryRows) => {
+                let (lanes, rows) = (c("WG"), c("ROWS"));
+                let chunks = |dim: u32| dim.div_ceil(4).div_ceil(lanes);
+                let dims = [c("HEAD_DIM"), c("V_DIM")];
+                let wide = dims
+                    .iter()
+                    .any(|&d| chunks(d) > FlashTiles::ROWS_Q_REGISTER_COLUMNS);
+                assert_eq!(c("ROWS_STAGED") == 1, wide, "{name}: ROWS_STAGED");
+                for (i, (reg, slots)) in [("NQR", "QS"), ("NOR", "OS")].into_iter().enumerate() {
+                    if wide {
+                        has(reg, 1);
+                        has(slots, rows * chunks(dims[i]) * lanes);
+                    } else {
+                        has(reg, chunks(dims[i]));
+                        has(slots, 1);
+                    }
+                }
+                if wide {
+                    staged += 1;
+                } else {
+                    registers += 1;
+                }
+            }
+            _ => continue,
         }
     }
     assert!(
-        registers >= 10 && staged >= 2,
-        "{registers} in registers, {staged} staged"
+        registers >= 10 && staged >= 2 && kv >= 10,
+        "{registers} in registers, {staged} staged, {kv} dK/dV"
     );
 }

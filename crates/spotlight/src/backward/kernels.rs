@@ -71,7 +71,6 @@ impl BackwardPass {
                 RULES,
                 source::COMMON,
                 ROW_LOADS,
-                ROW_CHUNKS,
                 source::KEY_VALUE_ROWS,
             ]
             .concat(),
@@ -226,18 +225,19 @@ impl BackwardTiles {
         }
     }
 
-    /// Whether the row kernels stage their R owned rows (K and V, or Q and dO) in workgroup
-    /// memory instead of registers: where either dim has more than
+    /// Whether the recomputing dQ row kernel (`backward_q_rows.wgsl`) stages its R rows' Q and dO
+    /// in workgroup memory instead of registers: where either dim has more than
     /// [`FlashTiles::ROWS_Q_REGISTER_COLUMNS`] chunks of vec4 columns per lane (D or Dv > 128
-    /// on 8 lanes), the forward's bound for Q (`backward_kv_rows.wgsl` says what registers
-    /// gained).
+    /// on 8 lanes), the forward's bound for Q (`backward_q_rows.wgsl` says what registers
+    /// gained). The dK/dV row kernel keeps its K and V in registers at every head dim.
     pub fn rows_staged(&self, d: u32, dv: u32) -> bool {
         let chunks = |dim: u32| dim.div_ceil(4).div_ceil(self.tpr.max(1));
         chunks(d).max(chunks(dv)) > FlashTiles::ROWS_Q_REGISTER_COLUMNS
     }
 
-    /// Workgroup bytes of the row kernels (the larger of the two): staged, the R rows of
-    /// ceil(ceil(dim / 4) / lanes) · lanes vec4 for both dims; in registers, one vec4 per array.
+    /// Workgroup bytes of the row kernels (the larger of the two, the recomputing dQ pass's; the
+    /// dK/dV pass has none): staged, the R rows of ceil(ceil(dim / 4) / lanes) · lanes vec4 for
+    /// both dims; in registers, one vec4 per array.
     pub fn rows_bytes(&self, d: u32, dv: u32) -> u64 {
         if !self.rows_staged(d, dv) {
             return 32;
@@ -379,7 +379,9 @@ impl BackwardConfig {
                 if tiles.layout == FlashLayout::Rows {
                     c.push(("VEC4_KV", vec4_kv as u32));
                     c.push(("PLAIN_LOGITS", plain_logits as u32));
-                    c.push(("ROWS_STAGED", tiles.rows_staged(d, dv) as u32));
+                    if pass == BackwardPass::QueryRows {
+                        c.push(("ROWS_STAGED", tiles.rows_staged(d, dv) as u32));
+                    }
                 }
                 c
             }
@@ -479,10 +481,9 @@ impl BackwardConfig {
                 vec![
                     k_cols,
                     v_cols,
-                    ("NKR", "// register columns kr", kept(d)),
-                    ("NVR", "// register columns vr", kept(dv)),
-                    ("KS", "// staged k", slots(d)),
-                    ("VS", "// staged v", slots(dv)),
+                    ("LW", "// lanes", lanes),
+                    ("RS", "// partial sums", tiles.kv_bk.max(lanes)),
+                    ("KPL", "// keys per lane", tiles.kv_bk.max(lanes) / lanes),
                 ],
                 vec![("q", dtypes[0], "HEAD_DIM"), ("dout", dtypes[3], "V_DIM")],
             ),
