@@ -1,18 +1,23 @@
 // backward_q_rows.wgsl — dQ for CPU adapters: backward_q.wgsl's pass written with the recipe of
 // flash_rows.wgsl (read its header first: why loads are counted, why registers are only indexed
-// by constants and why marked loops are unrolled in the text).
+// by constants and why marked loops are unrolled in the text) and the column ownership of
+// backward_kv_rows.wgsl (read its header for why), with the roles of queries and keys exchanged.
 //
-// One subgroup per workgroup owns R query rows of one (batch, query head); Q and dO of those rows
-// are read once, into registers (wide heads: workgroup memory, see ROWS_STAGED). For each block of KBL·WG keys the rows can see (key
-// j0 + c·WG + lane belongs to lane `lane`):
-// - S = Q·Kᵀ and dP = dO·Vᵀ: each lane reads its keys' K and V rows as vec4 and computes both
-//   for all R rows; the q and dO vectors come from the lane that read them by subgroupShuffle;
-// - P = exp(S - LSE), g = P·(dP - D_i)·∂s/∂dot, or P = -1 where the key is not visible;
-// - dQ += g·K: lane `lane` owns the dQ vec4 columns lane + WG·n of all R rows; key (c, u)'s g
-//   comes from lane u by shuffle, its K row is read once per owned column.
-// Results, order of accumulation per element and semantics are those of backward_q.wgsl (the
-// same logit_grad; a key adds to dQ exactly when it is visible), so both kernels agree to f32
-// rounding and each is deterministic. With WRITE_DS the logit gradients go out as there.
+// One subgroup per workgroup owns R query rows of one (batch, query head); lane `lane` owns the
+// vec4 columns lane + WG·n of their Q and dO rows (read once, in registers) and of their dQ
+// (accumulated in registers). Every key the rows can see is then taken in turn by the whole
+// subgroup (keys in blocks of KBL·WG, the unit of the host's dispatch split), in key order:
+// - each lane reads the key's K and V at its own columns (vec4) and computes its share of
+//   S = Q·kᵀ and dP = dO·vᵀ for all R rows; a reduce-scatter over the subgroup
+//   (row_scatter.wgsl) leaves the full sums of rows lane + LW·q (q < RPL) in lane `lane`;
+// - that lane computes their P = exp(S - LSE_i) and g = P·(dP - D_i)·∂s/∂dot, or P = -1 where
+//   the key is not visible to the row (or the row passes nothing on: padding, LSE = -inf), and
+//   with WRITE_DS stores dS;
+// - dQ += g·k for every row at the lane's columns, each row's P and g coming from the lane that
+//   owns it by subgroupShuffle: the K vectors are the ones just read.
+// Results, order of accumulation per element (keys in increasing order) and semantics are those
+// of backward_q.wgsl (the same logit_grad; a key adds to dQ exactly when it is visible), so both
+// kernels agree to f32 rounding and each is deterministic.
 
 override Q_DT: u32 = 0u;
 override K_DT: u32 = 0u;
@@ -21,11 +26,12 @@ override DO_DT: u32 = 0u;
 override HEAD_DIM: u32 = 64u;
 override V_DIM: u32 = 64u;
 override WG: u32 = 8u;
+// Also write dS (for dBias) as [B, Hq, Lq, Lk] f32 from range.dv_offset in dqs.
 override WRITE_DS: bool = false;
 // K and V read four elements per load (kernels/ rewrites k4/v4, as for flash_rows.wgsl).
 override VEC4_KV: bool = false;
 // The problem has no mask, bias, ALiBi or soft cap (set by the host: plan.rs `plain_logits`):
-// only bands and lengths hide keys, and every block takes the band path below instead of the
+// only bands and lengths hide keys, and every key takes the band path below instead of the
 // general per-logit one, which then compiles away. Why a variant: gallivm (lavapipe,
 // llvmpipe) compiles both sides of every branch, and the general path was two thirds of the
 // backward's first call (flash_rows.wgsl has the same switch). WRITE_DS (dS, for dBias) never
@@ -38,28 +44,17 @@ override PLAIN_LOGITS: bool = false;
 override ROWS: u32 = 8u;
 const R: u32 = 8u; // rows per workgroup
 const KBL: u32 = 4u;
-// dQ vec4 columns per lane, ceil(ceil(HEAD_DIM / 4) / WG): rewritten by kernels/ per pipeline.
+// Q/dQ and dO vec4 columns per lane, ceil(ceil(dim / 4) / WG): rewritten by kernels/.
 const NK8: u32 = 2u; // register columns k
-// Words of the visibility bits (R·KBL of them, see `vis`).
-const NVW: u32 = (R * KBL + 31u) / 32u;
+const NV8: u32 = 2u; // register columns v
 override D4: u32 = (HEAD_DIM + 3u) / 4u;
 override DV4: u32 = (V_DIM + 3u) / 4u;
-override ND8: u32 = (D4 + WG - 1u) / WG;
-override NDV8: u32 = (DV4 + WG - 1u) / WG;
-// The R rows' Q and dO live in registers (NQR = ND8 and NOR = NDV8 chunks per row), or for wide
-// heads in workgroup memory (ROWS_STAGED; QS = R·ND8·WG and OS = R·NDV8·WG vec4, NQR = NOR =
-// 1), as the forward row kernel keeps Q and for its reasons (flash_rows.wgsl: each read of
-// workgroup memory is a lane loop, the barrier a coroutine suspend point). This pass on lavapipe,
-// staged -> registers, best of four alternated, 2026-12-07: 1,1024,2,64 26.1 -> 21.4 ms,
-// 4,256,2,64 6.91 -> 6.07. kernels/ rewrites the four lines.
-const NQR: u32 = 2u; // register columns qr
-const NOR: u32 = 2u; // register columns or
-const QS: u32 = 1u; // staged q
-const OS: u32 = 1u; // staged do
-override ROWS_STAGED: bool = false;
-
-var<workgroup> q_s: array<vec4<f32>, QS>;
-var<workgroup> do_s: array<vec4<f32>, OS>;
+// Lanes of the subgroup (WG, as a constant for register indices), partial sums per lane before
+// the reduce-scatter (RS = max(R, LW)) and rows each lane owns after it (RPL = RS / LW; with more
+// lanes than rows, lanes past R own none): rewritten per pipeline by kernels/.
+const LW: u32 = 8u; // lanes
+const RS: u32 = 8u; // partial sums
+const RPL: u32 = 1u; // rows per lane
 
 @group(0) @binding(4) var<storage, read> q: array<u32>; // tensor q
 @group(0) @binding(5) var<storage, read> k: array<u32>; // tensor k
@@ -77,14 +72,6 @@ fn load_do(idx: u32) -> f32 {
 }
 
 fn v4(base: u32, d0: u32) -> vec4<f32> { return v4_scalar(base, d0); } // load v4
-
-// The operands dot_chunk (row_chunks.wgsl) loads: K for S = Q·Kᵀ (0), V for dP = dO·Vᵀ (1).
-fn row_vec4(which: u32, base: u32, d0: u32) -> vec4<f32> {
-    if which == 0u {
-        return k4(base, d0);
-    }
-    return v4(base, d0);
-}
 
 fn v4_scalar(base: u32, d0: u32) -> vec4<f32> {
     var x = vec4<f32>(0.0);
@@ -145,55 +132,46 @@ fn main(
     let off = i32(lk) - i32(lq);
     let ninf = neg_inf();
     let zero4 = vec4<f32>(0.0);
-    let row0 = (b * params.q_heads + h) * params.q_len + i0;
+    let row0 = (b * params.q_heads + h) * params.q_len;
 
-    // The rows' statistics (the same in every lane); a row passes a gradient on only when it is
-    // valid and saw something (LSE > -inf).
-    var lse_r: array<f32, R>;
-    var delta_r: array<f32, R>;
-    var live: array<bool, R>;
-    for (var r = 0u; r < R; r++) { // unroll
+    // The statistics of this lane's rows i0 + LW·q + lid (the rows whose full S and dP it gets);
+    // a row passes a gradient on only when it is valid and saw something (LSE > -inf).
+    var lse_o: array<f32, RPL>;
+    var delta_o: array<f32, RPL>;
+    var live_o: array<bool, RPL>;
+    for (var q = 0u; q < RPL; q++) { // unroll
+        let rr = q * LW + lid;
+        let i = i0 + rr;
         var l = ninf;
         var dl = 0.0;
-        if i0 + r < lq {
-            l = row_lse(row0 + r);
-            dl = row_delta(row0 + r);
+        if rr < R && i < lq {
+            l = row_lse(row0 + i);
+            dl = row_delta(row0 + i);
         }
-        lse_r[r] = l;
-        delta_r[r] = dl;
-        live[r] = i0 + r < lq && !(l == ninf);
+        lse_o[q] = l;
+        delta_o[q] = dl;
+        live_o[q] = rr < R && i < lq && !(l == ninf);
     }
 
-    // Q and dO of the R rows (dO of a row that passes nothing on is never read: 0). Registers:
-    // slot r·NQR + n holds q[row r][vec4 column n·WG + lid], loaded one row per iteration into
-    // the last slots, every slot moving down one (constant indices only); dO likewise. Staged:
-    // q_s[(r·ND8 + n)·WG + lane] = q[row r][vec4 column n·WG + lane]; do_s likewise.
-    var qreg: array<vec4<f32>, R * NQR>;
-    var oreg: array<vec4<f32>, R * NOR>;
-    if ROWS_STAGED {
-        for (var x = lid; x < R * ND8 * WG; x += WG) {
-            q_s[x] = load_q_row(b, h, i0, x / (ND8 * WG), lq, x % (ND8 * WG));
+    // Q and dO of the R rows (dO of a row that passes nothing on is never read: 0): slot r·NK8 + n
+    // holds q[row r][vec4 column n·WG + lid], loaded one row per iteration into the last slots,
+    // every slot moving down one (constant indices only); dO likewise.
+    var qreg: array<vec4<f32>, R * NK8>;
+    var oreg: array<vec4<f32>, R * NV8>;
+    for (var r = 0u; r < R; r++) {
+        for (var k = 0u; k < R - 1u; k++) { // unroll
+            for (var n = 0u; n < NK8; n++) { // unroll
+                qreg[k * NK8 + n] = qreg[(k + 1u) * NK8 + n];
+            }
+            for (var n = 0u; n < NV8; n++) { // unroll
+                oreg[k * NV8 + n] = oreg[(k + 1u) * NV8 + n];
+            }
         }
-        for (var x = lid; x < R * NDV8 * WG; x += WG) {
-            do_s[x] = load_do_row(b, h, i0, row0, x / (NDV8 * WG), lq, x % (NDV8 * WG));
+        for (var n = 0u; n < NK8; n++) { // unroll
+            qreg[(R - 1u) * NK8 + n] = load_q_row(b, h, i0, r, lq, n * WG + lid);
         }
-        workgroupBarrier();
-    } else {
-        for (var r = 0u; r < R; r++) {
-            for (var k = 0u; k < R - 1u; k++) { // unroll
-                for (var n = 0u; n < NQR; n++) { // unroll
-                    qreg[k * NQR + n] = qreg[(k + 1u) * NQR + n];
-                }
-                for (var n = 0u; n < NOR; n++) { // unroll
-                    oreg[k * NOR + n] = oreg[(k + 1u) * NOR + n];
-                }
-            }
-            for (var n = 0u; n < NQR; n++) { // unroll
-                qreg[(R - 1u) * NQR + n] = load_q_row(b, h, i0, r, lq, n * WG + lid);
-            }
-            for (var n = 0u; n < NOR; n++) { // unroll
-                oreg[(R - 1u) * NOR + n] = load_do_row(b, h, i0, row0, r, lq, n * WG + lid);
-            }
+        for (var n = 0u; n < NV8; n++) { // unroll
+            oreg[(R - 1u) * NV8 + n] = load_do_row(b, h, i0, row0 + i0, r, lq, n * WG + lid);
         }
     }
 
@@ -210,140 +188,75 @@ fn main(
     }
 
     for (var tk = t_lo; tk < t_hi; tk++) {
-        let j0 = tk * blk;
-        var kb: array<u32, KBL>;
-        var vb: array<u32, KBL>;
-        for (var c = 0u; c < KBL; c++) { // unroll
-            let jl = min(j0 + c * WG + lid, last_key);
-            kb[c] = b * params.k_sb + jl * params.k_ss + kvh * params.k_sh;
-            vb[c] = b * params.v_sb + jl * params.v_ss + kvh * params.v_sh;
-        }
-        // S and dP of this lane's keys for the R rows.
-        var s: array<f32, R * KBL>;
-        var dp: array<f32, R * KBL>;
-        for (var e = 0u; e < R * KBL; e++) { // unroll
-            s[e] = 0.0;
-            dp[e] = 0.0;
-        }
-        if ROWS_STAGED {
-            for (var n = 0u; n < ND8; n++) {
-                var qd: array<vec4<f32>, R>;
-                for (var r = 0u; r < R; r++) { // unroll
-                    qd[r] = q_s[(r * ND8 + n) * WG + lid];
-                }
-                dot_chunk(n, D4, qd, kb, 0u, &s);
+        for (var e = 0u; e < blk; e++) {
+            let j = tk * blk + e;
+            let jl = min(j, last_key);
+            let kb = b * params.k_sb + jl * params.k_ss + kvh * params.k_sh;
+            let vb = b * params.v_sb + jl * params.v_ss + kvh * params.v_sh;
+            // The key's K and V at this lane's columns, 0 past the head dims (there the load is
+            // clamped to the row's last vec4, whose inf or NaN would otherwise enter the sums a
+            // second time through Q's or dO's zero columns).
+            var kv: array<vec4<f32>, NK8>;
+            var vv: array<vec4<f32>, NV8>;
+            for (var n = 0u; n < NK8; n++) { // unroll
+                let col = n * WG + lid;
+                kv[n] = select(zero4, k4(kb, 4u * min(col, D4 - 1u)), col < D4);
             }
-            for (var n = 0u; n < NDV8; n++) {
-                var od: array<vec4<f32>, R>;
-                for (var r = 0u; r < R; r++) { // unroll
-                    od[r] = do_s[(r * NDV8 + n) * WG + lid];
-                }
-                dot_chunk(n, DV4, od, vb, 1u, &dp);
+            for (var n = 0u; n < NV8; n++) { // unroll
+                let col = n * WG + lid;
+                vv[n] = select(zero4, v4(vb, 4u * min(col, DV4 - 1u)), col < DV4);
             }
-        } else {
-            for (var n = 0u; n < NQR; n++) { // unroll
-                var qd: array<vec4<f32>, R>;
-                for (var r = 0u; r < R; r++) { // unroll
-                    qd[r] = qreg[r * NQR + n];
-                }
-                dot_chunk(n, D4, qd, kb, 0u, &s);
+            // This lane's share of S and dP for every row, then the full sums of its own.
+            var ss: array<f32, RS>;
+            var ds: array<f32, RS>;
+            for (var r = 0u; r < RS; r++) { // unroll
+                ss[r] = 0.0;
+                ds[r] = 0.0;
             }
-            for (var n = 0u; n < NOR; n++) { // unroll
-                var od: array<vec4<f32>, R>;
-                for (var r = 0u; r < R; r++) { // unroll
-                    od[r] = oreg[r * NOR + n];
-                }
-                dot_chunk(n, DV4, od, vb, 1u, &dp);
-            }
-        }
-        // P (or -1 where not visible) and g, one vec4 of keys per row (KBL = 4): the dQ loop
-        // below picks a key by a dynamic component index, which compiles to selects.
-        var p: array<vec4<f32>, R>;
-        var g: array<vec4<f32>, R>;
-        if PLAIN_LOGITS {
-            // Only the bands and lengths hide keys: the general path's decision, unrolled so
-            // the values stay in registers (as in backward_kv_rows.wgsl).
             for (var r = 0u; r < R; r++) { // unroll
-                let band = band_limits(i0 + r, off, lk);
-                for (var c = 0u; c < KBL; c++) { // unroll
-                    let j = i32(j0 + c * WG + lid);
-                    let w = sm_weight(params.scale * s[r * KBL + c], lse_r[r]);
-                    p[r][c] = select(-1.0, w, live[r] && j >= band.x && j <= band.y);
-                    g[r][c] = w * (dp[r * KBL + c] - delta_r[r]) * params.scale;
+                for (var n = 0u; n < NK8; n++) { // unroll
+                    ss[r] += dot(qreg[r * NK8 + n], kv[n]);
+                }
+                for (var n = 0u; n < NV8; n++) { // unroll
+                    ds[r] += dot(oreg[r * NV8 + n], vv[n]);
                 }
             }
-        } else {
-            // The general path, in every block: only problems with a mask, bias,
-            // ALiBi or cap take this variant (a block every row saw whole had a branch
-            // of its own, which such a problem never took and gallivm compiled anyway).
-            var ts: array<f32, R * KBL>;
-            var tdp: array<f32, R * KBL>;
-            for (var e = 0u; e < R * KBL; e++) { // unroll
-                ts[e] = s[e];
-                tdp[e] = dp[e];
-            }
-            var tp: array<vec4<f32>, R>;
-            var tg: array<vec4<f32>, R>;
-            for (var e = 0u; e < R * KBL; e++) {
-                let r = e / KBL;
-                let c = e % KBL;
-                let i = i0 + r;
-                let j = j0 + c * WG + lid;
-                var pg = vec3<f32>(-1.0, 0.0, 0.0);
-                if i < lq && j < lk {
-                    let lse = row_lse(row0 + r);
-                    if !(lse == ninf) && visible(b, h, i, j, off, lk) {
-                        pg = logit_grad(b, h, i, j, off, ts[e], tdp[e], lse, row_delta(row0 + r));
+            reduce_scatter(&ss, lid);
+            reduce_scatter(&ds, lid);
+            // P (or -1) and g of this lane's rows i0 + LW·q + lid.
+            var po: array<f32, RPL>;
+            var go: array<f32, RPL>;
+            for (var q = 0u; q < RPL; q++) { // unroll
+                let i = i0 + q * LW + lid;
+                if PLAIN_LOGITS {
+                    // Only the bands and lengths hide keys: the general path's decision
+                    // (visible is the band without a mask, logit_grad's logit is scale·dot).
+                    let bl = band_limits(i, off, lk);
+                    let w = sm_weight(params.scale * ss[q * LW], lse_o[q]);
+                    let seen = live_o[q] && i32(j) >= bl.x && i32(j) <= bl.y;
+                    po[q] = select(-1.0, w, seen);
+                    go[q] = w * (ds[q * LW] - delta_o[q]) * params.scale;
+                } else {
+                    var pg = vec3<f32>(-1.0, 0.0, 0.0);
+                    if live_o[q] && j < lk && visible(b, h, i, j, off, lk) {
+                        let sq = ss[q * LW];
+                        let dpq = ds[q * LW];
+                        pg = logit_grad(b, h, i, j, off, sq, dpq, lse_o[q], delta_o[q]);
                         if WRITE_DS {
-                            dqs[range.dv_offset + (row0 + r) * params.kv_len + j] = pg.y;
+                            dqs[range.dv_offset + (row0 + i) * params.kv_len + j] = pg.y;
                         }
                     }
+                    po[q] = pg.x;
+                    go[q] = pg.z;
                 }
-                tp[r][c] = pg.x;
-                tg[r][c] = pg.z;
             }
+            // dQ at this lane's columns: row r's P and g from the lane that owns it.
             for (var r = 0u; r < R; r++) { // unroll
-                p[r] = tp[r];
-                g[r] = tg[r];
-            }
-        }
-        // Which of this lane's keys each row sees, one bit per (row, key): bit (r % 8)·KBL + c of
-        // word r / 8. The dQ loop needs P only for that, and moving one word between lanes costs
-        // what moving one weight does (a shuffle is a per-component operation on a CPU adapter).
-        var vis: array<u32, NVW>;
-        for (var w = 0u; w < NVW; w++) { // unroll
-            vis[w] = 0u;
-        }
-        for (var r = 0u; r < R; r++) { // unroll
-            for (var c = 0u; c < KBL; c++) { // unroll
-                vis[r / 8u] |= select(0u, 1u << ((r % 8u) * KBL + c), !(p[r][c] < 0.0));
-            }
-        }
-        // dQ: lane `lid` adds g·K over every key of the block for its own columns; the values of
-        // key j0 + c·WG + u come from lane u.
-        for (var c = 0u; c < KBL; c++) {
-            var gc: array<f32, R>;
-            for (var r = 0u; r < R; r++) { // unroll
-                gc[r] = g[r][c];
-            }
-            for (var u = 0u; u < WG; u++) {
-                let jl = min(j0 + c * WG + u, last_key);
-                let kbu = b * params.k_sb + jl * params.k_ss + kvh * params.k_sh;
-                var vu: array<u32, NVW>;
-                for (var w = 0u; w < NVW; w++) { // unroll
-                    vu[w] = subgroupShuffle(vis[w], u) >> c;
-                }
-                var gw: array<f32, R>;
-                for (var r = 0u; r < R; r++) { // unroll
-                    gw[r] = subgroupShuffle(gc[r], u);
-                }
+                let w = subgroupShuffle(po[r / LW], r % LW);
+                let gw = subgroupShuffle(go[r / LW], r % LW);
+                let add = !(w < 0.0);
                 for (var n = 0u; n < NK8; n++) { // unroll
-                    let col = n * WG + lid;
-                    let kk = k4(kbu, 4u * min(col, D4 - 1u));
-                    for (var r = 0u; r < R; r++) { // unroll
-                        let seen = ((vu[r / 8u] >> ((r % 8u) * KBL)) & 1u) != 0u;
-                        acc[r * NK8 + n] += select(zero4, gw[r] * kk, seen);
-                    }
+                    acc[r * NK8 + n] += select(zero4, gw * kv[n], add);
                 }
             }
         }

@@ -669,12 +669,10 @@ fn tile_choosers_match_the_declared_workgroups() {
             if variant.shader() == Shader::Backward(BackwardPass::QueryFromGradients) {
                 // No workgroup memory: K comes from the tensor, the gradients by shuffle.
                 (c("WG"), 0)
-            } else if variant.shader() == Shader::Backward(BackwardPass::KeyValueRows) {
-                // None either: K and V in registers, sums by shuffles.
-                (c("WG"), 0)
             } else if let Shader::Backward(_) = variant.shader() {
-                let t = BackwardTiles::rows(c("WG"), c("ROWS"));
-                (t.tpr, t.rows_bytes(d, dv))
+                // None either in the dK/dV and recomputing dQ row kernels: their rows in
+                // registers, sums by shuffles.
+                (BackwardTiles::rows(c("WG"), c("ROWS")).tpr, 0)
             } else if variant.shader() == Shader::Flash {
                 let t = FlashTiles {
                     bq: c("BQ"),
@@ -1101,16 +1099,13 @@ fn dq_row_pass_groups_keys_up_to_the_forward_bound() {
     assert!(src.contains(&line), "backward_dq_rows.wgsl lacks `{line}`");
 }
 
-/// The recomputing dQ row kernel keeps its R rows' Q and dO in registers up to the forward's
-/// bound on Q chunks per lane (`FlashTiles::ROWS_Q_REGISTER_COLUMNS`: D and Dv <= 128 on 8
-/// lanes) and stages them in workgroup memory past it: the override and the rewritten register
-/// and staging sizes agree in every variant, and both forms occur
-/// (`tile_choosers_match_the_declared_workgroups` checks the workgroup arrays against
-/// `BackwardTiles::rows_bytes`). The dK/dV row kernel's reduce-scatter constants: lanes, partial
-/// sums max(R, lanes) and keys per lane, with every key owned by exactly one lane.
+/// The backward's column-owning row kernels (dK/dV and the recomputing dQ pass): the
+/// reduce-scatter's rewritten constants agree with the override in every variant (lanes, partial
+/// sums max(R, lanes), keys or rows per lane, every key or row owned by exactly one lane), and
+/// neither declares workgroup memory (their rows live in registers at every head dim).
 #[test]
-fn backward_row_kernels_keep_rows_in_registers_up_to_the_forward_bound() {
-    let (mut registers, mut staged, mut kv) = (0, 0, 0);
+fn backward_row_kernels_own_columns_and_reduce_by_shuffles() {
+    let (mut kv, mut q) = (0, 0);
     for variant in variants() {
         let name = variant.name();
         let constants = variant.constants();
@@ -1126,50 +1121,39 @@ fn backward_row_kernels_keep_rows_in_registers_up_to_the_forward_bound() {
             let line = format!("const {k}: u32 = {v}u;");
             assert!(src.contains(&line), "{name}: no `{line}`");
         };
-        match variant.shader() {
+        let per_lane = match variant.shader() {
             Shader::Backward(BackwardPass::KeyValueRows) => {
-                let (lanes, rows) = (c("WG"), c("ROWS"));
-                let sums = rows.max(lanes);
-                has("LW", lanes);
-                has("RS", sums);
-                has("KPL", sums / lanes);
-                assert!(
-                    lanes.is_power_of_two(),
-                    "{name}: the reduce-scatter needs 2^k lanes"
-                );
-                assert_eq!(sums % lanes, 0, "{name}: keys split unevenly");
-                assert!(sums / lanes * lanes >= rows, "{name}: a key without a lane");
-                assert!(!src.contains("var<workgroup>"), "{name}: workgroup memory");
                 kv += 1;
+                "KPL"
             }
             Shader::Backward(BackwardPass::QueryRows) => {
-                let (lanes, rows) = (c("WG"), c("ROWS"));
-                let chunks = |dim: u32| dim.div_ceil(4).div_ceil(lanes);
-                let dims = [c("HEAD_DIM"), c("V_DIM")];
-                let wide = dims
-                    .iter()
-                    .any(|&d| chunks(d) > FlashTiles::ROWS_Q_REGISTER_COLUMNS);
-                assert_eq!(c("ROWS_STAGED") == 1, wide, "{name}: ROWS_STAGED");
-                for (i, (reg, slots)) in [("NQR", "QS"), ("NOR", "OS")].into_iter().enumerate() {
-                    if wide {
-                        has(reg, 1);
-                        has(slots, rows * chunks(dims[i]) * lanes);
-                    } else {
-                        has(reg, chunks(dims[i]));
-                        has(slots, 1);
-                    }
-                }
-                if wide {
-                    staged += 1;
-                } else {
-                    registers += 1;
-                }
+                q += 1;
+                "RPL"
             }
             _ => continue,
-        }
+        };
+        let (lanes, rows) = (c("WG"), c("ROWS"));
+        let sums = rows.max(lanes);
+        has("LW", lanes);
+        has("RS", sums);
+        has(per_lane, sums / lanes);
+        let chunks = |dim: u32| dim.div_ceil(4).div_ceil(lanes);
+        has("NK8", chunks(c("HEAD_DIM")));
+        has("NV8", chunks(c("V_DIM")));
+        assert!(
+            lanes.is_power_of_two(),
+            "{name}: the reduce-scatter needs 2^k lanes"
+        );
+        assert_eq!(sums % lanes, 0, "{name}: positions split unevenly");
+        assert!(
+            sums / lanes * lanes >= rows,
+            "{name}: a position without a lane"
+        );
+        assert!(!src.contains("var<workgroup>"), "{name}: workgroup memory");
+        assert!(
+            src.contains("fn reduce_scatter("),
+            "{name}: no reduce-scatter"
+        );
     }
-    assert!(
-        registers >= 10 && staged >= 2 && kv >= 10,
-        "{registers} in registers, {staged} staged, {kv} dK/dV"
-    );
+    assert!(kv >= 10 && q >= 10, "{kv} dK/dV, {q} dQ variants");
 }

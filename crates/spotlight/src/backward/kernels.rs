@@ -19,6 +19,7 @@ pub mod source {
     pub const QUERY_ROWS: &str = include_str!("../../../../shaders/backward_q_rows.wgsl");
     pub const DQ_ROWS: &str = include_str!("../../../../shaders/backward_dq_rows.wgsl");
     pub const QUERY_ROWS_COMMON: &str = include_str!("../../../../shaders/query_rows.wgsl");
+    pub const ROW_SCATTER: &str = include_str!("../../../../shaders/row_scatter.wgsl");
 }
 
 /// One pass of the backward (a kernel of [`crate::kernels::Shader::Backward`]).
@@ -55,9 +56,7 @@ impl BackwardPass {
     }
 
     pub fn source(self) -> String {
-        use crate::kernels::source::{
-            COMMON as C, LOGITS, ROW_CHUNKS, ROW_LOADS, SOFTMAX_RULES as RULES,
-        };
+        use crate::kernels::source::{COMMON as C, LOGITS, ROW_LOADS, SOFTMAX_RULES as RULES};
         match self {
             BackwardPass::Pre => [C, source::PRE].concat(),
             BackwardPass::KeyValue => {
@@ -71,6 +70,7 @@ impl BackwardPass {
                 RULES,
                 source::COMMON,
                 ROW_LOADS,
+                source::ROW_SCATTER,
                 source::KEY_VALUE_ROWS,
             ]
             .concat(),
@@ -80,7 +80,7 @@ impl BackwardPass {
                 RULES,
                 source::COMMON,
                 ROW_LOADS,
-                ROW_CHUNKS,
+                source::ROW_SCATTER,
                 source::QUERY_ROWS_COMMON,
                 source::QUERY_ROWS,
             ]
@@ -225,27 +225,6 @@ impl BackwardTiles {
         }
     }
 
-    /// Whether the recomputing dQ row kernel (`backward_q_rows.wgsl`) stages its R rows' Q and dO
-    /// in workgroup memory instead of registers: where either dim has more than
-    /// [`FlashTiles::ROWS_Q_REGISTER_COLUMNS`] chunks of vec4 columns per lane (D or Dv > 128
-    /// on 8 lanes), the forward's bound for Q (`backward_q_rows.wgsl` says what registers
-    /// gained). The dK/dV row kernel keeps its K and V in registers at every head dim.
-    pub fn rows_staged(&self, d: u32, dv: u32) -> bool {
-        let chunks = |dim: u32| dim.div_ceil(4).div_ceil(self.tpr.max(1));
-        chunks(d).max(chunks(dv)) > FlashTiles::ROWS_Q_REGISTER_COLUMNS
-    }
-
-    /// Workgroup bytes of the row kernels (the larger of the two, the recomputing dQ pass's; the
-    /// dK/dV pass has none): staged, the R rows of ceil(ceil(dim / 4) / lanes) · lanes vec4 for
-    /// both dims; in registers, one vec4 per array.
-    pub fn rows_bytes(&self, d: u32, dv: u32) -> u64 {
-        if !self.rows_staged(d, dv) {
-            return 32;
-        }
-        let staged = |dim: u32| dim.div_ceil(4).div_ceil(self.tpr) * self.tpr;
-        16 * (self.kv_bk * (staged(d) + staged(dv))) as u64
-    }
-
     /// Loop iterations one key/value-pass invocation runs per query tile and head (an estimate
     /// that counts every loop trip, for adapters that bound them).
     pub(super) fn kv_iterations(&self, d: u32, dv: u32) -> u64 {
@@ -379,9 +358,6 @@ impl BackwardConfig {
                 if tiles.layout == FlashLayout::Rows {
                     c.push(("VEC4_KV", vec4_kv as u32));
                     c.push(("PLAIN_LOGITS", plain_logits as u32));
-                    if pass == BackwardPass::QueryRows {
-                        c.push(("ROWS_STAGED", tiles.rows_staged(d, dv) as u32));
-                    }
                 }
                 c
             }
@@ -453,26 +429,18 @@ impl BackwardConfig {
         let lanes = tiles.tpr;
         let k_cols = ("NK8", "// register columns k", cols(d, lanes));
         let v_cols = ("NV8", "// register columns v", cols(dv, lanes));
-        // The R owned rows' two tensors: in registers (chunks per row) or staged in workgroup
-        // memory (vec4 slots), see the kernels' NKR/KS lines.
-        let staged = tiles.rows_staged(d, dv);
-        let kept = |dim: u32| if staged { 1 } else { cols(dim, lanes) };
-        let slots = |dim: u32| {
-            if staged {
-                tiles.kv_bk * cols(dim, lanes) * lanes
-            } else {
-                1
-            }
-        };
+        // The column-owning row kernels' reduce-scatter (row_scatter.wgsl): lanes, partial sums
+        // per lane (one per owned key or row, at least one per lane) and keys or rows per lane.
+        let sums = tiles.kv_bk.max(lanes);
         let (rows, registers, wide) = match self.pass() {
             BackwardPass::QueryRows => (
                 tiles.kv_bk,
                 vec![
                     k_cols,
-                    ("NQR", "// register columns qr", kept(d)),
-                    ("NOR", "// register columns or", kept(dv)),
-                    ("QS", "// staged q", slots(d)),
-                    ("OS", "// staged do", slots(dv)),
+                    v_cols,
+                    ("LW", "// lanes", lanes),
+                    ("RS", "// partial sums", sums),
+                    ("RPL", "// rows per lane", sums / lanes),
                 ],
                 vec![("k", dtypes[1], "HEAD_DIM"), ("v", dtypes[2], "V_DIM")],
             ),
@@ -482,8 +450,8 @@ impl BackwardConfig {
                     k_cols,
                     v_cols,
                     ("LW", "// lanes", lanes),
-                    ("RS", "// partial sums", tiles.kv_bk.max(lanes)),
-                    ("KPL", "// keys per lane", tiles.kv_bk.max(lanes) / lanes),
+                    ("RS", "// partial sums", sums),
+                    ("KPL", "// keys per lane", sums / lanes),
                 ],
                 vec![("q", dtypes[0], "HEAD_DIM"), ("dout", dtypes[3], "V_DIM")],
             ),

@@ -54,10 +54,8 @@ impl Engine {
         let rows = self
             .row_lanes()
             .map(|n| BackwardTiles::rows(n, r))
-            .filter(|t| {
-                d.max(dv) <= FlashTiles::ROWS_MAX_DIM
-                    && t.rows_bytes(d, dv) <= caps.max_workgroup_memory as u64
-            });
+            // No workgroup memory in any of them: registers and shuffles.
+            .filter(|_| d.max(dv) <= FlashTiles::ROWS_MAX_DIM);
         let tiles = match (opts.layout, rows) {
             (Some(FlashLayout::Decode), _) => {
                 return Err(unsupported(

@@ -73,6 +73,7 @@ pub mod source {
         ("backward_pre.wgsl", crate::backward::source::PRE),
         ("backward_kv.wgsl", crate::backward::source::KEY_VALUE),
         ("backward_q.wgsl", crate::backward::source::QUERY),
+        ("row_scatter.wgsl", crate::backward::source::ROW_SCATTER),
         ("backward_reduce.wgsl", crate::backward::source::REDUCE),
         (
             "backward_kv_rows.wgsl",

@@ -535,7 +535,7 @@ impl Variant {
                     continue;
                 }
                 // Functions of the head dims and lanes already in the name.
-                "Q_STAGED" | "PV_BY_KEY" | "ROWS_STAGED" => continue,
+                "Q_STAGED" | "PV_BY_KEY" => continue,
                 "VEC4_KV" => "vec4".to_string(),
                 "PACK_GQA" => "gqa".to_string(),
                 "PAGED" => "paged".to_string(),
