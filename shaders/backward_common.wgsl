@@ -65,3 +65,15 @@ fn logit_grad(b: u32, h: u32, i: u32, j: u32, off: i32, dot: f32, dp: f32, lse: 
     }
     return vec3<f32>(p, ds, g);
 }
+
+// A logit gradient g with the key's visibility in it, as the row kernels pass it on (stored for
+// backward_dq_rows.wgsl, shuffled in backward_q_rows.wgsl): g where the key is visible, an exact
+// zero as -0.0, and +0.0 where it is not, so that a visible key's 0 still multiplies its K
+// (0·inf = NaN, as the reference) and an invisible key never does (bits != 0: visible).
+fn seen_grad(g: f32, seen: bool) -> f32 {
+    var w = select(0u, bitcast<u32>(g), seen);
+    if seen && g == 0.0 {
+        w = 0x80000000u;
+    }
+    return bitcast<f32>(w);
+}

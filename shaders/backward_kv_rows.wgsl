@@ -269,12 +269,8 @@ fn main(
                             let rk = q * LW + lid;
                             let j = j0 + rk;
                             if i < params.q_len && rk < R && j < params.kv_len {
-                                let seen = !(po[q] < 0.0);
-                                var w = select(0u, bitcast<u32>(go[q]), seen);
-                                if seen && go[q] == 0.0 {
-                                    w = 0x80000000u;
-                                }
-                                dkv[ds_off + (rows0 + i) * lk4 + j] = bitcast<f32>(w);
+                                let g = seen_grad(go[q], !(po[q] < 0.0));
+                                dkv[ds_off + (rows0 + i) * lk4 + j] = g;
                             }
                         }
                     }

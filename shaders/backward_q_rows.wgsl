@@ -10,11 +10,11 @@
 // - each lane reads the key's K and V at its own columns (vec4) and computes its share of
 //   S = Q·kᵀ and dP = dO·vᵀ for all R rows; a reduce-scatter over the subgroup
 //   (row_scatter.wgsl) leaves the full sums of rows lane + LW·q (q < RPL) in lane `lane`;
-// - that lane computes their P = exp(S - LSE_i) and g = P·(dP - D_i)·∂s/∂dot, or P = -1 where
-//   the key is not visible to the row (or the row passes nothing on: padding, LSE = -inf), and
-//   with WRITE_DS stores dS;
-// - dQ += g·k for every row at the lane's columns, each row's P and g coming from the lane that
-//   owns it by subgroupShuffle: the K vectors are the ones just read.
+// - that lane computes their g = P·(dP - D_i)·∂s/∂dot with P = exp(S - LSE_i), encoded +0.0
+//   where the key is not visible to the row (or the row passes nothing on: padding, LSE = -inf)
+//   and an exact zero as -0.0 (seen_grad), and with WRITE_DS stores dS;
+// - dQ += g·k for every row that sees the key, at the lane's columns, each row's g coming from
+//   the lane that owns it by subgroupShuffle: the K vectors are the ones just read.
 // Results, order of accumulation per element (keys in increasing order) and semantics are those
 // of backward_q.wgsl (the same logit_grad; a key adds to dQ exactly when it is visible), so both
 // kernels agree to f32 rounding and each is deterministic.
@@ -139,6 +139,7 @@ fn main(
     var lse_o: array<f32, RPL>;
     var delta_o: array<f32, RPL>;
     var live_o: array<bool, RPL>;
+    var band_o: array<vec2<i32>, RPL>;
     for (var q = 0u; q < RPL; q++) { // unroll
         let rr = q * LW + lid;
         let i = i0 + rr;
@@ -151,6 +152,7 @@ fn main(
         lse_o[q] = l;
         delta_o[q] = dl;
         live_o[q] = rr < R && i < lq && !(l == ninf);
+        band_o[q] = band_limits(i, off, lk);
     }
 
     // Q and dO of the R rows (dO of a row that passes nothing on is never read: 0): slot r·NK8 + n
@@ -223,19 +225,18 @@ fn main(
             }
             reduce_scatter(&ss, lid);
             reduce_scatter(&ds, lid);
-            // P (or -1) and g of this lane's rows i0 + LW·q + lid.
-            var po: array<f32, RPL>;
+            // g of this lane's rows i0 + LW·q + lid with the key's visibility in it (seen_grad,
+            // backward_common.wgsl), so that one shuffle per row carries both.
             var go: array<f32, RPL>;
             for (var q = 0u; q < RPL; q++) { // unroll
                 let i = i0 + q * LW + lid;
                 if PLAIN_LOGITS {
                     // Only the bands and lengths hide keys: the general path's decision
                     // (visible is the band without a mask, logit_grad's logit is scale·dot).
-                    let bl = band_limits(i, off, lk);
+                    let bl = band_o[q];
                     let w = sm_weight(params.scale * ss[q * LW], lse_o[q]);
                     let seen = live_o[q] && i32(j) >= bl.x && i32(j) <= bl.y;
-                    po[q] = select(-1.0, w, seen);
-                    go[q] = w * (ds[q * LW] - delta_o[q]) * params.scale;
+                    go[q] = seen_grad(w * (ds[q * LW] - delta_o[q]) * params.scale, seen);
                 } else {
                     var pg = vec3<f32>(-1.0, 0.0, 0.0);
                     if live_o[q] && j < lk && visible(b, h, i, j, off, lk) {
@@ -246,15 +247,13 @@ fn main(
                             dqs[range.dv_offset + (row0 + i) * params.kv_len + j] = pg.y;
                         }
                     }
-                    po[q] = pg.x;
-                    go[q] = pg.z;
+                    go[q] = seen_grad(pg.z, !(pg.x < 0.0));
                 }
             }
-            // dQ at this lane's columns: row r's P and g from the lane that owns it.
+            // dQ at this lane's columns: row r's g from the lane that owns it.
             for (var r = 0u; r < R; r++) { // unroll
-                let w = subgroupShuffle(po[r / LW], r % LW);
                 let gw = subgroupShuffle(go[r / LW], r % LW);
-                let add = !(w < 0.0);
+                let add = bitcast<u32>(gw) != 0u;
                 for (var n = 0u; n < NK8; n++) { // unroll
                     acc[r * NK8 + n] += select(zero4, gw * kv[n], add);
                 }
