@@ -132,7 +132,7 @@ fn variants() -> Vec<Variant> {
         }
     }
     // The backward's main passes: tiled (lavapipe's and NVIDIA's workgroup memory) and the row
-    // kernels (8, 4 and 32 lanes), every dtype, dO in f32 and f16, with and without dS (the row
+    // kernels (8, 4 and 32 lanes; 16 below), every dtype, dO in f32 and f16, with and without dS (the row
     // key/value pass also with stored gradients, and the dQ pass that reads them).
     for (d, dv) in [(16, 16), (40, 24), (64, 64), (128, 128), (256, 256)] {
         let mut tiles: Vec<BackwardTiles> = [32 * 1024, 48 * 1024]
@@ -140,8 +140,19 @@ fn variants() -> Vec<Variant> {
             .filter_map(|&mem| BackwardTiles::choose(d, dv, mem, 256))
             .collect();
         tiles.extend([(8, 8), (4, 8), (8, 16), (32, 8)].map(|(n, r)| BackwardTiles::rows(n, r)));
-        for t in tiles {
+        // 16 lanes (lavapipe on 512-bit vectors) and four rows per lane after the reduce-scatter
+        // (4 lanes, 16 rows): f32 only, two head-dim pairs, to bound this list's translation time.
+        let extra = [(16, 16), (16, 8), (4, 16)].map(|(n, r)| BackwardTiles::rows(n, r));
+        let narrow = matches!((d, dv), (40, 24) | (64, 64));
+        for t in tiles
+            .into_iter()
+            .chain(extra.into_iter().filter(|_| narrow))
+        {
+            let only_f32 = extra.contains(&t);
             for dt in dts {
+                if only_f32 && dt != DType::F32 {
+                    continue;
+                }
                 let rows = t.layout == FlashLayout::Rows;
                 for (query, write_ds) in
                     [(false, false), (true, false), (true, true), (false, rows)]
