@@ -80,6 +80,10 @@ fn load_dout(idx: u32) -> f32 { return elem_value(dout[elem_word(idx, DO_DT)], i
 fn q4(base: u32, d0: u32) -> vec4<f32> { return q4_scalar(base, d0); } // load q4
 fn dout4(base: u32, d0: u32) -> vec4<f32> { return dout4_scalar(base, d0); } // load dout4
 
+// The streamed rows' operands of S and dP for row_scatter.wgsl: Q and dO.
+fn s_op4(base: u32, d0: u32) -> vec4<f32> { return q4(base, d0); }
+fn p_op4(base: u32, d0: u32) -> vec4<f32> { return dout4(base, d0); }
+
 // Vec4 column d4 of key jj's K row (which = 0) or V row (1), zero past the head dim or the
 // valid keys (`which` is a constant at every call, so one branch is compiled).
 fn load_kv_row(which: u32, b: u32, kvh: u32, jj: u32, lk: u32, d4: u32) -> vec4<f32> {
@@ -210,36 +214,14 @@ fn main(
                     let live = i < lq && !(lse == ninf);
                     let qb = b * params.q_sb + il * params.q_ss + h * params.q_sh;
                     let ob = b * params.o_sb + il * params.o_ss + h * params.o_sh;
-                    // The row's Q and dO at this lane's columns, 0 past the head dims (there the
-                    // load is clamped to the row's last vec4, whose inf or NaN would otherwise
-                    // enter the sums a second time through K's or V's zero columns).
+                    // The row's Q and dO at this lane's columns.
                     var qv: array<vec4<f32>, NK8>;
                     var ov: array<vec4<f32>, NV8>;
-                    for (var n = 0u; n < NK8; n++) { // unroll
-                        let col = n * WG + lid;
-                        qv[n] = select(zero4, q4(qb, 4u * min(col, D4 - 1u)), col < D4);
-                    }
-                    for (var n = 0u; n < NV8; n++) { // unroll
-                        let col = n * WG + lid;
-                        ov[n] = select(zero4, dout4(ob, 4u * min(col, DV4 - 1u)), col < DV4);
-                    }
-                    // This lane's share of S and dP for every key, then the full sums of its own.
+                    load_streamed(qb, ob, &qv, &ov, lid);
+                    // S and dP of every key, the full sums of this lane's own.
                     var ss: array<f32, RS>;
                     var ds: array<f32, RS>;
-                    for (var r = 0u; r < RS; r++) { // unroll
-                        ss[r] = 0.0;
-                        ds[r] = 0.0;
-                    }
-                    for (var r = 0u; r < R; r++) { // unroll
-                        for (var n = 0u; n < NK8; n++) { // unroll
-                            ss[r] += dot(kreg[r * NK8 + n], qv[n]);
-                        }
-                        for (var n = 0u; n < NV8; n++) { // unroll
-                            ds[r] += dot(vreg[r * NV8 + n], ov[n]);
-                        }
-                    }
-                    reduce_scatter(&ss, lid);
-                    reduce_scatter(&ds, lid);
+                    scattered_products(&kreg, &vreg, &qv, &ov, &ss, &ds, lid);
                     // P (or -1) and g of this lane's keys j0 + LW·q + lid.
                     let bl = band_limits(i, off, lk);
                     var po: array<f32, KPL>;

@@ -73,6 +73,10 @@ fn load_do(idx: u32) -> f32 {
 
 fn v4(base: u32, d0: u32) -> vec4<f32> { return v4_scalar(base, d0); } // load v4
 
+// The streamed keys' operands of S and dP for row_scatter.wgsl: K and V.
+fn s_op4(base: u32, d0: u32) -> vec4<f32> { return k4(base, d0); }
+fn p_op4(base: u32, d0: u32) -> vec4<f32> { return v4(base, d0); }
+
 fn v4_scalar(base: u32, d0: u32) -> vec4<f32> {
     var x = vec4<f32>(0.0);
     for (var c = 0u; c < 4u; c++) {
@@ -195,36 +199,14 @@ fn main(
             let jl = min(j, last_key);
             let kb = b * params.k_sb + jl * params.k_ss + kvh * params.k_sh;
             let vb = b * params.v_sb + jl * params.v_ss + kvh * params.v_sh;
-            // The key's K and V at this lane's columns, 0 past the head dims (there the load is
-            // clamped to the row's last vec4, whose inf or NaN would otherwise enter the sums a
-            // second time through Q's or dO's zero columns).
+            // The key's K and V at this lane's columns.
             var kv: array<vec4<f32>, NK8>;
             var vv: array<vec4<f32>, NV8>;
-            for (var n = 0u; n < NK8; n++) { // unroll
-                let col = n * WG + lid;
-                kv[n] = select(zero4, k4(kb, 4u * min(col, D4 - 1u)), col < D4);
-            }
-            for (var n = 0u; n < NV8; n++) { // unroll
-                let col = n * WG + lid;
-                vv[n] = select(zero4, v4(vb, 4u * min(col, DV4 - 1u)), col < DV4);
-            }
-            // This lane's share of S and dP for every row, then the full sums of its own.
+            load_streamed(kb, vb, &kv, &vv, lid);
+            // S and dP of every row, the full sums of this lane's own.
             var ss: array<f32, RS>;
             var ds: array<f32, RS>;
-            for (var r = 0u; r < RS; r++) { // unroll
-                ss[r] = 0.0;
-                ds[r] = 0.0;
-            }
-            for (var r = 0u; r < R; r++) { // unroll
-                for (var n = 0u; n < NK8; n++) { // unroll
-                    ss[r] += dot(qreg[r * NK8 + n], kv[n]);
-                }
-                for (var n = 0u; n < NV8; n++) { // unroll
-                    ds[r] += dot(oreg[r * NV8 + n], vv[n]);
-                }
-            }
-            reduce_scatter(&ss, lid);
-            reduce_scatter(&ds, lid);
+            scattered_products(&qreg, &oreg, &kv, &vv, &ss, &ds, lid);
             // g of this lane's rows i0 + LW·q + lid with the key's visibility in it (seen_grad,
             // backward_common.wgsl), so that one shuffle per row carries both.
             var go: array<f32, RPL>;
