@@ -10,7 +10,7 @@
 // the host's dispatch split):
 // - each lane reads the row's Q and dO at its own columns (vec4) and computes its share of
 //   S = q·Kᵀ and dP = dO·Vᵀ for all R keys; a reduce-scatter over the subgroup (log2 WG steps of
-//   subgroupShuffleXor) leaves the full sums of keys lane + LW·q (q < KPL) in lane `lane`;
+//   subgroupShuffleXor) leaves the full sums of keys lane + LW·q (q < OPL) in lane `lane`;
 // - that lane computes their P = exp(S - LSE_i) and g = P·(dP - D_i)·∂s/∂dot, or P = -1 where
 //   the key is not visible to the row (or the row passes nothing on: padding, LSE = -inf), and
 //   with WRITE_DS stores g;
@@ -57,11 +57,11 @@ override DV4: u32 = (V_DIM + 3u) / 4u;
 override ND8: u32 = (D4 + WG - 1u) / WG;
 override NDV8: u32 = (DV4 + WG - 1u) / WG;
 // Lanes of the subgroup (WG, as a constant for register indices), partial sums per lane before
-// the reduce-scatter (RS = max(R, LW)) and keys each lane owns after it (KPL = RS / LW; with more
+// the reduce-scatter (RS = max(R, LW)) and keys each lane owns after it (OPL = RS / LW; with more
 // lanes than keys, lanes past R own none): rewritten per pipeline by kernels/.
 const LW: u32 = 8u; // lanes
 const RS: u32 = 8u; // partial sums
-const KPL: u32 = 1u; // keys per lane
+const OPL: u32 = 1u; // owned per lane
 
 @group(0) @binding(4) var<storage, read> q: array<u32>; // tensor q
 @group(0) @binding(5) var<storage, read> k: array<u32>; // tensor k
@@ -224,9 +224,9 @@ fn main(
                     scattered_products(&kreg, &vreg, &qv, &ov, &ss, &ds, lid);
                     // P (or -1) and g of this lane's keys j0 + LW·q + lid.
                     let bl = band_limits(i, off, lk);
-                    var po: array<f32, KPL>;
-                    var go: array<f32, KPL>;
-                    for (var q = 0u; q < KPL; q++) { // unroll
+                    var po: array<f32, OPL>;
+                    var go: array<f32, OPL>;
+                    for (var q = 0u; q < OPL; q++) { // unroll
                         let rk = q * LW + lid;
                         let j = j0 + rk;
                         if PLAIN_LOGITS {
@@ -247,7 +247,7 @@ fn main(
                         }
                     }
                     if WRITE_DS {
-                        for (var q = 0u; q < KPL; q++) { // unroll
+                        for (var q = 0u; q < OPL; q++) { // unroll
                             let rk = q * LW + lid;
                             let j = j0 + rk;
                             if i < params.q_len && rk < R && j < params.kv_len {

@@ -9,7 +9,7 @@
 // subgroup (keys in blocks of KBL·WG, the unit of the host's dispatch split), in key order:
 // - each lane reads the key's K and V at its own columns (vec4) and computes its share of
 //   S = Q·kᵀ and dP = dO·vᵀ for all R rows; a reduce-scatter over the subgroup
-//   (row_scatter.wgsl) leaves the full sums of rows lane + LW·q (q < RPL) in lane `lane`;
+//   (row_scatter.wgsl) leaves the full sums of rows lane + LW·q (q < OPL) in lane `lane`;
 // - that lane computes their g = P·(dP - D_i)·∂s/∂dot with P = exp(S - LSE_i), encoded +0.0
 //   where the key is not visible to the row (or the row passes nothing on: padding, LSE = -inf)
 //   and an exact zero as -0.0 (seen_grad), and with WRITE_DS stores dS;
@@ -50,11 +50,11 @@ const NV8: u32 = 2u; // register columns v
 override D4: u32 = (HEAD_DIM + 3u) / 4u;
 override DV4: u32 = (V_DIM + 3u) / 4u;
 // Lanes of the subgroup (WG, as a constant for register indices), partial sums per lane before
-// the reduce-scatter (RS = max(R, LW)) and rows each lane owns after it (RPL = RS / LW; with more
+// the reduce-scatter (RS = max(R, LW)) and rows each lane owns after it (OPL = RS / LW; with more
 // lanes than rows, lanes past R own none): rewritten per pipeline by kernels/.
 const LW: u32 = 8u; // lanes
 const RS: u32 = 8u; // partial sums
-const RPL: u32 = 1u; // rows per lane
+const OPL: u32 = 1u; // owned per lane
 
 @group(0) @binding(4) var<storage, read> q: array<u32>; // tensor q
 @group(0) @binding(5) var<storage, read> k: array<u32>; // tensor k
@@ -140,11 +140,11 @@ fn main(
 
     // The statistics of this lane's rows i0 + LW·q + lid (the rows whose full S and dP it gets);
     // a row passes a gradient on only when it is valid and saw something (LSE > -inf).
-    var lse_o: array<f32, RPL>;
-    var delta_o: array<f32, RPL>;
-    var live_o: array<bool, RPL>;
-    var band_o: array<vec2<i32>, RPL>;
-    for (var q = 0u; q < RPL; q++) { // unroll
+    var lse_o: array<f32, OPL>;
+    var delta_o: array<f32, OPL>;
+    var live_o: array<bool, OPL>;
+    var band_o: array<vec2<i32>, OPL>;
+    for (var q = 0u; q < OPL; q++) { // unroll
         let rr = q * LW + lid;
         let i = i0 + rr;
         var l = ninf;
@@ -209,8 +209,8 @@ fn main(
             scattered_products(&qreg, &oreg, &kv, &vv, &ss, &ds, lid);
             // g of this lane's rows i0 + LW·q + lid with the key's visibility in it (seen_grad,
             // backward_common.wgsl), so that one shuffle per row carries both.
-            var go: array<f32, RPL>;
-            for (var q = 0u; q < RPL; q++) { // unroll
+            var go: array<f32, OPL>;
+            for (var q = 0u; q < OPL; q++) { // unroll
                 let i = i0 + q * LW + lid;
                 if PLAIN_LOGITS {
                     // Only the bands and lengths hide keys: the general path's decision

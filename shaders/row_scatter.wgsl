@@ -41,7 +41,6 @@ fn reduce_scatter(x: ptr<function, array<f32, RS>>, lid: u32) {
     scatter_step(x, 1u, lid);
 }
 
-
 // This lane's columns of a streamed row's S operand (from `sb` through the kernel's s_op4) and dP
 // operand (from `pb` through p_op4), 0 past the head dims (there the load is clamped to the
 // row's last vec4, whose inf or NaN would otherwise enter the sums a second time through the

@@ -132,8 +132,8 @@ fn variants() -> Vec<Variant> {
         }
     }
     // The backward's main passes: tiled (lavapipe's and NVIDIA's workgroup memory) and the row
-    // kernels (8, 4 and 32 lanes; 16 below), every dtype, dO in f32 and f16, with and without dS (the row
-    // key/value pass also with stored gradients, and the dQ pass that reads them).
+    // kernels (8, 4 and 32 lanes; 16 below), every dtype, dO in f32 and f16, with and without dS
+    // (the row key/value pass also with stored gradients, and the dQ pass that reads them).
     for (d, dv) in [(16, 16), (40, 24), (64, 64), (128, 128), (256, 256)] {
         let mut tiles: Vec<BackwardTiles> = [32 * 1024, 48 * 1024]
             .iter()
@@ -676,37 +676,33 @@ fn tile_choosers_match_the_declared_workgroups() {
             ) => (c("HEAD_DIM"), c("V_DIM")),
             _ => continue,
         };
-        let (threads, expect_bytes) =
-            if variant.shader() == Shader::Backward(BackwardPass::QueryFromGradients) {
-                // No workgroup memory: K comes from the tensor, the gradients by shuffle.
-                (c("WG"), 0)
-            } else if let Shader::Backward(_) = variant.shader() {
-                // None either in the dK/dV and recomputing dQ row kernels: their rows in
-                // registers, sums by shuffles.
-                (BackwardTiles::rows(c("WG"), c("ROWS")).tpr, 0)
-            } else if variant.shader() == Shader::Flash {
-                let t = FlashTiles {
-                    bq: c("BQ"),
-                    bk: c("BK"),
-                    tpr: c("TPR"),
-                    layout: FlashLayout::Tiled,
-                };
-                (t.threads(), t.workgroup_bytes(d, dv))
-            } else if variant.shader() == Shader::FlashRows {
-                let t = FlashTiles::rows(c("WG"), c("ROWS"));
-                (t.threads(), t.workgroup_bytes(d, dv))
-            } else if variant.shader() == Shader::FlashDecode {
-                let t = FlashTiles::decode(c("ROWS"), c("WG"));
-                (t.threads(), t.workgroup_bytes(d, dv))
-            } else {
-                let t = CoopTiles {
-                    edge: c("EDGE"),
-                    wg: c("WG"),
-                    ns: c("NS"),
-                    bk: c("BK"),
-                };
-                (t.ns * t.wg, t.bytes(d, dv) as u64)
+        let (threads, expect_bytes) = if let Shader::Backward(_) = variant.shader() {
+            // No workgroup memory in the backward's row kernels: their rows in registers,
+            // operands and sums by shuffles.
+            (c("WG"), 0)
+        } else if variant.shader() == Shader::Flash {
+            let t = FlashTiles {
+                bq: c("BQ"),
+                bk: c("BK"),
+                tpr: c("TPR"),
+                layout: FlashLayout::Tiled,
             };
+            (t.threads(), t.workgroup_bytes(d, dv))
+        } else if variant.shader() == Shader::FlashRows {
+            let t = FlashTiles::rows(c("WG"), c("ROWS"));
+            (t.threads(), t.workgroup_bytes(d, dv))
+        } else if variant.shader() == Shader::FlashDecode {
+            let t = FlashTiles::decode(c("ROWS"), c("WG"));
+            (t.threads(), t.workgroup_bytes(d, dv))
+        } else {
+            let t = CoopTiles {
+                edge: c("EDGE"),
+                wg: c("WG"),
+                ns: c("NS"),
+                bk: c("BK"),
+            };
+            (t.ns * t.wg, t.bytes(d, dv) as u64)
+        };
         assert_eq!(
             size,
             [threads, 1, 1],
@@ -1132,22 +1128,16 @@ fn backward_row_kernels_own_columns_and_reduce_by_shuffles() {
             let line = format!("const {k}: u32 = {v}u;");
             assert!(src.contains(&line), "{name}: no `{line}`");
         };
-        let per_lane = match variant.shader() {
-            Shader::Backward(BackwardPass::KeyValueRows) => {
-                kv += 1;
-                "KPL"
-            }
-            Shader::Backward(BackwardPass::QueryRows) => {
-                q += 1;
-                "RPL"
-            }
+        match variant.shader() {
+            Shader::Backward(BackwardPass::KeyValueRows) => kv += 1,
+            Shader::Backward(BackwardPass::QueryRows) => q += 1,
             _ => continue,
-        };
+        }
         let (lanes, rows) = (c("WG"), c("ROWS"));
         let sums = rows.max(lanes);
         has("LW", lanes);
         has("RS", sums);
-        has(per_lane, sums / lanes);
+        has("OPL", sums / lanes);
         let chunks = |dim: u32| dim.div_ceil(4).div_ceil(lanes);
         has("NK8", chunks(c("HEAD_DIM")));
         has("NV8", chunks(c("V_DIM")));

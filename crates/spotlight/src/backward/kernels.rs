@@ -432,27 +432,22 @@ impl BackwardConfig {
         // The column-owning row kernels' reduce-scatter (row_scatter.wgsl): lanes, partial sums
         // per lane (one per owned key or row, at least one per lane) and keys or rows per lane.
         let sums = tiles.kv_bk.max(lanes);
+        let scatter = vec![
+            k_cols,
+            v_cols,
+            ("LW", "// lanes", lanes),
+            ("RS", "// partial sums", sums),
+            ("OPL", "// owned per lane", sums / lanes),
+        ];
         let (rows, registers, wide) = match self.pass() {
             BackwardPass::QueryRows => (
                 tiles.kv_bk,
-                vec![
-                    k_cols,
-                    v_cols,
-                    ("LW", "// lanes", lanes),
-                    ("RS", "// partial sums", sums),
-                    ("RPL", "// rows per lane", sums / lanes),
-                ],
+                scatter,
                 vec![("k", dtypes[1], "HEAD_DIM"), ("v", dtypes[2], "V_DIM")],
             ),
             BackwardPass::KeyValueRows => (
                 tiles.kv_bk,
-                vec![
-                    k_cols,
-                    v_cols,
-                    ("LW", "// lanes", lanes),
-                    ("RS", "// partial sums", sums),
-                    ("KPL", "// keys per lane", sums / lanes),
-                ],
+                scatter,
                 vec![("q", dtypes[0], "HEAD_DIM"), ("dout", dtypes[3], "V_DIM")],
             ),
             BackwardPass::QueryFromGradients => {
