@@ -82,6 +82,14 @@ override Q_STAGED: bool = false;
 // an accumulator in stack memory is a load, a blend and a store on a CPU adapter: 1,1024,2,64
 // 13.5 -> 12 ms, 4,256,2,64 3.9 -> 3.5), whose unrolled copies at NV8 = 8 cost 1 s of compile.
 override PV_BY_KEY: bool = false;
+// P·V drops its zero-weight selects in steps whose V vectors are all finite (there a weight of
+// 0 adds ±0 either way), behind a branch every lane takes alike (subgroupAny); the selects run
+// only in steps with an inf or NaN in V. Set by the host where the driver skips the side of a
+// branch no lane takes (Engine::finite_v_branch: Mesa >= 26's llvmpipe, whose JIT turns each
+// select on a shuffled weight into a masked move per product, 1024 per step at R = 32: 1,1024,2,64
+// 10.5 -> 8.5 ms without them). Mesa 22 runs both sides of every branch under a lane mask, and
+// its selects cost nothing measurable (README, Performance), so it keeps the selects alone.
+override FINITE_V_BRANCH: bool = false;
 override D4: u32 = (HEAD_DIM + 3u) / 4u;
 override DV4: u32 = (V_DIM + 3u) / 4u;
 override ND8: u32 = (D4 + WG - 1u) / WG;
@@ -327,14 +335,38 @@ fn main(
                         vv[c * NV8 + n] = v4(vb, 4u * min(n * WG + lid, DV4 - 1u));
                     }
                 }
-                for (var r = 0u; r < R; r++) { // unroll
-                    let w = subgroupShuffle(p[r], u);
-                    for (var n = 0u; n < NV8; n++) { // unroll
-                        var t = select(zero4, w.x * vv[n], !(w.x == 0.0));
-                        t += select(zero4, w.y * vv[NV8 + n], !(w.y == 0.0));
-                        t += select(zero4, w.z * vv[2u * NV8 + n], !(w.z == 0.0));
-                        t += select(zero4, w.w * vv[3u * NV8 + n], !(w.w == 0.0));
-                        acc[r * NV8 + n] += t;
+                var finite_v = false;
+                if FINITE_V_BRANCH {
+                    var bad = false;
+                    for (var c = 0u; c < KBL; c++) { // unroll
+                        for (var n = 0u; n < NV8; n++) { // unroll
+                            let e = bitcast<vec4<u32>>(vv[c * NV8 + n]) & vec4(0x7f800000u);
+                            bad = bad || any(e == vec4(0x7f800000u));
+                        }
+                    }
+                    finite_v = !subgroupAny(bad);
+                }
+                if finite_v {
+                    for (var r = 0u; r < R; r++) { // unroll
+                        let w = subgroupShuffle(p[r], u);
+                        for (var n = 0u; n < NV8; n++) { // unroll
+                            var t = w.x * vv[n];
+                            t += w.y * vv[NV8 + n];
+                            t += w.z * vv[2u * NV8 + n];
+                            t += w.w * vv[3u * NV8 + n];
+                            acc[r * NV8 + n] += t;
+                        }
+                    }
+                } else {
+                    for (var r = 0u; r < R; r++) { // unroll
+                        let w = subgroupShuffle(p[r], u);
+                        for (var n = 0u; n < NV8; n++) { // unroll
+                            var t = select(zero4, w.x * vv[n], !(w.x == 0.0));
+                            t += select(zero4, w.y * vv[NV8 + n], !(w.y == 0.0));
+                            t += select(zero4, w.z * vv[2u * NV8 + n], !(w.z == 0.0));
+                            t += select(zero4, w.w * vv[3u * NV8 + n], !(w.w == 0.0));
+                            acc[r * NV8 + n] += t;
+                        }
                     }
                 }
             }

@@ -220,6 +220,48 @@ fn random_problems_every_option(alg: Algorithm) {
     assert_all_passed(&failures, Some(seeds.len()));
 }
 
+/// The row kernel's other P·V form (`Engine::with_finite_v_branch`: the one the shared engines
+/// do not take on this adapter) on random problems with every option, flash and split-k
+/// alternating, every third with small key chunks and every 16th with 16 or 32 rows per
+/// workgroup: 48 problems (`SPOTLIGHT_PROPTEST_CASES` lowers it).
+#[test]
+fn random_problems_other_p_v_form() {
+    let Some(shared) = engine() else { return };
+    let other = spotlight::Engine::new()
+        .expect("adapter")
+        .with_finite_v_branch(!shared.finite_v_branch());
+    let cases: u64 = std::env::var("SPOTLIGHT_PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(48, |n: u64| n.min(48));
+    let mut failures = Vec::new();
+    for c in 0..cases {
+        let seed = 0xF1_7E00 + c;
+        let (p, data, out_dtype) = random_problem(seed);
+        let alg = if c % 2 == 0 {
+            Algorithm::Flash
+        } else {
+            Algorithm::SplitK
+        };
+        let opts = RunOptions {
+            algorithm: alg,
+            out_dtype,
+            max_chunk_keys: (c % 3 == 0).then_some(8 + (c % 5) as u32 * 8),
+            rows_per_workgroup: match c % 16 {
+                5 => Some(16),
+                13 => Some(32),
+                _ => None,
+            },
+            ..Default::default()
+        };
+        if let Err(e) = check_opts(&other, &p, &data, &opts, None) {
+            failures.push(format!("seed={seed} ({}) {p:?}: {e}", alg.name()));
+        }
+    }
+    assert!(cases > 0, "no cases ran");
+    assert_all_passed(&failures, Some(cases as usize));
+}
+
 /// Whether the adapter offers the row kernel for `opts` (it needs subgroups, which wgpu's GL
 /// backend lacks). Where it does not, the test says SKIPPED (`what`) and stops; CI's Vulkan
 /// adapter must offer it, so there the test fails instead.

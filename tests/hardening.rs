@@ -32,6 +32,10 @@ fn run(e: &Engine, p: &Problem, inputs: &Inputs<'_>, alg: Algorithm) -> spotligh
 #[test]
 fn hidden_nan_or_inf_in_v_does_not_reach_the_row() {
     let Some(engine) = engine() else { return };
+    hidden_nonfinite_v_contributes_nothing(engine);
+}
+
+fn hidden_nonfinite_v_contributes_nothing(engine: &Engine) {
     let q = vec![1.0f32; 4];
     let k = vec![1.0f32; 8];
     let mut failures = Vec::new();
@@ -224,6 +228,10 @@ per_algorithm!(
 
 fn non_finite_inputs_poison_exactly_the_rows_the_reference_poisons(alg: Algorithm) {
     let Some(engine) = engine() else { return };
+    non_finite_cases(engine, alg);
+}
+
+fn non_finite_cases(engine: &Engine, alg: Algorithm) {
     let cases: u64 = std::env::var("SPOTLIGHT_NONFINITE_CASES")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -317,6 +325,24 @@ fn non_finite_inputs_poison_exactly_the_rows_the_reference_poisons(alg: Algorith
         "the cases must poison some rows and leave others ({poisoned_rows} / {clean_rows})"
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The row kernel's P·V has two forms (`Engine::with_finite_v_branch`): selects that drop every
+/// zero-weight product, or a branch that skips them in steps whose V is finite. The shared engines
+/// take the adapter's default (the branch on Mesa >= 26's llvmpipe, the selects elsewhere); this
+/// runs the other form through the same non-finite rules: NaN/±inf in V at hidden keys add
+/// nothing, and random NaN/±inf poison exactly the rows the reference poisons (flash and split-k,
+/// whose row kernel runs on CPU adapters).
+#[test]
+fn the_row_kernels_other_p_v_form_keeps_the_non_finite_rules() {
+    let Some(shared) = engine() else { return };
+    let other = Engine::new()
+        .expect("adapter")
+        .with_finite_v_branch(!shared.finite_v_branch());
+    assert_ne!(other.finite_v_branch(), shared.finite_v_branch());
+    hidden_nonfinite_v_contributes_nothing(&other);
+    non_finite_cases(&other, Algorithm::Flash);
+    non_finite_cases(&other, Algorithm::SplitK);
 }
 
 /// Item 7: a KV cache refuses an engine other than its own, with a typed error, never a panic.

@@ -95,6 +95,12 @@ fn variants() -> Vec<Variant> {
                         out.push(v.clone().plain_logits(true).out_half(Some(DType::F16)));
                         out.push(v.clone().out_half(Some(DType::Bf16)));
                     }
+                    // P·V's branch on finite V (Engine::finite_v_branch: llvmpipe's 8 lanes),
+                    // both logit paths.
+                    if !gqa && lanes == 8 {
+                        out.push(v.clone().finite_v_branch(true));
+                        out.push(v.clone().plain_logits(true).finite_v_branch(true));
+                    }
                     out.push(v.clone().plain_logits(true));
                     out.push(v);
                 }
@@ -304,6 +310,10 @@ fn every_variant_has_its_own_name() {
     assert!(half.source().contains("array<u32>;\n@group(0) @binding(8)"));
     assert!(rows.source().contains("out: array<f32>;"));
     assert!(rows.clone().plain_logits(true).name().ends_with("_plain"));
+    let fvb = rows.clone().finite_v_branch(true);
+    assert_ne!(fvb, rows);
+    assert!(fvb.name().ends_with("_fvb"), "{}", fvb.name());
+    assert!(fvb.source().contains("override FINITE_V_BRANCH"));
     // The backward's row kernels have the same switch; the tiled ones do not.
     let bw_rows = Variant::backward_main(
         false,
@@ -333,6 +343,7 @@ fn every_variant_has_its_own_name() {
     assert_ne!(rows.clone().vec4_kv(true), rows);
     assert_ne!(tiled.clone().subgroup_rows(true), tiled);
     assert_eq!(tiled.clone().plain_logits(true), tiled);
+    assert_eq!(tiled.clone().finite_v_branch(true), tiled);
     // The tiled and decode kernels' half outputs, as the row kernel's.
     let decode_half = Variant::flash(
         [DType::F32; 3],

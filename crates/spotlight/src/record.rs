@@ -213,6 +213,7 @@ impl Engine {
                 )
                 .vec4_kv(wide_kv_rows(p))
                 .plain_logits(plain_logits(p))
+                .finite_v_branch(self.finite_v_branch())
                 .out_half(fused_half)
                 .native_f16(self.native_f16())
                 .subgroup_rows(match tiles.layout {

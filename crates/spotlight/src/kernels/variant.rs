@@ -61,6 +61,9 @@ pub struct FlashConfig {
     /// The kernel writes O in this half dtype itself, two elements per word (any layout; runs
     /// without key chunks, Dv even; `None`: O in f32).
     pub out_half: Option<DType>,
+    /// P·V skips its zero-weight selects in steps whose V is finite, behind a uniform branch
+    /// (row layout only; `FINITE_V_BRANCH` in `flash_rows.wgsl`, [`crate::Engine::finite_v_branch`]).
+    pub finite_v_branch: bool,
 }
 
 /// The matrix-unit kernel's configuration.
@@ -133,6 +136,7 @@ impl Variant {
             vec4_kv: false,
             plain_logits: false,
             out_half: None,
+            finite_v_branch: false,
         })
         .into()
     }
@@ -224,6 +228,7 @@ impl Variant {
                         c.push(("PLAIN_LOGITS", f.plain_logits as u32));
                         c.push(("Q_STAGED", f.tiles.rows_q_staged(f.d) as u32));
                         c.push(("PV_BY_KEY", f.tiles.rows_pv_by_key(f.dv) as u32));
+                        c.push(("FINITE_V_BRANCH", f.finite_v_branch as u32));
                     }
                 } else {
                     c.extend([
@@ -333,6 +338,17 @@ impl Variant {
             Config::Flash(f) if f.tiles.layout == FlashLayout::Rows => f.plain_logits = on,
             Config::Backward(b) => b.set_plain_logits(on),
             _ => {}
+        }
+        self
+    }
+
+    /// The row kernel's P·V skips its zero-weight selects where a step's V is finite, behind a
+    /// uniform branch (`flash_rows.wgsl`'s `FINITE_V_BRANCH`). No effect on other kernels.
+    pub fn finite_v_branch(mut self, on: bool) -> Self {
+        if let Config::Flash(f) = &mut self.config
+            && f.tiles.layout == FlashLayout::Rows
+        {
+            f.finite_v_branch = on;
         }
         self
     }
@@ -529,7 +545,7 @@ impl Variant {
                     format!("{}-{dt}", k.trim_end_matches("_DT").to_ascii_lowercase())
                 }
                 "PACK_GQA" | "PAGED" | "SUBGROUP_ROWS" | "VEC4_KV" | "WRITE_DS"
-                | "PLAIN_LOGITS"
+                | "PLAIN_LOGITS" | "FINITE_V_BRANCH"
                     if v == 0 =>
                 {
                     continue;
@@ -541,6 +557,7 @@ impl Variant {
                 "PAGED" => "paged".to_string(),
                 "SUBGROUP_ROWS" => "sg".to_string(),
                 "PLAIN_LOGITS" => "plain".to_string(),
+                "FINITE_V_BRANCH" => "fvb".to_string(),
                 "WRITE_DS" => "ds".to_string(),
                 "HEAD_DIM" => format!("d{v}"),
                 "V_DIM" => format!("dv{v}"),
