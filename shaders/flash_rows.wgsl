@@ -341,7 +341,7 @@ fn main(
                     for (var c = 0u; c < KBL; c++) { // unroll
                         for (var n = 0u; n < NV8; n++) { // unroll
                             let e = bitcast<vec4<u32>>(vv[c * NV8 + n]) & vec4(0x7f800000u);
-                            bad = bad || any(e == vec4(0x7f800000u));
+                            bad = bad | any(e == vec4(0x7f800000u)); // `|`: no branch
                         }
                     }
                     finite_v = !subgroupAny(bad);

@@ -223,13 +223,23 @@ fn random_problems_every_option(alg: Algorithm) {
 /// The row kernel's other P·V form (`Engine::with_finite_v_branch`: the one the shared engines
 /// do not take on this adapter) on random problems with every option, flash and split-k
 /// alternating, every third with small key chunks and every 16th with 16 or 32 rows per
-/// workgroup: 48 problems (`SPOTLIGHT_PROPTEST_CASES` lowers it).
+/// workgroup: 48 problems (`SPOTLIGHT_PROPTEST_CASES` lowers it). Where the adapter has no row
+/// kernel (GL: no subgroups) it says SKIPPED; on Vulkan with CI=true that fails.
 #[test]
 fn random_problems_other_p_v_form() {
     let Some(shared) = engine() else { return };
     let other = spotlight::Engine::new()
         .expect("adapter")
         .with_finite_v_branch(!shared.finite_v_branch());
+    let rows = RunOptions {
+        algorithm: Algorithm::Flash,
+        flash_layout: Some(FlashLayout::Rows),
+        ..Default::default()
+    };
+    let (p0, d0, _) = random_problem(1);
+    if !row_kernel_offered(&other, &p0, &d0, &rows, "random_problems_other_p_v_form") {
+        return;
+    }
     let cases: u64 = std::env::var("SPOTLIGHT_PROPTEST_CASES")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -247,6 +257,7 @@ fn random_problems_other_p_v_form() {
             algorithm: alg,
             out_dtype,
             max_chunk_keys: (c % 3 == 0).then_some(8 + (c % 5) as u32 * 8),
+            flash_layout: Some(FlashLayout::Rows),
             rows_per_workgroup: match c % 16 {
                 5 => Some(16),
                 13 => Some(32),
@@ -265,7 +276,7 @@ fn random_problems_other_p_v_form() {
 /// Whether the adapter offers the row kernel for `opts` (it needs subgroups, which wgpu's GL
 /// backend lacks). Where it does not, the test says SKIPPED (`what`) and stops; CI's Vulkan
 /// adapter must offer it, so there the test fails instead.
-fn row_kernel_offered(
+pub(crate) fn row_kernel_offered(
     engine: &spotlight::Engine,
     p: &Problem,
     data: &Data,

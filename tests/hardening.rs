@@ -332,14 +332,33 @@ fn non_finite_cases(engine: &Engine, alg: Algorithm) {
 /// take the adapter's default (the branch on Mesa >= 26's llvmpipe, the selects elsewhere); this
 /// runs the other form through the same non-finite rules: NaN/±inf in V at hidden keys add
 /// nothing, and random NaN/±inf poison exactly the rows the reference poisons (flash and split-k,
-/// whose row kernel runs on CPU adapters).
+/// whose row kernel runs on CPU adapters). Where the adapter has no row kernel (GL: no
+/// subgroups) it says SKIPPED; on Vulkan with CI=true that fails. With
+/// `SPOTLIGHT_EXPECT_FINITE_V_BRANCH=1` (scripts/test's Mesa 26 stage) the shared engines must
+/// have chosen the branch from the driver string.
 #[test]
 fn the_row_kernels_other_p_v_form_keeps_the_non_finite_rules() {
     let Some(shared) = engine() else { return };
+    if std::env::var("SPOTLIGHT_EXPECT_FINITE_V_BRANCH").is_ok_and(|v| v == "1") {
+        assert!(
+            shared.finite_v_branch(),
+            "expected the P·V branch on finite V on {}",
+            shared.describe()
+        );
+    }
     let other = Engine::new()
         .expect("adapter")
         .with_finite_v_branch(!shared.finite_v_branch());
-    assert_ne!(other.finite_v_branch(), shared.finite_v_branch());
+    let rows = RunOptions {
+        algorithm: Algorithm::Flash,
+        flash_layout: Some(spotlight::FlashLayout::Rows),
+        ..Default::default()
+    };
+    let (p0, d0, _) = random_problem(1);
+    let what = "the_row_kernels_other_p_v_form_keeps_the_non_finite_rules";
+    if !crate::differential::row_kernel_offered(&other, &p0, &d0, &rows, what) {
+        return;
+    }
     hidden_nonfinite_v_contributes_nothing(&other);
     non_finite_cases(&other, Algorithm::Flash);
     non_finite_cases(&other, Algorithm::SplitK);
