@@ -116,6 +116,32 @@ fn row_vec4(which: u32, base: u32, d0: u32) -> vec4<f32> {
     return k4(base, d0);
 }
 
+// P·V of one step: every row's accumulators take the KBL products of the keys of lane u (their
+// weights shuffled from lane u, one vec4 per row), in one update each. `guarded` (a constant at
+// both calls, so each copy compiles one form) drops every zero-weight product by a select, so a
+// hidden key's inf or NaN in V adds nothing; unguarded is for steps whose V is finite.
+fn add_pv(acc: ptr<function, array<vec4<f32>, R * NV8>>, p: array<vec4<f32>, R>, vv: array<vec4<f32>, KBL * NV8>, u: u32, guarded: bool) {
+    let zero4 = vec4<f32>(0.0);
+    for (var r = 0u; r < R; r++) { // unroll
+        let w = subgroupShuffle(p[r], u);
+        for (var n = 0u; n < NV8; n++) { // unroll
+            var t: vec4<f32>;
+            if guarded {
+                t = select(zero4, w.x * vv[n], !(w.x == 0.0));
+                t += select(zero4, w.y * vv[NV8 + n], !(w.y == 0.0));
+                t += select(zero4, w.z * vv[2u * NV8 + n], !(w.z == 0.0));
+                t += select(zero4, w.w * vv[3u * NV8 + n], !(w.w == 0.0));
+            } else {
+                t = w.x * vv[n];
+                t += w.y * vv[NV8 + n];
+                t += w.z * vv[2u * NV8 + n];
+                t += w.w * vv[3u * NV8 + n];
+            }
+            (*acc)[r * NV8 + n] += t;
+        }
+    }
+}
+
 @compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -347,27 +373,9 @@ fn main(
                     finite_v = !subgroupAny(bad);
                 }
                 if finite_v {
-                    for (var r = 0u; r < R; r++) { // unroll
-                        let w = subgroupShuffle(p[r], u);
-                        for (var n = 0u; n < NV8; n++) { // unroll
-                            var t = w.x * vv[n];
-                            t += w.y * vv[NV8 + n];
-                            t += w.z * vv[2u * NV8 + n];
-                            t += w.w * vv[3u * NV8 + n];
-                            acc[r * NV8 + n] += t;
-                        }
-                    }
+                    add_pv(&acc, p, vv, u, false);
                 } else {
-                    for (var r = 0u; r < R; r++) { // unroll
-                        let w = subgroupShuffle(p[r], u);
-                        for (var n = 0u; n < NV8; n++) { // unroll
-                            var t = select(zero4, w.x * vv[n], !(w.x == 0.0));
-                            t += select(zero4, w.y * vv[NV8 + n], !(w.y == 0.0));
-                            t += select(zero4, w.z * vv[2u * NV8 + n], !(w.z == 0.0));
-                            t += select(zero4, w.w * vv[3u * NV8 + n], !(w.w == 0.0));
-                            acc[r * NV8 + n] += t;
-                        }
-                    }
+                    add_pv(&acc, p, vv, u, true);
                 }
             }
         }

@@ -371,10 +371,11 @@ impl Engine {
     /// steps whose V vectors are all finite skip the selects that keep a zero weight from
     /// multiplying an inf or NaN, and only steps with one run them. Results are the same either
     /// way up to the sign of an exact zero, where the compiler does not fuse a multiply and an
-    /// add (llvmpipe's never does); elsewhere the last bits may differ. The default is yes where the driver is known to skip
-    /// the side of a branch no lane takes: llvmpipe from Mesa 26 (measured on 26.2.6: 1,1024,2,64
-    /// 10.5 -> 8.5 ms), and no elsewhere: Mesa 22's llvmpipe runs both sides of every branch, and
-    /// there the selects cost nothing measurable (README, Performance).
+    /// add (llvmpipe's never does); elsewhere the last bits may differ. The default is yes where
+    /// the driver is known to skip the side of a branch no lane takes: llvmpipe from Mesa 26
+    /// (measured on 26.2.6: 1,1024,2,64 10.5 -> 8.5 ms), and no elsewhere: Mesa 22's llvmpipe
+    /// runs both sides of every branch, and there the selects cost nothing measurable (README,
+    /// Performance).
     pub fn with_finite_v_branch(mut self, on: bool) -> Self {
         self.finite_v_branch = on;
         self
