@@ -119,25 +119,38 @@ fn row_vec4(which: u32, base: u32, d0: u32) -> vec4<f32> {
 // P·V of one step: every row's accumulators take the KBL products of the keys of lane u (their
 // weights shuffled from lane u, one vec4 per row), in one update each. `guarded` (a constant at
 // both calls, so each copy compiles one form) drops every zero-weight product by a select, so a
-// hidden key's inf or NaN in V adds nothing; unguarded is for steps whose V is finite.
+// hidden key's inf or NaN in V adds nothing; unguarded is for steps whose V is finite and takes
+// the products by fused multiply-adds (one instruction where a multiply and an add were two:
+// Mesa 26, 1,1024,2,64 8.5 -> 8.0 ms). With FINITE_V_BRANCH the guarded form chains the same
+// fused multiply-adds under selects, so both forms round alike: a step's results are the same
+// either way up to the sign of an exact zero. Without it (Mesa 22) the guarded form keeps
+// separate products, summed then added: the chained form ran no faster there and cost its
+// first call 0.1-0.15 s of compile (1,1024,2,64, Mesa's cache off).
 fn add_pv(acc: ptr<function, array<vec4<f32>, R * NV8>>, p: array<vec4<f32>, R>, vv: array<vec4<f32>, KBL * NV8>, u: u32, guarded: bool) {
     let zero4 = vec4<f32>(0.0);
     for (var r = 0u; r < R; r++) { // unroll
         let w = subgroupShuffle(p[r], u);
         for (var n = 0u; n < NV8; n++) { // unroll
-            var t: vec4<f32>;
-            if guarded {
-                t = select(zero4, w.x * vv[n], !(w.x == 0.0));
-                t += select(zero4, w.y * vv[NV8 + n], !(w.y == 0.0));
-                t += select(zero4, w.z * vv[2u * NV8 + n], !(w.z == 0.0));
-                t += select(zero4, w.w * vv[3u * NV8 + n], !(w.w == 0.0));
+            let v0 = vv[n];
+            let v1 = vv[NV8 + n];
+            let v2 = vv[2u * NV8 + n];
+            let v3 = vv[3u * NV8 + n];
+            var a = (*acc)[r * NV8 + n];
+            if !guarded {
+                a = fma(vec4(w.w), v3, fma(vec4(w.z), v2, fma(vec4(w.y), v1, fma(vec4(w.x), v0, a))));
+            } else if FINITE_V_BRANCH {
+                a = select(a, fma(vec4(w.x), v0, a), !(w.x == 0.0));
+                a = select(a, fma(vec4(w.y), v1, a), !(w.y == 0.0));
+                a = select(a, fma(vec4(w.z), v2, a), !(w.z == 0.0));
+                a = select(a, fma(vec4(w.w), v3, a), !(w.w == 0.0));
             } else {
-                t = w.x * vv[n];
-                t += w.y * vv[NV8 + n];
-                t += w.z * vv[2u * NV8 + n];
-                t += w.w * vv[3u * NV8 + n];
+                var t = select(zero4, w.x * v0, !(w.x == 0.0));
+                t += select(zero4, w.y * v1, !(w.y == 0.0));
+                t += select(zero4, w.z * v2, !(w.z == 0.0));
+                t += select(zero4, w.w * v3, !(w.w == 0.0));
+                a += t;
             }
-            (*acc)[r * NV8 + n] += t;
+            (*acc)[r * NV8 + n] = a;
         }
     }
 }
