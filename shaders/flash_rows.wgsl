@@ -12,7 +12,7 @@
 //   vec4 and computes their logits for all R rows; the q vector every lane needs at step d comes
 //   from the lane that holds it (each lane keeps one vec4 of every row per chunk of WG vec4 in
 //   registers, read once; Q_STAGED: in workgroup memory) through subgroupShuffle. One K vector
-//   a lane loads feeds R·4 FMAs (`dot_chunk`, row_chunks.wgsl, shared with the backward).
+//   a lane loads feeds R·4 FMAs (`dot_chunk`, row_chunks.wgsl).
 // - Softmax: the block's row max through subgroupMax (the same in every lane), then each lane's
 //   weights and its share of the row sum (subgroupAdd once at the end).
 // - P·V: lane `lane` owns the output vec4 columns lane + WG·n (n < NV8) of all R rows in
@@ -122,10 +122,10 @@ fn row_vec4(which: u32, base: u32, d0: u32) -> vec4<f32> {
 // hidden key's inf or NaN in V adds nothing; unguarded is for steps whose V is finite and takes
 // the products by fused multiply-adds (one instruction where a multiply and an add were two:
 // Mesa 26, 1,1024,2,64 8.5 -> 8.0 ms). With FINITE_V_BRANCH the guarded form chains the same
-// fused multiply-adds under selects, so both forms round alike: a step's results are the same
-// either way up to the sign of an exact zero. Without it (Mesa 22) the guarded form keeps
-// separate products, summed then added: the chained form ran no faster there and cost its
-// first call 0.1-0.15 s of compile (1,1024,2,64, Mesa's cache off).
+// `fma` calls under selects, so where the compiler fuses every `fma` (Mesa 26) a step's
+// results are the same on either side up to the sign of an exact zero. Without it (Mesa 22)
+// the guarded form keeps separate products, summed then added: the chained form ran no faster
+// there and cost its first call 0.1-0.15 s of compile (1,1024,2,64, Mesa's cache off).
 fn add_pv(acc: ptr<function, array<vec4<f32>, R * NV8>>, p: array<vec4<f32>, R>, vv: array<vec4<f32>, KBL * NV8>, u: u32, guarded: bool) {
     let zero4 = vec4<f32>(0.0);
     for (var r = 0u; r < R; r++) { // unroll

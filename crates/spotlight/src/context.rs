@@ -370,8 +370,9 @@ impl Engine {
     /// Whether the row kernel's P·V (the forward on CPU adapters) takes its branch on finite V:
     /// steps whose V vectors are all finite skip the selects that keep a zero weight from
     /// multiplying an inf or NaN, and only steps with one run them; both sides take the products
-    /// by fused multiply-adds, so within this form a step's result does not depend on the side it
-    /// took (up to the sign of an exact zero). The form without the branch multiplies and adds
+    /// by the same chain of `fma`, so where the compiler fuses every `fma` (Mesa 26's llvmpipe)
+    /// a step's result does not depend on the side it took (up to the sign of an exact zero).
+    /// The form without the branch multiplies and adds
     /// separately: the two forms agree to f32 rounding, not bit for bit. The default is yes where
     /// the driver is known to skip the side of a branch no lane takes: llvmpipe from Mesa 26
     /// (measured on 26.2.6: 1,1024,2,64 10.5 -> 8.5 ms, and 8.7 -> 7.3 with the fused
