@@ -372,8 +372,8 @@ impl Engine {
     /// multiplying an inf or NaN, and only steps with one run them; both sides take the products
     /// by the same chain of `fma`, so where the compiler fuses every `fma` (Mesa 26's llvmpipe)
     /// a step's result does not depend on the side it took (up to the sign of an exact zero).
-    /// The form without the branch multiplies and adds
-    /// separately: the two forms agree to f32 rounding, not bit for bit. The default is yes where
+    /// The form without the branch multiplies and adds separately: the two forms agree to f32
+    /// rounding, not bit for bit. The default is yes where
     /// the driver is known to skip the side of a branch no lane takes: llvmpipe from Mesa 26
     /// (measured on 26.2.6: 1,1024,2,64 10.5 -> 8.5 ms, and 8.7 -> 7.3 with the fused
     /// multiply-adds), and no elsewhere: Mesa 22's llvmpipe runs both sides of every branch, and
