@@ -373,11 +373,11 @@ impl Engine {
     /// by the same chain of `fma`, so where the compiler fuses every `fma` (Mesa 26's llvmpipe)
     /// a step's result does not depend on the side it took (up to the sign of an exact zero).
     /// The form without the branch multiplies and adds separately: the two forms agree to f32
-    /// rounding, not bit for bit. The default is yes where
-    /// the driver is known to skip the side of a branch no lane takes: llvmpipe from Mesa 26
-    /// (measured on 26.2.6: 1,1024,2,64 10.5 -> 8.5 ms, and 8.7 -> 7.3 with the fused
-    /// multiply-adds), and no elsewhere: Mesa 22's llvmpipe runs both sides of every branch, and
-    /// there the selects cost nothing measurable (README, Performance).
+    /// rounding, not bit for bit. The default is yes where the driver is known to skip the side
+    /// of a branch no lane takes: llvmpipe from Mesa 26 (measured on 26.2.6: 1,1024,2,64 10.5 ->
+    /// 8.5 ms, and 8.7 -> 7.3 with the fused multiply-adds), and no elsewhere: Mesa 22's llvmpipe
+    /// runs both sides of every branch, and there the selects cost nothing measurable (README,
+    /// Performance).
     pub fn with_finite_v_branch(mut self, on: bool) -> Self {
         self.finite_v_branch = on;
         self
